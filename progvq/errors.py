@@ -1,0 +1,21 @@
+"""Errors that mean "the user asked for something we cannot do".
+
+The command line turns every :class:`ProgvqError` into one line on stderr and
+exit status 2; anything else is a bug and keeps its traceback.
+"""
+
+
+class ProgvqError(Exception):
+    """Base class for user-facing errors (bad config, bad data, bad run dir)."""
+
+
+class ConfigError(ProgvqError):
+    """A config file or override is malformed, unknown or out of range."""
+
+
+class DataError(ProgvqError):
+    """A data source is missing, unreadable or inconsistent."""
+
+
+class RunError(ProgvqError):
+    """A run directory or checkpoint cannot be used as asked."""
