@@ -1,0 +1,636 @@
+"""Image data sources: a procedural shapes set, MNIST idx files, image folders, arrays.
+
+Every loader returns images as a ``torch.uint8`` tensor of shape ``(N, C, H, W)``
+with values 0..255, where ``C`` is 1 (grayscale) or 3 (RGB). Conversion to float
+and normalisation is left to the model code, so that data sets stay compact in
+memory (one byte per pixel) and bit-exact when cached.
+
+Every problem caused by the user's data (missing path, unreadable or corrupt file,
+wrong header, inconsistent image sizes, unsupported array shape or dtype, ...)
+raises :class:`progvq.errors.DataError` with a one-line message that starts with
+the offending file or folder. Raw ``OSError`` / numpy / Pillow exceptions are never
+allowed to escape for such cases, because the command line turns ``DataError``
+into a clean one-line report while anything else is treated as a bug.
+"""
+
+from __future__ import annotations
+
+import gzip
+import struct
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from progvq.config import DataConfig
+from progvq.errors import DataError
+
+__all__ = [
+    "IDX_IMAGES_MAGIC",
+    "IDX_LABELS_MAGIC",
+    "IMAGE_SUFFIXES",
+    "load_array",
+    "load_image_folder",
+    "load_mnist",
+    "make_shapes",
+    "pad_to",
+    "read_idx",
+]
+
+#: idx magic number of a 1-d uint8 array (MNIST labels): type code 0x08, 1 dim.
+IDX_LABELS_MAGIC = 2049
+#: idx magic number of a 3-d uint8 array (MNIST images): type code 0x08, 3 dims.
+IDX_IMAGES_MAGIC = 2051
+#: Number of dimensions announced by each accepted magic number.
+_IDX_NDIM = {IDX_LABELS_MAGIC: 1, IDX_IMAGES_MAGIC: 3}
+
+#: File name suffixes (compared lower-cased) that :func:`load_image_folder` reads.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+# What Pillow raises on corrupt or hostile input, beyond OSError (which covers
+# UnidentifiedImageError and "image file is truncated"): some plugins signal bad
+# headers with SyntaxError/ValueError/struct.error, a short stream with EOFError,
+# and huge declared sizes with DecompressionBombError.
+_PIL_ERRORS = (
+    OSError,
+    ValueError,
+    SyntaxError,
+    EOFError,
+    IndexError,
+    struct.error,
+    zlib.error,
+    Image.DecompressionBombError,
+)
+
+# Supersampling factor of make_shapes: each output pixel averages SS x SS binary
+# coverage samples, which gives soft, anti-aliased edges without any Pillow
+# drawing code (whose antialiasing could change between Pillow versions).
+_SS = 4
+
+
+def _reason(exc: BaseException) -> str:
+    """A library exception's message squeezed onto one line (DataError is one line)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+# --------------------------------------------------------------------------- #
+# Procedural shapes
+# --------------------------------------------------------------------------- #
+
+
+def make_shapes(n: int, *, size: int = 32, channels: int = 1, seed: int = 0) -> Tensor:
+    """Generate ``n`` images of 1-2 soft filled shapes on a black background.
+
+    The shapes are ellipses (circles included), axis-aligned rectangles and
+    triangles of random size, position and brightness (and colour when
+    ``channels == 3``). Each shape keeps most of its area inside the image. Edges
+    are anti-aliased by rendering at 4x resolution and averaging 4x4 blocks.
+
+    The result depends only on the arguments: only ``numpy.random.default_rng``
+    draws and exactly rounded IEEE arithmetic (no transcendental functions, no
+    Pillow) are used, and compositing and downsampling are done in integers, so
+    the same seed yields identical bytes on every machine.
+
+    Args:
+        n: number of images (``n >= 0``).
+        size: height and width in pixels (``>= 8``).
+        channels: 1 (grayscale) or 3 (RGB).
+        seed: random seed.
+
+    Returns:
+        ``torch.uint8`` tensor of shape ``(n, channels, size, size)``.
+    """
+    if n < 0:
+        raise DataError(f"make_shapes: n must be >= 0, got {n}")
+    if size < 8:
+        # Below 8 pixels the smallest shapes would be 1-2 pixels wide: not useful.
+        raise DataError(f"make_shapes: size must be >= 8, got {size}")
+    if channels not in (1, 3):
+        raise DataError(f"make_shapes: channels must be 1 or 3, got {channels}")
+
+    rng = np.random.default_rng(seed)
+    hi = size * _SS
+    # Sample centres of the high-resolution grid, in output-pixel units. Shape
+    # geometry is drawn in output-pixel units too, so it does not depend on _SS.
+    coords = (np.arange(hi, dtype=np.float64) + 0.5) / _SS
+    out = np.empty((n, channels, size, size), dtype=np.uint8)
+    canvas = np.empty((channels, hi, hi), dtype=np.uint8)
+    for i in range(n):
+        canvas.fill(0)
+        for _ in range(int(rng.integers(1, 3))):
+            kind = int(rng.integers(0, 3))
+            if kind == 0:
+                mask, rows, cols = _ellipse(rng, size, coords)
+            elif kind == 1:
+                mask, rows, cols = _rectangle(rng, size, coords)
+            else:
+                mask, rows, cols = _triangle(rng, size, coords)
+            colour = _colour(rng, channels)
+            # Later shapes are painted over earlier ones (opaque, like objects).
+            region = canvas[:, rows, cols]
+            region[:, mask] = colour[:, None]
+        # Box-filter downsampling in int32 (exact), then round half up.
+        blocks = canvas.reshape(channels, size, _SS, size, _SS).sum(
+            axis=(2, 4), dtype=np.int32
+        )
+        out[i] = (blocks + (_SS * _SS) // 2) // (_SS * _SS)
+    return torch.from_numpy(out)
+
+
+def _colour(rng: np.random.Generator, channels: int) -> np.ndarray:
+    """Draw a shape colour: shape ``(channels,)`` uint8, never dark.
+
+    Grayscale brightness is in 96..255 so every shape stands out from the black
+    background; in RGB one random channel is forced to 160..255 for the same reason
+    while the other two are free, which gives saturated as well as pale colours.
+    """
+    if channels == 1:
+        return np.array([rng.integers(96, 256)], dtype=np.uint8)
+    colour = rng.integers(0, 256, size=3)
+    colour[int(rng.integers(0, 3))] = rng.integers(160, 256)
+    return colour.astype(np.uint8)
+
+
+def _window(lo: float, hi_: float, coords: np.ndarray) -> slice:
+    """Index range of the sample ``coords`` (sorted, shape ``(S,)``) inside [lo, hi_].
+
+    Restricting the coverage test to the shape's bounding box keeps generation fast.
+    """
+    start = int(np.searchsorted(coords, lo, side="left"))
+    stop = int(np.searchsorted(coords, hi_, side="right"))
+    return slice(start, max(start, stop))
+
+
+def _ellipse(
+    rng: np.random.Generator, size: int, coords: np.ndarray
+) -> tuple[np.ndarray, slice, slice]:
+    """Axis-aligned filled ellipse; returns (bool mask (h, w), row slice, col slice)."""
+    ry, rx = rng.uniform(0.12, 0.3, size=2) * size
+    if rng.random() < 0.3:
+        rx = ry  # a share of exact circles
+    # Centre at least 0.7 radius from each border: most of the area stays inside.
+    cy = rng.uniform(0.7 * ry, size - 0.7 * ry)
+    cx = rng.uniform(0.7 * rx, size - 0.7 * rx)
+    rows = _window(cy - ry, cy + ry, coords)
+    cols = _window(cx - rx, cx + rx, coords)
+    dy = (coords[rows, None] - cy) / ry
+    dx = (coords[None, cols] - cx) / rx
+    return dy * dy + dx * dx <= 1.0, rows, cols
+
+
+def _rectangle(
+    rng: np.random.Generator, size: int, coords: np.ndarray
+) -> tuple[np.ndarray, slice, slice]:
+    """Axis-aligned filled rectangle; returns (bool mask (h, w), row slice, col slice)."""
+    h, w = rng.uniform(0.2, 0.55, size=2) * size
+    # Up to 10% of the side may hang over the border.
+    y0 = rng.uniform(-0.1 * h, size - 0.9 * h)
+    x0 = rng.uniform(-0.1 * w, size - 0.9 * w)
+    rows = _window(y0, y0 + h, coords)
+    cols = _window(x0, x0 + w, coords)
+    mask = np.ones((rows.stop - rows.start, cols.stop - cols.start), dtype=bool)
+    return mask, rows, cols
+
+
+def _triangle(
+    rng: np.random.Generator, size: int, coords: np.ndarray
+) -> tuple[np.ndarray, slice, slice]:
+    """Filled triangle; returns (bool mask (h, w), row slice, col slice).
+
+    Vertices are uniform in a square of half-side ``r`` around a centre; thin
+    small or thin ones are redrawn so triangles look like triangles. No trigonometry is used, keeping the output bit-reproducible.
+    """
+    r = rng.uniform(0.25, 0.4) * size
+    cy = rng.uniform(0.8 * r, size - 0.8 * r)
+    cx = rng.uniform(0.8 * r, size - 0.8 * r)
+    while True:
+        v = rng.uniform(-r, r, size=(3, 2))  # rows: vertices, cols: (y, x) offsets
+        e = v - v[[1, 2, 0]]  # edge vectors, shape (3, 2)
+        twice_area = abs(e[0, 0] * e[1, 1] - e[0, 1] * e[1, 0])
+        longest_sq = float((e * e).sum(axis=1).max())
+        # Big enough, and not a sliver: an equilateral triangle has
+        # 2 * area / longest**2 = 0.87; 0.45 allows fairly obtuse ones too.
+        if twice_area >= 1.0 * r * r and twice_area >= 0.45 * longest_sq:
+            break
+    vy = v[:, 0] + cy
+    vx = v[:, 1] + cx
+    rows = _window(vy.min(), vy.max(), coords)
+    cols = _window(vx.min(), vx.max(), coords)
+    py = coords[rows, None]
+    px = coords[None, cols]
+    # A point is inside when it lies on the same side of all three edges; the
+    # sign of the edge functions depends on the vertex winding, hence both tests.
+    edges = [
+        (vx[(k + 1) % 3] - vx[k]) * (py - vy[k])
+        - (vy[(k + 1) % 3] - vy[k]) * (px - vx[k])
+        for k in range(3)
+    ]
+    inside_pos = (edges[0] >= 0) & (edges[1] >= 0) & (edges[2] >= 0)
+    inside_neg = (edges[0] <= 0) & (edges[1] <= 0) & (edges[2] <= 0)
+    return inside_pos | inside_neg, rows, cols
+
+
+# --------------------------------------------------------------------------- #
+# MNIST idx files
+# --------------------------------------------------------------------------- #
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an idx file (the MNIST format), gzip-compressed or raw.
+
+    Compression is detected from the gzip signature, not the file name, so a
+    decompressed file that kept its ``.gz`` name still reads. Only unsigned-byte
+    files are accepted: magic 2049 (labels) and 2051 (images).
+
+    Args:
+        path: the file.
+
+    Returns:
+        uint8 array of shape ``(N,)`` for magic 2049 or ``(N, rows, cols)`` for
+        magic 2051 (writable, owning its memory).
+
+    Raises:
+        DataError: missing/unreadable file, bad gzip stream, unknown magic number,
+            short header, or a payload whose length does not match the header.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: idx file not found")
+    try:
+        raw = path.read_bytes()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error) as exc:
+        # gzip.BadGzipFile is an OSError; a truncated stream raises EOFError.
+        raise DataError(f"{path}: cannot read idx file ({_reason(exc)})") from None
+
+    if len(raw) < 4:
+        raise DataError(f"{path}: not an idx file (only {len(raw)} bytes)")
+    magic = int.from_bytes(raw[:4], "big")
+    if magic not in _IDX_NDIM:
+        raise DataError(
+            f"{path}: not an idx file (magic {magic}, expected {IDX_LABELS_MAGIC} "
+            f"for labels or {IDX_IMAGES_MAGIC} for images)"
+        )
+    ndim = _IDX_NDIM[magic]
+    header_len = 4 + 4 * ndim
+    if len(raw) < header_len:
+        raise DataError(
+            f"{path}: truncated idx header ({len(raw)} of {header_len} bytes)"
+        )
+    dims = tuple(int.from_bytes(raw[4 + 4 * k : 8 + 4 * k], "big") for k in range(ndim))
+    expected = int(np.prod(dims, dtype=np.int64))
+    payload = len(raw) - header_len
+    if payload != expected:
+        shape = " x ".join(str(d) for d in dims)
+        raise DataError(
+            f"{path}: idx payload is {payload} bytes, header announces {shape} = {expected}"
+        )
+    # frombuffer gives a read-only view of the bytes; copy so callers (and torch)
+    # get an ordinary writable array.
+    return np.frombuffer(raw, dtype=np.uint8, offset=header_len).reshape(dims).copy()
+
+
+def _find_idx(folder: Path, stem: str) -> Path | None:
+    """Return ``folder/stem`` or ``folder/stem.gz`` (raw preferred), or None."""
+    for name in (stem, stem + ".gz"):
+        candidate = folder / name
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_mnist(folder: Path, prefix: str = "t10k") -> tuple[Tensor, Tensor | None]:
+    """Load MNIST-format images, and labels when present, from ``folder``.
+
+    Looks for ``{prefix}-images-idx3-ubyte`` (or ``.gz``) and optionally
+    ``{prefix}-labels-idx1-ubyte`` (or ``.gz``); ``prefix`` is ``"t10k"`` for the
+    test set and ``"train"`` for the training set.
+
+    Returns:
+        ``(images, labels)``: images uint8 ``(N, 1, rows, cols)`` (``28 x 28`` for
+        MNIST); labels int64 ``(N,)``, or ``None`` when there is no label file.
+
+    Raises:
+        DataError: missing folder or image file (naming the names looked for),
+            unreadable idx files, a file holding the wrong kind of array, or a
+            label count different from the image count.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: MNIST folder not found")
+    images_stem = f"{prefix}-images-idx3-ubyte"
+    images_path = _find_idx(folder, images_stem)
+    if images_path is None:
+        raise DataError(
+            f"{folder}: no MNIST images file (looked for {images_stem} and {images_stem}.gz)"
+        )
+    images = read_idx(images_path)
+    if images.ndim != 3:
+        # read_idx accepts labels too, so a mislabelled file arrives here as 1-d.
+        raise DataError(
+            f"{images_path}: holds labels (1-d), expected images (magic {IDX_IMAGES_MAGIC})"
+        )
+    if images.shape[0] == 0:
+        raise DataError(f"{images_path}: contains no images")
+
+    labels_path = _find_idx(folder, f"{prefix}-labels-idx1-ubyte")
+    labels: Tensor | None = None
+    if labels_path is not None:
+        raw_labels = read_idx(labels_path)
+        if raw_labels.ndim != 1:
+            raise DataError(
+                f"{labels_path}: holds images, expected labels (magic {IDX_LABELS_MAGIC})"
+            )
+        if raw_labels.shape[0] != images.shape[0]:
+            raise DataError(
+                f"{labels_path}: {raw_labels.shape[0]} labels for {images.shape[0]} images in {images_path.name}"
+            )
+        labels = torch.from_numpy(raw_labels.astype(np.int64))
+    return torch.from_numpy(images).unsqueeze(1), labels
+
+
+# --------------------------------------------------------------------------- #
+# Folders of image files
+# --------------------------------------------------------------------------- #
+
+
+def load_image_folder(folder: Path, channels: int) -> Tensor:
+    """Load every PNG/JPEG file directly inside ``folder`` (not sub-folders).
+
+    Files are those whose suffix is ``.png``, ``.jpg`` or ``.jpeg`` in any case,
+    taken in order of file name. Each is converted by Pillow to mode ``"L"``
+    (``channels == 1``) or ``"RGB"`` (``channels == 3``); an alpha channel is
+    dropped, not composited.
+
+    Returns:
+        uint8 tensor ``(N, channels, H, W)``.
+
+    Raises:
+        DataError: missing folder, bad ``channels``, no image files, a file Pillow
+            cannot decode (naming it), or a file whose size differs from the first
+            one's (naming it and both sizes).
+    """
+    folder = Path(folder)
+    if channels not in (1, 3):
+        raise DataError(f"{folder}: channels must be 1 or 3, got {channels}")
+    if not folder.is_dir():
+        raise DataError(f"{folder}: image folder not found")
+    try:
+        files = sorted(
+            (
+                p
+                for p in folder.iterdir()
+                if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+            ),
+            key=lambda p: p.name,
+        )
+    except OSError as exc:
+        raise DataError(
+            f"{folder}: cannot list image folder ({_reason(exc)})"
+        ) from None
+    if not files:
+        raise DataError(f"{folder}: no image files ({', '.join(IMAGE_SUFFIXES)})")
+
+    mode = "L" if channels == 1 else "RGB"
+    arrays: list[np.ndarray] = []
+    first_size: tuple[int, int] | None = None
+    for path in files:
+        try:
+            with Image.open(path) as img:
+                size = img.size
+                # convert() forces a full decode, so truncated data is caught here.
+                pixels = np.asarray(img.convert(mode), dtype=np.uint8)
+        except _PIL_ERRORS as exc:
+            raise DataError(
+                f"{path}: cannot read image ({type(exc).__name__}: {_reason(exc)})"
+            ) from None
+        if first_size is None:
+            first_size = size
+        elif size != first_size:
+            raise DataError(
+                f"{path}: image size {size[0]}x{size[1]} differs from "
+                f"{files[0].name}'s {first_size[0]}x{first_size[1]} (width x height)"
+            )
+        # Mode "L" gives (H, W); add the channel axis so both modes stack alike.
+        arrays.append(pixels.reshape(pixels.shape[0], pixels.shape[1], channels))
+    stacked = np.stack(arrays)  # (N, H, W, C)
+    return torch.from_numpy(np.ascontiguousarray(stacked.transpose(0, 3, 1, 2)))
+
+
+# --------------------------------------------------------------------------- #
+# NumPy arrays
+# --------------------------------------------------------------------------- #
+
+
+def load_array(path: Path, key: str | None = None) -> Tensor:
+    """Load images from a ``.npy`` or ``.npz`` file.
+
+    In an ``.npz`` the array is ``key`` if given, else the one named ``"images"``,
+    else the only array in the file.
+
+    Accepted shapes (``N`` images, ``C`` in {1, 3}):
+
+    * ``(N, H, W)``: grayscale, becomes ``(N, 1, H, W)``.
+    * ``(N, H, W, C)``, channels-last, when the last axis is 1 or 3 *and* axis 1
+      is not (so ``(N, 28, 28, 1)`` and ``(N, 32, 32, 3)`` are channels-last).
+    * ``(N, C, H, W)``, channels-first, otherwise when axis 1 is 1 or 3. An
+      ambiguous shape such as ``(N, 3, 5, 3)`` is therefore read channels-first,
+      the PyTorch convention.
+
+    Accepted dtypes: uint8 (used as is), and floating point with every value in
+    [0, 1], scaled by 255 and rounded to nearest. Anything else is refused rather
+    than guessed at (e.g. int64 0..255 or float 0..255 must be converted first).
+
+    Returns:
+        uint8 tensor ``(N, C, H, W)``.
+
+    Raises:
+        DataError: missing/unreadable file, pickled data, unknown or ambiguous npz
+            key (listing the keys), unsupported shape, dtype or value range, or no
+            images.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: array file not found")
+    try:
+        # allow_pickle=False: a data file must never be able to run code.
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            with loaded:
+                name = _pick_npz_key(path, list(loaded.files), key)
+                array = loaded[name]
+            where = f"{path}[{name}]"
+        else:
+            if key is not None:
+                raise DataError(
+                    f"{path}: key {key!r} given but this is a .npy file, not .npz"
+                )
+            array = loaded
+            where = str(path)
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        # Not npy/npz, truncated, or an object array needing pickle.
+        raise DataError(f"{path}: cannot load array ({_reason(exc)})") from None
+    return torch.from_numpy(_to_nchw_uint8(np.asarray(array), where))
+
+
+def _pick_npz_key(path: Path, keys: list[str], key: str | None) -> str:
+    """Choose which array of an npz to read (see :func:`load_array`)."""
+    if key is not None:
+        if key not in keys:
+            raise DataError(
+                f"{path}: no array {key!r} in npz (keys: {', '.join(keys) or 'none'})"
+            )
+        return key
+    if "images" in keys:
+        return "images"
+    if len(keys) == 1:
+        return keys[0]
+    if not keys:
+        raise DataError(f"{path}: npz file holds no arrays")
+    raise DataError(
+        f"{path}: npz holds several arrays and no 'images'; pick a key from: {', '.join(keys)}"
+    )
+
+
+def _to_nchw_uint8(array: np.ndarray, where: str) -> np.ndarray:
+    """Validate an image array and return it as contiguous uint8 ``(N, C, H, W)``."""
+    if array.ndim == 3:
+        array = array[:, None]
+    elif array.ndim == 4:
+        if array.shape[3] in (1, 3) and array.shape[1] not in (1, 3):
+            array = array.transpose(0, 3, 1, 2)
+        elif array.shape[1] not in (1, 3):
+            raise DataError(
+                f"{where}: shape {array.shape} has no channel axis of size 1 or 3 "
+                "(expected N x H x W, N x H x W x C or N x C x H x W)"
+            )
+    else:
+        raise DataError(
+            f"{where}: {array.ndim}-d array of shape {array.shape}, "
+            "expected N x H x W, N x H x W x C or N x C x H x W"
+        )
+    if array.size == 0:
+        raise DataError(f"{where}: no images (shape {array.shape})")
+
+    if array.dtype == np.uint8:
+        return np.ascontiguousarray(array)
+    if np.issubdtype(array.dtype, np.floating):
+        lo, hi = float(array.min()), float(array.max())
+        # NaN makes both comparisons false, so "not (..)" also refuses NaN.
+        if not (lo >= 0.0 and hi <= 1.0):
+            raise DataError(
+                f"{where}: float values must lie in [0, 1], found {lo:g}..{hi:g}"
+            )
+        # float64 so that float16/32 inputs round the same way as float64 ones.
+        scaled = np.rint(array.astype(np.float64) * 255.0)
+        return np.ascontiguousarray(scaled.astype(np.uint8))
+    raise DataError(
+        f"{where}: dtype {array.dtype} not supported (need uint8, or float in [0, 1])"
+    )
+
+
+# --------------------------------------------------------------------------- #
+# Transforms
+# --------------------------------------------------------------------------- #
+
+
+def pad_to(images: Tensor, size: int) -> Tensor:
+    """Centre images on a zero canvas of ``size x size`` (e.g. MNIST 28 -> 32).
+
+    When the padding is odd, the extra row/column goes to the bottom/right.
+
+    Args:
+        images: ``(N, C, H, W)`` tensor of any dtype.
+        size: target height and width, ``>= max(H, W)``.
+
+    Returns:
+        ``(N, C, size, size)`` tensor with the dtype and device of ``images``.
+
+    Raises:
+        DataError: ``images`` is not 4-d, or ``size`` is smaller than H or W.
+    """
+    if images.ndim != 4:
+        raise DataError(
+            f"pad_to: expected images of shape N x C x H x W, got {tuple(images.shape)}"
+        )
+    h, w = int(images.shape[2]), int(images.shape[3])
+    if size < h or size < w:
+        raise DataError(
+            f"pad_to: cannot pad {h}x{w} images to {size}x{size} (size smaller than the image)"
+        )
+    top, left = (size - h) // 2, (size - w) // 2
+    out = images.new_zeros((images.shape[0], images.shape[1], size, size))
+    out[:, :, top : top + h, left : left + w] = images
+    return out
+
+
+# --------------------------------------------------------------------------- splits
+
+
+@dataclass
+class ImageData:
+    """A data set split in two; images are uint8 (N, C, H, W), labels int64 (N,) or None."""
+
+    train: Tensor
+    heldout: Tensor
+    train_labels: Tensor | None = None
+    heldout_labels: Tensor | None = None
+
+    @property
+    def channels(self) -> int:
+        return int(self.train.shape[1])
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of every image."""
+        c, h, w = self.train.shape[1:]
+        return int(c), int(h), int(w)
+
+
+def load_dataset(cfg: DataConfig, total_downsample: int = 1) -> ImageData:
+    """Read the configured source, pad, and split: the last ``cfg.heldout`` images are held out.
+
+    ``total_downsample`` is the hierarchy's overall factor: the image sides
+    must be divisible by it, or the top grid would not be whole.
+    """
+    labels: Tensor | None = None
+    where = cfg.path
+    if cfg.source == "shapes":
+        images = make_shapes(cfg.count, size=cfg.size or 32, channels=cfg.channels, seed=cfg.seed)
+        where = "shapes"
+    elif cfg.source == "mnist":
+        images, labels = load_mnist(Path(cfg.path), cfg.prefix)  # type: ignore[arg-type]
+    elif cfg.source == "folder":
+        images = load_image_folder(Path(cfg.path), cfg.channels)  # type: ignore[arg-type]
+    else:
+        images = load_array(Path(cfg.path), cfg.key)  # type: ignore[arg-type]
+    if images.shape[1] != cfg.channels:
+        raise DataError(f"{where}: images have {images.shape[1]} channels but data.channels is {cfg.channels}")
+    if cfg.limit is not None:
+        images = images[: cfg.limit]
+        labels = None if labels is None else labels[: cfg.limit]
+    if cfg.size is not None and cfg.source != "shapes":
+        images = pad_to(images, cfg.size)
+    h, w = images.shape[2:]
+    if h % total_downsample or w % total_downsample:
+        raise DataError(
+            f"{where}: images are {h}x{w}, not divisible by the levels' total downsampling {total_downsample}; "
+            "set data.size to pad them"
+        )
+    if len(images) <= cfg.heldout:
+        raise DataError(f"{where}: {len(images)} images, need more than data.heldout ({cfg.heldout})")
+    cut = len(images) - cfg.heldout
+    return ImageData(
+        images[:cut].contiguous(),
+        images[cut:].contiguous(),
+        None if labels is None else labels[:cut],
+        None if labels is None else labels[cut:],
+    )

@@ -1,0 +1,276 @@
+"""A trained hierarchy: encode, decode, sample, likelihood bound, evaluation.
+
+This needs the library alone: every model is rebuilt from the config saved in
+its own checkpoint, so a run directory is all a user has to keep.
+
+Levels are numbered from the data up: ``levels[0]`` is level 1 (pixels <->
+z_1), ``levels[L-1]`` level L; the prior models z_L.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .checkpoint import checkpoint_path, load_checkpoint
+from .config import Config, config_from_dict
+from .errors import RunError
+from .levels import CodeLevel, Level, PixelLevel, build_level
+from .nets import to_unit
+from .pixelcnn import GatedPixelCNN
+from .quantize import code_usage
+from .run import read_run_config
+
+LN2 = math.log(2.0)
+
+
+def build_prior(cfg: Config) -> GatedPixelCNN:
+    """The prior stage's model for config ``cfg``."""
+    p = cfg.prior
+    return GatedPixelCNN(
+        cfg.level(cfg.num_levels).codes,
+        channels=p.channels,
+        layers=p.layers,
+        kernel_size=p.kernel_size,
+        dropout=p.dropout,
+    )
+
+
+def _batches(x: Tensor, batch_size: int):
+    for i in range(0, len(x), batch_size):
+        yield x[i : i + batch_size]
+
+
+def _load(run_dir: Path, name: str, device: str | torch.device) -> dict[str, Any]:
+    path = checkpoint_path(run_dir, name)
+    if not path.exists():
+        raise RunError(f"{run_dir}: stage {name} is not trained (no {path.name} in {path.parent.name}/)")
+    ckpt = load_checkpoint(path, map_location=device)
+    if int(ckpt["step"]) < int(ckpt["steps"]):
+        raise RunError(f"{path}: stage {name} is unfinished (step {ckpt['step']} of {ckpt['steps']}); train it to the end first")
+    return ckpt
+
+
+def load_level(run_dir: str | Path, k: int, device: str | torch.device = "cpu") -> tuple[Level, dict[str, Any]]:
+    """Level ``k``'s trained model (eval mode, frozen) and its checkpoint."""
+    ckpt = _load(Path(run_dir), str(k), device)
+    cfg = config_from_dict(ckpt["config"])
+    below = cfg.level(k - 1).codes if k > 1 else 0
+    model = build_level(cfg.level(k), k, cfg.data.channels, below)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as err:
+        raise RunError(f"{checkpoint_path(run_dir, str(k))}: weights do not fit its config ({str(err).splitlines()[0][:160]})") from None
+    model.to(device).eval().requires_grad_(False)
+    return model, ckpt
+
+
+class Hierarchy(nn.Module):
+    """Levels 1..L (and, when trained, the prior) of one run."""
+
+    def __init__(self, config: Config, levels: list[Level], prior: GatedPixelCNN | None, image_shape: tuple[int, int, int]) -> None:
+        super().__init__()
+        self.config = config
+        self.levels = nn.ModuleList(levels)
+        self.prior = prior
+        self.image_shape = image_shape  # (C, H, W)
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def load(cls, run_dir: str | Path, *, num_levels: int | None = None, with_prior: bool = True, device: str | torch.device = "cpu") -> Hierarchy:
+        """Load a run's trained levels 1..num_levels (default: all) and its prior."""
+        run_dir = Path(run_dir)
+        cfg = read_run_config(run_dir)
+        num_levels = cfg.num_levels if num_levels is None else num_levels
+        levels, ckpt = [], None
+        for k in range(1, num_levels + 1):
+            level, ckpt = load_level(run_dir, k, device)
+            levels.append(level)
+        prior = None
+        if with_prior:
+            pckpt = _load(run_dir, "prior", device)
+            prior = build_prior(config_from_dict(pckpt["config"]))
+            prior.load_state_dict(pckpt["model"])
+            prior.to(device).eval().requires_grad_(False)
+            ckpt = pckpt
+        shape = tuple(ckpt["extra"]["image_shape"]) if ckpt is not None else (cfg.data.channels, 0, 0)
+        return cls(cfg, levels, prior, shape)  # type: ignore[arg-type]
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.levels)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.levels[0].parameters()).device
+
+    def grid_shape(self, k: int) -> tuple[int, int]:
+        """(h, w) of level ``k``'s code grid (level 0 is the image)."""
+        _, h, w = self.image_shape
+        for level in self.levels[:k]:
+            h, w = h // level.factor, w // level.factor
+        return h, w
+
+    # ------------------------------------------------------------------ encode / decode
+
+    @torch.no_grad()
+    def encode(self, images: Tensor) -> list[Tensor]:
+        """uint8 images (B, C, H, W) -> codes [z_1 (B, h1, w1), ..., z_L]."""
+        x = to_unit(images.to(self.device))
+        codes = [self.levels[0].encode(x)]
+        for level in self.levels[1:]:
+            codes.append(level.encode(codes[-1]))
+        return codes
+
+    @torch.no_grad()
+    def decode(self, codes: Tensor, level: int, *, code_temperature: float = 0.0, generator: torch.Generator | None = None) -> Tensor:
+        """Codes of level ``level`` (B, h, w) -> uint8 images (B, C, H, W).
+
+        Levels below are drawn from their decoders at ``code_temperature``
+        (0: the most likely code at every position); pixels are the decoder's mean.
+        """
+        z = codes.to(self.device)
+        for k in range(level, 1, -1):
+            z = self.levels[k - 1].decode(z, code_temperature, generator)
+        return self.levels[0].decode(z, 0.0)
+
+    @torch.no_grad()
+    def reconstruct(self, images: Tensor, level: int = 1) -> Tensor:
+        """Encode to level ``level`` and decode back to pixels (most likely codes)."""
+        return self.decode(self.encode(images)[level - 1], level)
+
+    @torch.no_grad()
+    def sample(self, n: int, *, temperature: float = 1.0, code_temperature: float = 1.0, seed: int = 0) -> Tensor:
+        """Draw ``n`` images (n, C, H, W) uint8 from the whole hierarchy.
+
+        z_L from the prior at ``temperature``; z_(k-1) from D_k(z_k) at
+        ``code_temperature``; pixels from D_1(z_1) (its mean).
+        """
+        if self.prior is None:
+            raise RunError("this hierarchy has no trained prior; train stage prior first")
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        h, w = self.grid_shape(self.num_levels)
+        top = self.prior.sample(n, h, w, temperature=temperature, generator=gen)
+        return self.decode(top, self.num_levels, code_temperature=code_temperature, generator=gen)
+
+    # ------------------------------------------------------------------ likelihood
+
+    @torch.no_grad()
+    def nll(self, images: Tensor) -> dict[str, Tensor]:
+        """Per-image bound on -log2 p(x), in bits per dim of x, split by level.
+
+        Keys ``"0"`` .. ``str(L)``: level 0 is -log D_1(x | z_1), level k in
+        1..L-1 is -log D_(k+1)(z_k | z_(k+1)), level L is -log p(z_L) under the
+        prior. ``"total"`` is their sum. Each value is (B,).
+        """
+        if self.prior is None:
+            raise RunError("the likelihood bound needs the prior; train stage prior first")
+        x = to_unit(images.to(self.device))
+        codes = self.encode(images)
+        dims = images[0].numel()
+        out: dict[str, Tensor] = {"0": -self.levels[0].log_likelihood(x, codes[0])}
+        for k in range(1, self.num_levels):
+            out[str(k)] = -self.levels[k].log_likelihood(codes[k - 1], codes[k])
+        top = codes[-1]
+        logits = self.prior(top)
+        out[str(self.num_levels)] = F.cross_entropy(logits, top, reduction="none").flatten(1).sum(1)
+        out = {key: value / (dims * LN2) for key, value in out.items()}
+        out["total"] = sum(out.values())  # type: ignore[assignment]
+        return out
+
+    @torch.no_grad()
+    def evaluate(self, images: Tensor, batch_size: int = 500) -> dict[str, Any]:
+        """Every figure for a split of uint8 images (N, C, H, W).
+
+        ``levels[k]``: level k's figures (see :func:`level_metrics`) plus the
+        PSNR of images reconstructed through level k; ``prior``: bits per code
+        of the top codes; ``bits_per_dim``: the likelihood bound split by level.
+        """
+        images = images.to(self.device)
+        codes = [torch.cat(z) for z in zip(*(self.encode(b) for b in _batches(images, batch_size)), strict=True)]
+        report: dict[str, Any] = {"levels": {}}
+        for k in range(1, self.num_levels + 1):
+            inputs = images if k == 1 else codes[k - 2]
+            figures = level_metrics(self.levels[k - 1], inputs, batch_size)
+            recon = torch.cat([self.decode(z, k) for z in _batches(codes[k - 1], batch_size)])
+            figures["psnr_through"] = psnr(images, recon)
+            report["levels"][str(k)] = figures
+        if self.prior is not None:
+            report["prior"] = prior_metrics(self.prior, codes[-1], batch_size)
+            parts = [self.nll(b) for b in _batches(images, batch_size)]
+            report["bits_per_dim"] = {key: float(torch.cat([p[key] for p in parts]).mean()) for key in parts[0]}
+        return report
+
+
+# ---------------------------------------------------------------------- figures
+
+
+def psnr_from_mse(mse: float) -> float:
+    """PSNR in dB of 8-bit images from their mean squared error."""
+    return float("inf") if mse == 0 else 10.0 * math.log10(255.0**2 / mse)
+
+
+def psnr(images: Tensor, recon: Tensor) -> float:
+    """PSNR in dB over a whole split of uint8 images (one MSE for the split)."""
+    return psnr_from_mse((images.float() - recon.float()).pow(2).mean().item())
+
+
+@torch.no_grad()
+def level_metrics(level: Level, inputs: Tensor, batch_size: int = 500) -> dict[str, float]:
+    """Held-out figures of one level.
+
+    Level 1 (``inputs``: uint8 images): ``psnr`` of the decoder mean and
+    ``bits_per_dim`` of the pixels given z_1. Level k >= 2 (``inputs``: level
+    k-1 codes): ``accuracy`` of the decoder's most likely code and
+    ``bits_per_code``. Both: ``codes_used`` (count), ``usage`` (fraction of
+    the codebook) and ``perplexity`` of the level's codes on this split.
+    """
+    was_training = level.training
+    level.eval()
+    nll, hits, sq_err, total, all_codes = 0.0, 0, 0.0, 0, []
+    device = next(level.parameters()).device
+    for batch in _batches(inputs, batch_size):
+        batch = batch.to(device)
+        if isinstance(level, PixelLevel):
+            x = to_unit(batch)
+            codes = level.encode(x)
+            nll -= level.log_likelihood(x, codes).sum().item()
+            sq_err += (level.decode(codes).float() - batch.float()).pow(2).sum().item()
+        else:
+            codes = level.encode(batch)
+            logits = level.logits(codes)
+            nll += F.cross_entropy(logits, batch, reduction="sum").item()
+            hits += (logits.argmax(1) == batch).sum().item()
+        total += batch[0].numel() * len(batch)
+        all_codes.append(codes)
+    level.train(was_training)
+    perplexity, used = code_usage(torch.cat(all_codes), level.quantizer.num_codes)
+    out: dict[str, float] = {}
+    if isinstance(level, PixelLevel):
+        out["psnr"] = psnr_from_mse(sq_err / total)
+        out["bits_per_dim"] = nll / total / LN2
+    else:
+        assert isinstance(level, CodeLevel)
+        out["accuracy"] = hits / total
+        out["bits_per_code"] = nll / total / LN2
+    out["codes_used"] = float(used)
+    out["usage"] = used / level.quantizer.num_codes
+    out["perplexity"] = float(perplexity)
+    return out
+
+
+@torch.no_grad()
+def prior_metrics(prior: GatedPixelCNN, codes: Tensor, batch_size: int = 500) -> dict[str, float]:
+    """``bits_per_code`` of top-level codes (N, h, w) under the prior (eval mode)."""
+    was_training = prior.training
+    prior.eval()
+    device = next(prior.parameters()).device
+    nll = sum(F.cross_entropy(prior(b.to(device)), b.to(device), reduction="sum").item() for b in _batches(codes, batch_size))
+    prior.train(was_training)
+    return {"bits_per_code": nll / codes.numel() / LN2}

@@ -1,0 +1,122 @@
+"""Encoder/decoder building blocks shared by every level.
+
+Both level kinds use the same trunk: strided convolutions down to the code
+grid, residual blocks there, and transposed convolutions back up. Only the
+input stem (pixels vs. an embedding of codes) and the output head (a
+discretised logistic vs. a categorical) differ.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class ResBlock(nn.Module):
+    """Pre-activation residual block: x + conv1x1(relu(conv3x3(relu(x)))). (B, C, H, W) -> same."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.conv2(F.relu(self.conv1(F.relu(x))))
+
+
+def _halvings(factor: int) -> int:
+    steps = int(math.log2(factor))
+    if 2**steps != factor:
+        raise ValueError(f"downsampling factor {factor} is not a power of 2")
+    return steps
+
+
+class Encoder(nn.Module):
+    """(B, in_ch, H, W) -> (B, out_ch, H/factor, W/factor).
+
+    Each halving is a 4x4 stride-2 convolution; the trunk widens towards the
+    code grid, where most of the work happens at a quarter of the cost.
+    """
+
+    def __init__(self, in_ch: int, hidden: int, out_ch: int, factor: int, res_blocks: int) -> None:
+        super().__init__()
+        steps = _halvings(factor)
+        layers: list[nn.Module] = []
+        ch = in_ch
+        for i in range(steps):
+            nxt = hidden // 2 ** (steps - 1 - i)
+            layers += [nn.Conv2d(ch, nxt, 4, stride=2, padding=1), nn.ReLU()]
+            ch = nxt
+        layers.append(nn.Conv2d(ch, hidden, 3, padding=1))
+        layers += [ResBlock(hidden) for _ in range(res_blocks)]
+        layers += [nn.ReLU(), nn.Conv2d(hidden, out_ch, 1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class Decoder(nn.Module):
+    """(B, in_ch, h, w) -> (B, out_ch, h*factor, w*factor); mirror of :class:`Encoder`."""
+
+    def __init__(self, in_ch: int, hidden: int, out_ch: int, factor: int, res_blocks: int) -> None:
+        super().__init__()
+        steps = _halvings(factor)
+        layers: list[nn.Module] = [nn.Conv2d(in_ch, hidden, 3, padding=1)]
+        layers += [ResBlock(hidden) for _ in range(res_blocks)]
+        layers.append(nn.ReLU())
+        ch = hidden
+        for i in range(steps):
+            nxt = hidden // 2 ** (i + 1)
+            layers += [nn.ConvTranspose2d(ch, nxt, 4, stride=2, padding=1), nn.ReLU()]
+            ch = nxt
+        layers.append(nn.Conv2d(ch, out_ch, 3, padding=1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.net(z)
+
+
+# ------------------------------------------------------------------ pixel likelihood
+
+BINS = 256
+HALF_BIN = 1.0 / (BINS - 1)  # pixels live in [-1, 1]: 256 bins of width 2/255
+
+
+def to_unit(images: Tensor) -> Tensor:
+    """uint8 (B, C, H, W) in 0..255 -> float in [-1, 1]."""
+    return images.float() * (2.0 / 255.0) - 1.0
+
+
+def to_uint8(x: Tensor) -> Tensor:
+    """float in [-1, 1] -> uint8 0..255 (clamped, rounded)."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def discretized_logistic_logp(x: Tensor, loc: Tensor, log_scale: Tensor) -> Tensor:
+    """Log-probability of 8-bit pixels under a discretised logistic, per element.
+
+    x, loc, log_scale: (B, C, H, W), x in [-1, 1] on the 256-level grid.
+    The edge bins take the whole tail mass, so the 256 probabilities sum to 1
+    and the result is an exact log-likelihood (in nats) of the 8-bit data.
+    """
+    log_scale = log_scale.clamp(min=-7.0)
+    inv_s = torch.exp(-log_scale)
+    centered = x - loc
+    plus = inv_s * (centered + HALF_BIN)
+    minus = inv_s * (centered - HALF_BIN)
+    log_cdf_plus = plus - F.softplus(plus)  # log sigmoid(plus): mass below the bin's top
+    log_sf_minus = -F.softplus(minus)  # log(1 - sigmoid(minus)): mass above the bin's bottom
+    cdf_delta = torch.sigmoid(plus) - torch.sigmoid(minus)
+    # Where the bin's mass underflows, fall back to density * bin width.
+    mid = inv_s * centered
+    log_pdf_mid = mid - log_scale - 2.0 * F.softplus(mid)
+    log_mid = torch.where(
+        cdf_delta > 1e-5,
+        torch.log(cdf_delta.clamp(min=1e-12)),
+        log_pdf_mid + math.log(2 * HALF_BIN),
+    )
+    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_sf_minus, log_mid))

@@ -1,0 +1,293 @@
+"""Vector quantiser for one level of a hierarchical VQ-VAE.
+
+The quantiser maps every spatial position of an encoder output ``z`` of shape
+``(B, D, H, W)`` to its nearest codebook vector (squared L2). It supports the
+two standard ways of learning the codebook:
+
+* ``ema=True`` (default): the codebook is a buffer moved towards the mean of the
+  vectors assigned to each code by exponential moving averages (van den Oord et
+  al. 2017, appendix), with Laplace-smoothed cluster sizes;
+* ``ema=False``: the codebook is an ``nn.Parameter`` learned by gradient descent
+  on the codebook loss.
+
+On top of that it can seed the codebook from the first training batch and
+restart dead codes from a ring buffer of recent encoder outputs (as in
+Jukebox). All state lives in registered buffers, so ``state_dict()`` together
+with the torch RNG state makes a resumed run bit-identical to an uninterrupted
+one. In eval mode nothing changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+__all__ = ["QuantizerOutput", "VectorQuantizer", "code_usage"]
+
+
+@dataclass
+class QuantizerOutput:
+    """Everything one forward pass of :class:`VectorQuantizer` produces.
+
+    Attributes:
+        quantized: (B, D, H, W) chosen codebook vectors in the input's dtype;
+            straight-through, so the gradient wrt the input is the identity.
+        indices: (B, H, W) int64 code indices.
+        codebook_loss: scalar ``mean((sg[z] - e)^2)``; a constant zero with EMA.
+        commit_loss: scalar ``mean((z - sg[e])^2)``, unweighted (the caller
+            applies beta).
+        perplexity: scalar float, ``exp(entropy)`` of this batch's code histogram.
+        codes_used: scalar int64, number of distinct codes in this batch.
+    """
+
+    quantized: Tensor
+    indices: Tensor
+    codebook_loss: Tensor
+    commit_loss: Tensor
+    perplexity: Tensor
+    codes_used: Tensor
+
+
+def _histogram_stats(counts: Tensor) -> tuple[Tensor, Tensor]:
+    """(K,) code counts -> (perplexity float scalar, codes used int64 scalar)."""
+    p = counts.float() / counts.sum()
+    # xlogy gives 0 * log 0 = 0, so unused codes add nothing to the entropy.
+    perplexity = torch.exp(-torch.special.xlogy(p, p).sum())
+    return perplexity, (counts > 0).sum()
+
+
+def code_usage(indices: Tensor, num_codes: int) -> tuple[float, int]:
+    """Perplexity and number of distinct codes over any tensor of code indices.
+
+    Args:
+        indices: int tensor of any shape with values in ``[0, num_codes)``, e.g.
+            all the codes of a held-out split concatenated.
+        num_codes: codebook size K.
+
+    Returns:
+        ``(perplexity, codes_used)``; perplexity is ``exp(entropy)`` of the code
+        histogram, so ``k`` codes used equally often give ``k``.
+    """
+    if indices.numel() == 0:
+        raise ValueError("code_usage needs at least one index")
+    counts = torch.bincount(indices.reshape(-1).long(), minlength=num_codes)
+    if counts.numel() > num_codes:
+        raise ValueError(f"indices must lie in [0, {num_codes})")
+    perplexity, used = _histogram_stats(counts)
+    return float(perplexity), int(used)
+
+
+class VectorQuantizer(nn.Module):
+    """Nearest-neighbour vector quantiser with EMA or learned codebook.
+
+    Args:
+        num_codes: codebook size K.
+        dim: code dimension D (channels of the encoder output).
+        ema: learn the codebook by EMA (buffer) rather than by the codebook loss
+            (parameter).
+        decay: EMA decay, used for the codebook statistics and for ``usage``.
+        eps: Laplace smoothing of the EMA cluster sizes.
+        init_from_data: seed the codebook with random vectors of the first
+            training batch instead of a small uniform init.
+        restart: replace dead codes every ``restart_every`` training calls.
+        restart_threshold: a code is dead when its ``usage`` (EMA of assignments
+            per batch) falls below this.
+        restart_every: training calls between dead-code checks.
+        buffer_size: rows of the ``recent`` ring buffer restarts draw from.
+    """
+
+    codebook: Tensor  # (K, D); a Parameter when ema=False, else a buffer
+    initialized: Tensor  # () bool
+    ema_count: Tensor  # (K,) EMA of cluster sizes
+    ema_sum: Tensor  # (K, D) EMA of the sum of vectors assigned to each code
+    usage: Tensor  # (K,) EMA of assignments per batch, for dead-code detection
+    recent: Tensor  # (buffer_size, D) ring buffer of recent encoder vectors
+    recent_pos: Tensor  # () int64, next row of `recent` to write
+    recent_filled: Tensor  # () int64, rows of `recent` holding data
+    calls: Tensor  # () int64, training forwards so far
+
+    def __init__(
+        self,
+        num_codes: int,
+        dim: int,
+        *,
+        ema: bool = True,
+        decay: float = 0.99,
+        eps: float = 1e-5,
+        init_from_data: bool = True,
+        restart: bool = True,
+        restart_threshold: float = 1.0,
+        restart_every: int = 50,
+        buffer_size: int = 8192,
+    ) -> None:
+        super().__init__()
+        if num_codes < 1 or dim < 1 or restart_every < 1 or buffer_size < 1:
+            raise ValueError("num_codes, dim, restart_every and buffer_size must be >= 1")
+        if not 0.0 <= decay <= 1.0 or eps <= 0.0:
+            raise ValueError("need 0 <= decay <= 1 and eps > 0")
+        self.num_codes, self.dim = num_codes, dim
+        self.ema, self.decay, self.eps = ema, decay, eps
+        self.init_from_data = init_from_data
+        self.restart = restart
+        self.restart_threshold = restart_threshold
+        self.restart_every = restart_every
+
+        init = torch.empty(num_codes, dim).uniform_(-1.0 / num_codes, 1.0 / num_codes)
+        if ema:
+            self.register_buffer("codebook", init)
+        else:
+            self.codebook = nn.Parameter(init)
+        self.register_buffer("initialized", torch.tensor(not init_from_data))
+        # Count 1 and sum = codebook keep ema_sum / ema_count equal to the codebook.
+        # Kept in both modes so restarts and checkpoints treat them alike.
+        self.register_buffer("ema_count", torch.ones(num_codes))
+        self.register_buffer("ema_sum", init.clone())
+        # Unmeasured codes count as just alive, so none is restarted untried.
+        self.register_buffer("usage", torch.full((num_codes,), float(restart_threshold)))
+        self.register_buffer("recent", torch.zeros(buffer_size, dim))
+        self.register_buffer("recent_pos", torch.zeros((), dtype=torch.long))
+        self.register_buffer("recent_filled", torch.zeros((), dtype=torch.long))
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def extra_repr(self) -> str:
+        return f"num_codes={self.num_codes}, dim={self.dim}, ema={self.ema}, restart={self.restart}"
+
+    # ------------------------------------------------------------------ public
+
+    def forward(self, z: Tensor) -> QuantizerOutput:
+        """Quantise ``z`` (B, D, H, W); in training mode also update the state."""
+        self._check_input(z)
+        b, _, h, w = z.shape
+        # Distances and codebook statistics need float32: in bf16 the argmin and the
+        # EMA sums are too coarse.
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            flat = rearrange(z.float(), "b d h w -> (b h w) d")  # (N, D)
+            if self.training and not bool(self.initialized):
+                self._init_from(flat.detach())
+            idx = self._assign(flat.detach())  # (N,)
+            # (N, D); carries a gradient to a learned codebook
+            chosen = self.codebook[idx]
+
+            commit_loss = F.mse_loss(flat, chosen.detach())
+            if self.ema:
+                codebook_loss = torch.zeros((), device=z.device)
+            else:
+                codebook_loss = F.mse_loss(chosen, flat.detach())
+            # Straight-through written so the forward value is exactly the code vector
+            # (z + (e - z).detach() can be off by rounding); d/dz is still the identity.
+            st = chosen.detach() + (flat - flat.detach())
+
+            # One-hot matmul rather than index_add_: deterministic on GPU too.
+            onehot = F.one_hot(idx, self.num_codes).type_as(flat)  # (N, K)
+            counts = onehot.sum(0)  # (K,)
+            if self.training:
+                sums = onehot.T @ flat.detach()  # (K, D)
+                # Distributed training: all-reduce `counts` and `sums` here
+                # (and gather `flat` for `recent`).
+                self._update_state(flat.detach(), counts, sums)
+            perplexity, codes_used = _histogram_stats(counts)
+
+        quantized = rearrange(st, "(b h w) d -> b d h w", b=b, h=h, w=w).to(z.dtype)
+        return QuantizerOutput(
+            quantized=quantized,
+            indices=idx.view(b, h, w),
+            codebook_loss=codebook_loss,
+            commit_loss=commit_loss,
+            perplexity=perplexity,
+            codes_used=codes_used,
+        )
+
+    @torch.no_grad()
+    def nearest(self, z: Tensor) -> Tensor:
+        """(B, D, H, W) -> (B, H, W) int64 nearest-code indices; never changes state."""
+        self._check_input(z)
+        b, _, h, w = z.shape
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            idx = self._assign(rearrange(z.float(), "b d h w -> (b h w) d"))
+        return idx.view(b, h, w)
+
+    def lookup(self, indices: Tensor) -> Tensor:
+        """(B, H, W) int code indices -> (B, D, H, W) float32 codebook vectors."""
+        return rearrange(F.embedding(indices.long(), self.codebook), "b h w d -> b d h w")
+
+    # ----------------------------------------------------------------- helpers
+
+    def _check_input(self, z: Tensor) -> None:
+        if z.ndim != 4 or z.shape[1] != self.dim:
+            raise ValueError(f"expected z of shape (B, {self.dim}, H, W), got {tuple(z.shape)}")
+
+    def _assign(self, flat: Tensor) -> Tensor:
+        """(N, D) float32 -> (N,) int64 index of the nearest code in squared L2."""
+        cb = self.codebook.detach()
+        # |z - e|^2 = |z|^2 - 2 z.e + |e|^2; |z|^2 is the same for every code,
+        # so the argmin can skip it.
+        dist = cb.pow(2).sum(1) - 2.0 * flat @ cb.T  # (N, K)
+        return dist.argmin(1)
+
+    @torch.no_grad()
+    def _init_from(self, flat: Tensor) -> None:
+        """Seed the codebook with random rows of ``flat`` (N, D)."""
+        n, device = flat.shape[0], self.codebook.device
+        if n >= self.num_codes:
+            rows = torch.randperm(n, device=device)[: self.num_codes]
+        else:  # too few vectors: sample with replacement
+            rows = torch.randint(n, (self.num_codes,), device=device)
+        picks = flat[rows]
+        self.codebook.copy_(picks)
+        self.ema_sum.copy_(picks)
+        self.ema_count.fill_(1.0)
+        self.initialized.fill_(True)
+
+    @torch.no_grad()
+    def _update_state(self, flat: Tensor, counts: Tensor, sums: Tensor) -> None:
+        """Apply one training batch: EMA codebook, usage, recent buffer, restarts.
+
+        Args:
+            flat: (N, D) detached float32 encoder vectors.
+            counts: (K,) assignments per code in this batch.
+            sums: (K, D) sum of the vectors assigned to each code.
+        """
+        d = self.decay
+        if self.ema:
+            self.ema_count.mul_(d).add_(counts, alpha=1 - d)
+            self.ema_sum.mul_(d).add_(sums, alpha=1 - d)
+            n = self.ema_count.sum()
+            # Laplace smoothing keeps codes with a near-zero count from dividing by ~0,
+            # while preserving the total count n.
+            smoothed = (self.ema_count + self.eps) / (n + self.num_codes * self.eps) * n
+            self.codebook.copy_(self.ema_sum / smoothed.unsqueeze(1))
+        self.usage.mul_(d).add_(counts, alpha=1 - d)
+        self._push_recent(flat)
+        self.calls.add_(1)
+        if self.restart and int(self.calls) % self.restart_every == 0:
+            self._restart_dead_codes()
+
+    def _push_recent(self, flat: Tensor) -> None:
+        """Write (N, D) vectors into the ``recent`` ring buffer."""
+        size = self.recent.shape[0]
+        if flat.shape[0] > size:
+            # A random subset, so restarts do not favour the last images of a batch.
+            flat = flat[torch.randperm(flat.shape[0], device=self.recent.device)[:size]]
+        n = flat.shape[0]
+        slots = (self.recent_pos + torch.arange(n, device=self.recent.device)) % size
+        self.recent[slots] = flat
+        self.recent_pos.copy_((self.recent_pos + n) % size)
+        self.recent_filled.add_(n).clamp_(max=size)
+
+    def _restart_dead_codes(self) -> None:
+        """Replace codes with ``usage < restart_threshold`` by random recent vectors."""
+        dead = self.usage < self.restart_threshold  # (K,)
+        # The buffer fills from row 0, wrapping once full: rows [0, filled) hold data.
+        # One candidate per code, used only where dead: no host sync on the dead count.
+        rows = torch.randint(int(self.recent_filled), (self.num_codes,), device=dead.device)
+        picks = self.recent[rows]
+        self.codebook.copy_(torch.where(dead.unsqueeze(1), picks, self.codebook))
+        # Stats become "one observation at the new vector", matching the codebook;
+        # usage goes to the threshold so the code is not judged dead again at once.
+        self.ema_sum.copy_(torch.where(dead.unsqueeze(1), picks, self.ema_sum))
+        self.ema_count.masked_fill_(dead, 1.0)
+        self.usage.masked_fill_(dead, self.restart_threshold)

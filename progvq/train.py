@@ -1,0 +1,219 @@
+"""The one training loop that every stage kind uses.
+
+A stage (see :class:`Stage`) supplies its model, its batches, its named loss
+parts, its held-out evaluation and the images to log. The loop owns the rest:
+optimiser, learning-rate schedule, gradient clipping, data order, logging,
+checkpoints and exact resume.
+
+Exact resume rests on three things: the data order is a pure function of
+(seed, step); the learning rate is a pure function of the step; and every
+piece of state a step reads (model with its quantiser buffers, optimiser, RNG
+states) is in the checkpoint. Evaluation and image logging draw from no
+global RNG, so they may run at any step without changing the trajectory.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .config import Config, TrainConfig
+from .errors import RunError
+
+
+class Stage(Protocol):
+    """What a stage kind gives the loop."""
+
+    name: str  # "1".."L" or "prior"
+    model: nn.Module  # what is trained and checkpointed
+    num_train: int  # size of the training split
+    settings: TrainConfig  # steps, batch size, lr, ... and loss_weights
+
+    def batch(self, index: Tensor) -> Any:
+        """Training items at ``index`` (B,), on the model's device."""
+
+    def loss(self, batch: Any) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Named, unweighted loss parts (scalars) and metrics (scalars) of one batch."""
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out figures; must not touch any global RNG or model state."""
+
+    def images(self) -> dict[str, Tensor]:
+        """Image grids (C, H, W) uint8 to log; must not touch any global RNG."""
+
+
+@dataclass
+class FitResult:
+    step: int
+    done: bool
+    metrics: dict[str, float]
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to ``lr``, then cosine decay to ``lr * min_lr_ratio`` at ``steps``."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    span = max(1, cfg.steps - cfg.warmup)
+    progress = min(1.0, (step - cfg.warmup) / span)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
+
+
+class BatchOrder:
+    """Shuffled epochs without replacement; batch ``step`` is a pure function of (seed, step).
+
+    Each epoch is a permutation drawn from its own generator seeded by
+    (seed, epoch), so a resumed run needs only the step to find its place.
+    The last partial batch of an epoch is dropped to keep batch sizes equal.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int) -> None:
+        self.n = n
+        self.batch_size = min(batch_size, n)
+        self.per_epoch = n // self.batch_size
+        self.seed = seed
+        self._epoch = -1
+        self._perm = torch.empty(0, dtype=torch.long)
+
+    def position(self, step: int) -> tuple[int, int]:
+        """(epoch, batch within the epoch) of training step ``step``."""
+        return divmod(step, self.per_epoch)
+
+    def __call__(self, step: int) -> Tensor:
+        epoch, pos = self.position(step)
+        if epoch != self._epoch:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm = torch.randperm(self.n, generator=gen)
+            self._epoch = epoch
+        return self._perm[pos * self.batch_size : (pos + 1) * self.batch_size]
+
+
+def _scalar(x: Tensor | float) -> float:
+    return float(x.detach()) if isinstance(x, Tensor) else float(x)
+
+
+def fit(
+    stage: Stage,
+    config: Config,
+    stage_dir: Path,
+    *,
+    parents: dict[str, str] | None = None,
+    until: int | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    extra: dict[str, Any] | None = None,
+) -> FitResult:
+    """Train ``stage`` to its configured steps (or to ``until``), resuming from ``stage_dir``.
+
+    Checkpoints go to ``stage_dir/checkpoint.pt`` every ``checkpoint_every``
+    steps and when training stops; TensorBoard events go to ``stage_dir``.
+    ``parents`` (stage -> sha256 of its checkpoint) and ``extra`` are stored in
+    every checkpoint as they are.
+    """
+    cfg = stage.settings
+    model = stage.model
+    device = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    weights = {name: float(w) for name, w in cfg.loss_weights.items()}  # type: ignore[attr-defined]
+    order = BatchOrder(stage.num_train, cfg.batch_size, config.seed)
+    ckpt_path = stage_dir / "checkpoint.pt"
+    metrics: dict[str, float] = {}
+
+    step = 0
+    if ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path, map_location=device)
+        if ckpt["stage"] != stage.name:
+            raise RunError(f"{ckpt_path}: holds stage {ckpt['stage']}, not stage {stage.name}")
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as err:
+            first = str(err).strip().splitlines()[0]
+            raise RunError(f"{ckpt_path}: does not fit this stage's model ({first[:160]})") from None
+        set_rng_state(ckpt["rng"])
+        step = int(ckpt["step"])
+        metrics = dict(ckpt.get("metrics", {}))
+        log(f"stage {stage.name}: resuming at step {step} of {cfg.steps}")
+    end = cfg.steps if until is None else min(until, cfg.steps)
+
+    def checkpoint() -> None:
+        epoch, pos = order.position(step)
+        save_checkpoint(
+            {
+                "stage": stage.name,
+                "step": step,
+                "steps": cfg.steps,
+                "config": config.to_dict(),
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": {"kind": "warmup_cosine", "step": step, "lr": lr_at(max(step - 1, 0), cfg)},
+                "rng": rng_state(),
+                "data": {"seed": config.seed, "epoch": epoch, "position": pos, "batch_size": order.batch_size},
+                "parents": dict(parents or {}),
+                "metrics": metrics,
+                "extra": dict(extra or {}),
+            },
+            ckpt_path,
+        )
+
+    if step >= end:
+        return FitResult(step, step >= cfg.steps, metrics)
+
+    writer = SummaryWriter(str(stage_dir), purge_step=step if step > 0 else None)
+    bar = tqdm(total=cfg.steps, initial=step, desc=f"stage {stage.name}", disable=not progress, dynamic_ncols=True)
+    seen, tick = 0, time.perf_counter()
+    try:
+        while step < end:
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batch = stage.batch(order(step))
+            model.train()
+            parts, batch_metrics = stage.loss(batch)
+            total = sum(weights[name] * value for name, value in parts.items())
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            if cfg.grad_clip > 0:
+                nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            optimizer.step()
+            step += 1
+            seen += order.batch_size
+            bar.update(1)
+
+            if step % cfg.log_every == 0 or step == end:
+                elapsed = time.perf_counter() - tick
+                speed = seen / max(elapsed, 1e-9)
+                seen, tick = 0, time.perf_counter()
+                writer.add_scalar("loss/total", _scalar(total), step)
+                for name, value in parts.items():
+                    writer.add_scalar(f"loss/{name}", _scalar(value), step)
+                for name, value in batch_metrics.items():
+                    writer.add_scalar(f"train/{name}", _scalar(value), step)
+                writer.add_scalar("train/lr", lr, step)
+                writer.add_scalar("train/images_per_s", speed, step)
+                bar.set_postfix(loss=f"{_scalar(total):.4f}", img_s=f"{speed:.0f}")
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                metrics = stage.evaluate()
+                for name, value in metrics.items():
+                    writer.add_scalar(f"heldout/{name}", value, step)
+                for name, grid in stage.images().items():
+                    writer.add_image(name, grid, step)
+                summary = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+                bar.write(f"stage {stage.name} step {step}: {summary}")
+            if step % cfg.checkpoint_every == 0 or step == end:
+                checkpoint()
+    finally:
+        bar.close()
+        writer.close()
+    return FitResult(step, step >= cfg.steps, metrics)

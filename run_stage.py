@@ -1,0 +1,153 @@
+"""progvq command line: train stages, sample, evaluate, show status.
+
+    progvq train CONFIG --all                 train every stage not done yet
+    progvq train CONFIG --stage 1|2|...|prior train (or resume) one stage
+    progvq sample RUN_DIR -n 64 --out samples.png
+    progvq eval RUN_DIR [--json]
+    progvq status RUN_DIR
+
+``python run_stage.py ...`` is the same program. User mistakes print one line
+on stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from progvq.errors import ProgvqError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="progvq", description="Train, sample and evaluate hierarchical VQ models one level at a time.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train one stage, or every stage not done yet")
+    p.add_argument("config", help="YAML config file")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--stage", help="stage to train: 1, 2, ..., or prior")
+    which.add_argument("--all", action="store_true", help="train every stage not done yet, in order")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config value, e.g. stages.1.steps=500 (repeatable)")
+    p.add_argument("--run-dir", help="run directory (default: the config's run_dir, else runs/<config name>)")
+    p.add_argument("--until", type=int, metavar="STEP", help="stop (with a checkpoint) at this step; train again to continue")
+    p.add_argument("--restart", action="store_true", help="keep the stage's old training aside (stage-N.old-M) and train it anew")
+    p.add_argument("--force", action="store_true", help="adopt this config for a run directory created with another")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("sample", help="sample images from the whole hierarchy")
+    p.add_argument("run_dir")
+    p.add_argument("-n", type=int, default=64, help="number of images (default 64)")
+    p.add_argument("--temperature", type=float, default=1.0, help="prior temperature; 0 takes the most likely code (default 1)")
+    p.add_argument("--code-temperature", type=float, default=None, help="temperature of the code decoders of levels >= 2 (default: the run's sample.code_temperature)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="samples.png", help="PNG grid; the images also go to the same name with .npz")
+    p.add_argument("--nrow", type=int, default=None, help="images per row of the grid")
+
+    p = sub.add_parser("eval", help="held-out figures: bits/dim by level, reconstruction, codebook usage")
+    p.add_argument("run_dir")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--split", choices=["heldout", "train"], default="heldout")
+
+    p = sub.add_parser("status", help="each stage: done, partial (step N of M) or missing")
+    p.add_argument("run_dir")
+    return parser
+
+
+def _positive(value: float, flag: str, low: float = 1) -> None:
+    if not (value >= low and math.isfinite(value)):
+        raise ProgvqError(f"{flag}: must be >= {low:g}, got {value}")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from progvq.config import load_config
+    from stages import prepare_run, train_all, train_stage
+
+    cfg = load_config(args.config, args.overrides)
+    run_dir = Path(args.run_dir or cfg.run_dir)
+    if args.until is not None:
+        _positive(args.until, "--until")
+    prepare_run(cfg, run_dir, force=args.force)
+    progress = not args.no_progress
+    if args.all:
+        if args.until is not None or args.restart:
+            raise ProgvqError("--until and --restart go with --stage, not --all")
+        train_all(cfg, run_dir, progress=progress)
+    else:
+        train_stage(cfg, args.stage, run_dir, until=args.until, restart=args.restart, progress=progress)
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from progvq.hierarchy import Hierarchy
+    from progvq.images import image_grid, save_npz, save_png
+
+    _positive(args.n, "-n")
+    _positive(args.temperature, "--temperature", 0)
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise ProgvqError(f"--out {out}: must end in .png (the arrays go beside it as .npz)")
+    model = Hierarchy.load(args.run_dir)
+    code_temperature = model.config.sample.code_temperature if args.code_temperature is None else args.code_temperature
+    _positive(code_temperature, "--code-temperature", 0)
+    images = model.sample(args.n, temperature=args.temperature, code_temperature=code_temperature, seed=args.seed)
+    save_png(image_grid(images, nrow=args.nrow), out)
+    save_npz(images, out.with_suffix(".npz"))
+    print(f"wrote {out} and {out.with_suffix('.npz')} ({args.n} images)")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from progvq.data import load_dataset
+    from progvq.hierarchy import Hierarchy
+
+    model = Hierarchy.load(args.run_dir)
+    data = load_dataset(model.config.data, total_downsample=model.config.total_downsample())
+    images = data.heldout if args.split == "heldout" else data.train
+    report = model.evaluate(images)
+    report["split"] = {"name": args.split, "images": len(images)}
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"{args.run_dir}: {args.split} split, {len(images)} images")
+    for k, fig in report["levels"].items():
+        main = f"PSNR {fig['psnr']:.2f} dB" if "psnr" in fig else f"code accuracy {fig['accuracy']:.3f}, {fig['bits_per_code']:.3f} bits/code"
+        print(
+            f"  level {k}: {main}; codes used {int(fig['codes_used'])} ({fig['usage']:.0%}), "
+            f"perplexity {fig['perplexity']:.1f}; PSNR through level {k}: {fig['psnr_through']:.2f} dB"
+        )
+    print(f"  prior: {report['prior']['bits_per_code']:.3f} bits/code")
+    bpd = report["bits_per_dim"]
+    top = model.num_levels
+    print(f"  NLL bound {bpd['total']:.4f} bits/dim, by level:")
+    for k in range(top + 1):
+        what = "pixels | z1" if k == 0 else (f"z{k} under the prior" if k == top else f"z{k} | z{k + 1}")
+        print(f"    level {k} ({what}): {bpd[str(k)]:.4f}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from progvq.run import run_status
+
+    for state in run_status(args.run_dir):
+        label = "prior" if state.name == "prior" else f"stage {state.name}"
+        print(f"{label}: {state.describe()}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "status": cmd_status}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except ProgvqError as err:
+        print(f"progvq: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

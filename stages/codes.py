@@ -1,0 +1,77 @@
+"""Stage k >= 2: level k-1 codes <-> level k codes, under a uniform prior on level k.
+
+Levels below k are frozen: their codes for the whole data set are computed
+once here and served from memory, never re-encoded per step.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from progvq.config import Config
+from progvq.data import ImageData
+from progvq.hierarchy import Hierarchy, level_metrics, load_level, psnr
+from progvq.images import image_grid
+from progvq.levels import CodeLevel
+
+from .common import pairs_grid, quantizer_metrics
+
+ENCODE_BATCH = 500
+
+
+def encode_all(lower: Hierarchy, images: Tensor) -> list[Tensor]:
+    """Codes of every level of ``lower`` for uint8 images (N, C, H, W), batched."""
+    parts = [lower.encode(images[i : i + ENCODE_BATCH]) for i in range(0, len(images), ENCODE_BATCH)]
+    return [torch.cat(level) for level in zip(*parts, strict=True)]
+
+
+class CodeStage:
+    """Trains E_k, C_k and D_k on the frozen level k-1 codes; loss: cross-entropy plus VQ terms."""
+
+    def __init__(self, cfg: Config, k: int, run_dir: Path, data: ImageData, device: torch.device) -> None:
+        self.name = str(k)
+        self.settings = cfg.level(k)
+        lower = [load_level(run_dir, j, device)[0] for j in range(1, k)]
+        self.model = CodeLevel(self.settings, cfg.level(k - 1).codes).to(device)
+        # the chain used to show reconstructions: frozen levels plus the one in training
+        self.chain = Hierarchy(cfg, [*lower, self.model], None, data.image_shape)
+        frozen = Hierarchy(cfg, lower, None, data.image_shape)
+        self.train_codes = encode_all(frozen, data.train)[-1]  # (N, h, w) level k-1 codes
+        self.heldout_codes = encode_all(frozen, data.heldout)[-1]
+        self.image_shape = data.image_shape  # (C, H, W)
+        self.num_train = len(self.train_codes)
+        self.preview = data.heldout[:32].to(device)
+        h, w = self.train_codes.shape[1:]
+        positions = (h // self.settings.downsample) * (w // self.settings.downsample)
+        self.rate = positions * math.log2(self.settings.codes) / math.prod(data.image_shape)
+
+    def batch(self, index: Tensor) -> Tensor:
+        return self.train_codes[index]  # (B, h, w) int64
+
+    def loss(self, below: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        out = self.model(below)
+        recon = out.nll.mean() / out.dims  # nats per code of level k-1
+        parts = {"recon": recon, "codebook": out.quant.codebook_loss, "commit": out.quant.commit_loss}
+        metrics = {
+            "bits_per_code": recon.detach() / math.log(2),
+            "accuracy": (out.prediction == below).float().mean(),
+            "rate_bits_per_dim": torch.tensor(self.rate),
+        }
+        return parts, metrics | quantizer_metrics(out.quant)
+
+    @torch.no_grad()
+    def _reconstruct(self, images: Tensor) -> Tensor:
+        k = int(self.name)
+        return self.chain.decode(self.chain.encode(images)[k - 1], k)
+
+    def evaluate(self) -> dict[str, float]:
+        figures = level_metrics(self.model, self.heldout_codes)
+        figures["psnr_through"] = psnr(self.preview.cpu(), self._reconstruct(self.preview).cpu())
+        return figures
+
+    def images(self) -> dict[str, Tensor]:
+        return {"reconstructions": image_grid(pairs_grid(self.preview, self._reconstruct(self.preview)), nrow=8)}

@@ -1,0 +1,21 @@
+"""Pieces every stage kind shares."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from progvq.quantize import QuantizerOutput
+
+
+def quantizer_metrics(quant: QuantizerOutput) -> dict[str, Tensor]:
+    """Codebook usage figures of one training batch."""
+    return {"perplexity": quant.perplexity.detach(), "codes_used": quant.codes_used.float()}
+
+
+def pairs_grid(originals: Tensor, recon: Tensor, per_row: int = 8) -> Tensor:
+    """Interleave rows of originals and reconstructions: (N, C, H, W) x 2 -> (2N, C, H, W)."""
+    rows = []
+    for i in range(0, len(originals), per_row):
+        rows += [originals[i : i + per_row].cpu(), recon[i : i + per_row].cpu()]
+    return torch.cat(rows)

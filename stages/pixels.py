@@ -1,0 +1,52 @@
+"""Stage 1: pixels <-> level-1 codes, under a uniform prior on the codes."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from progvq.config import Config
+from progvq.data import ImageData
+from progvq.hierarchy import level_metrics
+from progvq.images import image_grid
+from progvq.levels import PixelLevel
+from progvq.nets import to_unit
+
+from .common import pairs_grid, quantizer_metrics
+
+
+class PixelStage:
+    """Trains E_1, C_1 and D_1 on images; the loss is the pixels' NLL plus VQ terms."""
+
+    def __init__(self, cfg: Config, data: ImageData, device: torch.device) -> None:
+        self.name = "1"
+        self.settings = cfg.level(1)
+        self.model = PixelLevel(self.settings, data.channels).to(device)
+        self.train_images = data.train.to(device)  # (N, C, H, W) uint8, served by indexing
+        self.heldout = data.heldout
+        self.image_shape = data.image_shape  # (C, H, W)
+        self.num_train = len(data.train)
+        self.preview = data.heldout[:32].to(device)
+        h, w = data.image_shape[1] // self.settings.downsample, data.image_shape[2] // self.settings.downsample
+        # the rate under the fixed uniform prior: log2 K bits per position, spread over the image's dims
+        self.rate = h * w * math.log2(self.settings.codes) / math.prod(data.image_shape)
+
+    def batch(self, index: Tensor) -> Tensor:
+        return to_unit(self.train_images[index])  # (B, C, H, W) in [-1, 1]
+
+    def loss(self, x: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        out = self.model(x)
+        recon = out.nll.mean() / out.dims  # nats per pixel dim
+        parts = {"recon": recon, "codebook": out.quant.codebook_loss, "commit": out.quant.commit_loss}
+        metrics = {"bits_per_dim": recon.detach() / math.log(2), "rate_bits_per_dim": torch.tensor(self.rate)}
+        return parts, metrics | quantizer_metrics(out.quant)
+
+    def evaluate(self) -> dict[str, float]:
+        return level_metrics(self.model, self.heldout)
+
+    @torch.no_grad()
+    def images(self) -> dict[str, Tensor]:
+        recon = self.model.decode(self.model.encode(to_unit(self.preview)))
+        return {"reconstructions": image_grid(pairs_grid(self.preview, recon), nrow=8)}
