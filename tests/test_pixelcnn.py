@@ -1,0 +1,200 @@
+"""Tests for the gated PixelCNN prior: exact causality, no blind spot, conditioning, sampling, fitting."""
+
+import math
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from progvq.pixelcnn import GatedPixelCNN, bits_per_code
+
+K = 8  # codebook size for the small random models
+S = 5  # grid side for the receptive-field tests
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    # These tensors are tiny: intra-op threads only add overhead, and their
+    # spin-waiting makes the file several times slower on a busy 2-core machine.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _model(seed: int = 0, **kwargs) -> GatedPixelCNN:
+    torch.manual_seed(seed)
+    kwargs.setdefault("channels", 16)
+    return GatedPixelCNN(K, **kwargs).double().eval()
+
+
+def _conditioning(model: GatedPixelCNN, b: int, h: int, w: int, seed: int = 1) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    if model.cond_channels:
+        out["cond"] = torch.randn(b, model.cond_channels, h, w, generator=g, dtype=torch.float64)
+    if model.num_classes:
+        out["label"] = torch.randint(model.num_classes, (b,), generator=g)
+    return out
+
+
+# (kernel_size, layers) with layers * (kernel_size // 2) >= S - 1 fully cover the S x S grid.
+COVERING = [(3, 4), (5, 2)]
+CAUSAL = [*COVERING, (3, 3), (5, 3)]
+
+
+@pytest.mark.parametrize(("kernel_size", "layers"), CAUSAL)
+def test_causal_under_perturbation(kernel_size: int, layers: int) -> None:
+    model = _model(kernel_size=kernel_size, layers=layers, cond_channels=3, num_classes=4)
+    g = torch.Generator().manual_seed(2)
+    codes = torch.randint(K, (3, S, S), generator=g)
+    extra = _conditioning(model, 3, S, S)
+    base = model(codes, **extra).flatten(2)  # (B, K, S*S)
+    for t in range(S * S):
+        changed = codes.flatten(1).clone()
+        # Replace the code at t and every later position with a different one.
+        changed[:, t:] = (changed[:, t:] + torch.randint(1, K, changed[:, t:].shape, generator=g)) % K
+        out = model(changed.view_as(codes), **extra).flatten(2)
+        torch.testing.assert_close(out[:, :, : t + 1], base[:, :, : t + 1], rtol=0, atol=1e-6)
+        if t + 1 < S * S:  # later outputs do move, so the check above is not vacuous
+            assert (out[:, :, t + 1 :] - base[:, :, t + 1 :]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize(("kernel_size", "layers"), COVERING)
+def test_dependencies_are_exactly_the_past(kernel_size: int, layers: int) -> None:
+    """Gradient support of the logits at p == all positions strictly before p: causal, no blind spot."""
+    model = _model(kernel_size=kernel_size, layers=layers, cond_channels=2, num_classes=3)
+    codes = torch.randint(K, (1, S, S), generator=torch.Generator().manual_seed(3))
+    x = model.embed(codes).permute(0, 3, 1, 2).detach().requires_grad_()  # (1, C, S, S)
+    extra = _conditioning(model, 1, S, S)
+    logits = model.forward_embedded(x, **extra).flatten(2)  # (1, K, S*S)
+    for t in range(S * S):
+        (grad,) = torch.autograd.grad(logits[0, :, t].sum(), x, retain_graph=True)
+        seen = grad[0].abs().sum(0).flatten() > 0  # (S*S,)
+        expected = torch.arange(S * S) < t
+        assert torch.equal(seen, expected), f"position {divmod(t, S)} sees {seen.view(S, S).int()}"
+
+
+def test_receptive_field_limit_matches_docstring() -> None:
+    """With layers * (kernel_size // 2) = 3 < S - 1, (1, 0) cannot reach (0, 4), but reaches (0, 3)."""
+    model = _model(kernel_size=3, layers=3)
+    codes = torch.randint(K, (1, S, S), generator=torch.Generator().manual_seed(3))
+    x = model.embed(codes).permute(0, 3, 1, 2).detach().requires_grad_()  # (1, C, S, S)
+    (grad,) = torch.autograd.grad(model.forward_embedded(x)[0, :, 1, 0].sum(), x)
+    seen = grad[0].abs().sum(0) > 0  # (S, S)
+    assert not seen[0, 4] and seen[0, :4].all() and not seen[1:].any()
+
+
+def test_first_position_depends_only_on_conditioning() -> None:
+    model = _model(layers=3, cond_channels=2, num_classes=3)
+    g = torch.Generator().manual_seed(4)
+    a, b = torch.randint(K, (2, 1, S, S), generator=g)
+    extra = _conditioning(model, 1, S, S)
+    out_a, out_b = model(a, **extra), model(b, **extra)
+    torch.testing.assert_close(out_a[:, :, 0, 0], out_b[:, :, 0, 0], rtol=0, atol=0)
+    # (0, 1) sees (0, 0); (1, 0) sees row 0.
+    assert not torch.allclose(out_a[:, :, 0, 1], out_b[:, :, 0, 1])
+    assert not torch.allclose(out_a[:, :, 1, 0], out_b[:, :, 1, 0])
+
+
+def test_conditioning_changes_first_position() -> None:
+    model = _model(layers=2, cond_channels=2, num_classes=3)
+    codes = torch.zeros(1, 3, 3, dtype=torch.long)
+    cond = torch.randn(1, 2, 3, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    label = torch.tensor([0])
+    base = model(codes, cond, label)[:, :, 0, 0]
+    assert (model(codes, cond + 1.0, label)[:, :, 0, 0] - base).abs().max() > 1e-4
+    assert (model(codes, cond, label + 1)[:, :, 0, 0] - base).abs().max() > 1e-4
+
+
+def test_conditioning_arguments_are_checked() -> None:
+    plain = _model(layers=1)
+    conditioned = _model(layers=1, cond_channels=2, num_classes=3)
+    codes = torch.zeros(2, 3, 3, dtype=torch.long)
+    cond = torch.zeros(2, 2, 3, 3, dtype=torch.float64)
+    label = torch.zeros(2, dtype=torch.long)
+    with pytest.raises(ValueError, match="cond_channels=0"):
+        plain(codes, cond=cond)
+    with pytest.raises(ValueError, match="num_classes=0"):
+        plain(codes, label=label)
+    with pytest.raises(ValueError, match="cond must be"):
+        conditioned(codes, label=label)
+    with pytest.raises(ValueError, match="label must be"):
+        conditioned(codes, cond=cond)
+    with pytest.raises(ValueError, match="cond must be"):
+        conditioned(codes, cond[:, :, :2], label)
+    assert conditioned(codes, cond, label).shape == (2, K, 3, 3)
+
+
+def test_sample_shape_dtype_and_seeding() -> None:
+    model = _model(layers=3, cond_channels=2, num_classes=3)
+    extra = _conditioning(model, 6, 4, 4)
+
+    def draw(seed: int) -> torch.Tensor:
+        return model.sample(6, 4, 4, generator=torch.Generator().manual_seed(seed), **extra)
+
+    s = draw(0)
+    assert s.shape == (6, 4, 4) and s.dtype == torch.long
+    assert 0 <= s.min() and s.max() < K
+    assert torch.equal(s, draw(0))
+    assert not torch.equal(s, draw(1))
+
+
+def test_sample_temperature_zero_is_greedy() -> None:
+    model = _model(layers=3)
+    s = model.sample(4, 4, 4, temperature=0.0)
+    # Causality makes one forward pass on the finished sample reproduce every step's logits.
+    assert torch.equal(s, model(s).argmax(1))
+
+
+def test_sample_uses_eval_mode_and_restores_it() -> None:
+    model = _model(layers=3, dropout=0.5)
+    model.train()
+    in_train = model.sample(4, 3, 3, generator=torch.Generator().manual_seed(0))
+    assert model.training and all(m.training for m in model.modules())
+    model.eval()
+    in_eval = model.sample(4, 3, 3, generator=torch.Generator().manual_seed(0))
+    assert not model.training
+    assert torch.equal(in_train, in_eval)  # dropout was off while sampling
+    model.train()
+    model.blocks[0].eval()  # a mixed setting is restored module by module
+    model.sample(1, 2, 2)
+    assert model.training and not model.blocks[0].training and model.blocks[1].training
+    with pytest.raises(ValueError, match="temperature"):
+        model.sample(1, 2, 2, temperature=-1.0)
+
+
+def test_fits_copy_left_distribution() -> None:
+    """Codes on a 1x6 grid: first uniform over 4, each later one copies its left neighbour.
+
+    The true entropy is 2 bits for the first code and 0 for the rest: 2/6 bits per code.
+    """
+    torch.manual_seed(0)
+    model = GatedPixelCNN(4, channels=16, layers=2)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+
+    def batch(n: int) -> torch.Tensor:
+        return torch.randint(4, (n, 1, 1)).expand(n, 1, 6).contiguous()  # (n, 1, 6)
+
+    for _ in range(300):
+        codes = batch(64)
+        loss = bits_per_code(model(codes), codes)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        codes = batch(4096)
+        bpc = bits_per_code(model(codes), codes).item()
+    assert abs(bpc - 2 / 6) < 0.02, bpc
+    s = model.sample(64, 1, 6, generator=torch.Generator().manual_seed(0))
+    assert (s == s[:, :, :1]).all(dim=2).float().mean() > 0.95
+    assert len(s[:, 0, 0].unique()) == 4
+
+
+def test_bits_per_code_hand_computed() -> None:
+    codes = torch.randint(K, (2, 3, 3), generator=torch.Generator().manual_seed(0))
+    assert bits_per_code(torch.zeros(2, K, 3, 3), codes).item() == pytest.approx(math.log2(K))
+    # p = (1/2, 1/4, 1/4) at each of two positions; codes 0 and 1 cost 1 and 2 bits.
+    logits = torch.tensor([0.5, 0.25, 0.25]).log().view(1, 3, 1, 1).expand(1, 3, 1, 2)
+    assert bits_per_code(logits, torch.tensor([[[0, 1]]])).item() == pytest.approx(1.5)
