@@ -1,0 +1,40 @@
+"""Shared fixtures: the tiny config and a run trained on it once per session."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from run_stage import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+MNIST_DIR = ROOT.parent / "shared" / "data" / "mnist"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    # tiny tensors gain nothing from a second thread, and spinning threads slow a busy machine
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run directory with every stage of configs/tiny.yaml trained (read-only for tests)."""
+    run = tmp_path_factory.mktemp("tiny") / "run"
+    assert main(["train", str(TINY), "--all", "--run-dir", str(run), "--no-progress"]) == 0
+    return run
+
+
+@pytest.fixture
+def tiny_copy(tiny_run: Path, tmp_path: Path) -> Path:
+    """A private copy of the trained tiny run that a test may change."""
+    dest = tmp_path / "run"
+    shutil.copytree(tiny_run, dest)
+    return dest

@@ -1,0 +1,205 @@
+"""Every command-line verb end to end on configs/tiny.yaml, and exact resume per stage kind."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from progvq.checkpoint import checkpoint_path, file_sha256, load_checkpoint
+from progvq.hierarchy import Hierarchy
+from run_stage import main
+
+from .conftest import ROOT, TINY
+
+
+def run(*args: str) -> int:
+    return main([*args])
+
+
+def train(run_dir: Path, *args: str) -> int:
+    return run("train", str(TINY), "--run-dir", str(run_dir), "--no-progress", *args)
+
+
+def test_status_of_trained_run(tiny_run: Path, capsys: pytest.CaptureFixture) -> None:
+    assert run("status", str(tiny_run)) == 0
+    assert capsys.readouterr().out.splitlines() == ["stage 1: done (6 steps)", "stage 2: done (6 steps)", "prior: done (6 steps)"]
+
+
+def test_status_partial_and_missing(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert train(tmp_path / "r", "--stage", "1", "--until", "3") == 0
+    capsys.readouterr()
+    assert run("status", str(tmp_path / "r")) == 0
+    assert capsys.readouterr().out.splitlines() == ["stage 1: partial (step 3 of 6)", "stage 2: missing", "prior: missing"]
+
+
+def test_sample_writes_png_and_uint8_npz(tiny_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "grid.png"
+    assert run("sample", str(tiny_run), "-n", "10", "--seed", "3", "--out", str(out)) == 0
+    images = np.load(out.with_suffix(".npz"))["images"]
+    assert images.dtype == np.uint8 and images.shape == (10, 16, 16)
+    grid = np.asarray(Image.open(out))
+    assert grid.shape == (2 + 3 * 18, 2 + 4 * 18)  # ceil(sqrt(10)) = 4 per row, so 3 rows; 2-pixel padding
+    # the same seed gives the same images; another seed other images
+    again = tmp_path / "again.png"
+    assert run("sample", str(tiny_run), "-n", "10", "--seed", "3", "--out", str(again)) == 0
+    assert np.array_equal(np.load(again.with_suffix(".npz"))["images"], images)
+    other = tmp_path / "other.png"
+    assert run("sample", str(tiny_run), "-n", "10", "--seed", "4", "--out", str(other)) == 0
+    assert not np.array_equal(np.load(other.with_suffix(".npz"))["images"], images)
+
+
+def test_eval_json_figures(tiny_run: Path, capsys: pytest.CaptureFixture) -> None:
+    assert run("eval", str(tiny_run), "--json") == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["split"] == {"name": "heldout", "images": 64}
+    assert set(report["levels"]) == {"1", "2"}
+    assert {"psnr", "bits_per_dim", "codes_used", "usage", "perplexity", "psnr_through"} <= set(report["levels"]["1"])
+    assert {"accuracy", "bits_per_code", "codes_used", "usage"} <= set(report["levels"]["2"])
+    bpd = report["bits_per_dim"]
+    assert bpd["total"] == pytest.approx(bpd["0"] + bpd["1"] + bpd["2"], rel=1e-6)
+    assert 0 < report["levels"]["1"]["usage"] <= 1
+    # the level-2 term is the level-2 decoder's cross-entropy, per image dim instead of per code
+    level2 = report["levels"]["2"]["bits_per_code"] * 16 / 256
+    assert bpd["1"] == pytest.approx(level2, rel=1e-4)
+    assert report["prior"]["bits_per_code"] * 4 / 256 == pytest.approx(bpd["2"], rel=1e-4)
+
+
+def test_eval_table(tiny_run: Path, capsys: pytest.CaptureFixture) -> None:
+    assert run("eval", str(tiny_run)) == 0
+    out = capsys.readouterr().out
+    assert "level 1: PSNR" in out and "NLL bound" in out and "level 2 (z2 under the prior)" in out
+
+
+def test_python_api_matches_cli(tiny_run: Path) -> None:
+    model = Hierarchy.load(tiny_run)
+    assert model.num_levels == 2 and model.image_shape == (1, 16, 16)
+    assert model.grid_shape(1) == (4, 4) and model.grid_shape(2) == (2, 2)
+    from progvq.data import load_dataset
+
+    data = load_dataset(model.config.data, model.config.total_downsample())
+    codes = model.encode(data.heldout[:5])
+    assert [tuple(c.shape) for c in codes] == [(5, 4, 4), (5, 2, 2)]
+    recon = model.reconstruct(data.heldout[:5])
+    assert recon.shape == (5, 1, 16, 16) and recon.dtype == torch.uint8
+    nll = model.nll(data.heldout[:5])
+    assert torch.allclose(nll["total"], nll["0"] + nll["1"] + nll["2"])
+    samples = model.sample(3, seed=1)
+    assert samples.shape == (3, 1, 16, 16)
+    assert torch.equal(samples, model.sample(3, seed=1))
+
+
+def test_train_refuses_stage_whose_lower_level_is_missing(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert train(tmp_path / "r", "--stage", "2") == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "progvq: error: stage 2 needs stage 1, which is missing; train stage 1 first (--stage 1)"
+
+
+def test_done_stage_is_not_retrained_and_restart_keeps_the_old(tiny_copy: Path, capsys: pytest.CaptureFixture) -> None:
+    before = file_sha256(checkpoint_path(tiny_copy, "1"))
+    assert train(tiny_copy, "--stage", "1") == 0
+    assert "already done" in capsys.readouterr().out
+    assert file_sha256(checkpoint_path(tiny_copy, "1")) == before
+    assert train(tiny_copy, "--stage", "1", "--restart") == 0
+    assert file_sha256(tiny_copy / "stage-1.old-1" / "checkpoint.pt") == before
+
+
+def test_run_dir_with_other_config_is_refused(tiny_copy: Path, capsys: pytest.CaptureFixture) -> None:
+    before = (tiny_copy / "config.yaml").read_text()
+    assert train(tiny_copy, "--stage", "1", "--set", "stages.1.codes=32") == 2
+    err = capsys.readouterr().err
+    assert "was created with a different config (stages.1.codes: 16 there, 32 now)" in err
+    assert (tiny_copy / "config.yaml").read_text() == before
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["train", "absent.yaml", "--all"], "absent.yaml: config file not found"),
+        (["train", str(TINY), "--stage", "7"], "--stage 7: no such stage"),
+        (["train", str(TINY), "--all", "--set", "stages.1.codes=1"], "stages.1.codes: must be >= 2, got 1"),
+        (["sample", "no/such/run"], "no/such/run: no such run directory"),
+        (["eval", "no/such/run"], "no/such/run: no such run directory"),
+        (["status", "no/such/run"], "no/such/run: no such run directory"),
+    ],
+)
+def test_user_errors_are_one_line_with_status_2(args: list[str], needle: str, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    if args[0] == "train":
+        args = [*args, "--run-dir", str(tmp_path / "r")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_sample_of_unfinished_run_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert train(tmp_path / "r", "--stage", "1", "--until", "3") == 0
+    capsys.readouterr()
+    assert run("sample", str(tmp_path / "r"), "--out", str(tmp_path / "s.png")) == 2
+    assert "stage 1 is unfinished (step 3 of 6)" in capsys.readouterr().err
+    assert not (tmp_path / "s.png").exists()
+
+
+# --------------------------------------------------------------------------- exact resume
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    ckpt = load_checkpoint(path)
+    return {**{f"model.{k}": v for k, v in ckpt["model"].items()}}
+
+
+@pytest.mark.parametrize("stage", ["1", "2", "prior"])
+def test_resume_equals_uninterrupted(stage: str, tiny_run: Path, tmp_path: Path) -> None:
+    """6 steps straight == 3 steps, stop, resume for 3 more: parameter for parameter, bit for bit."""
+    dirs = []
+    for name in ("straight", "resumed"):
+        dest = tmp_path / name
+        shutil.copytree(tiny_run, dest)
+        shutil.rmtree(checkpoint_path(dest, stage).parent)  # this stage and above start fresh
+        for above in ("2", "prior") if stage == "1" else ("prior",) if stage == "2" else ():
+            shutil.rmtree(checkpoint_path(dest, above).parent)
+        dirs.append(dest)
+    straight, resumed = dirs
+    assert train(straight, "--stage", stage) == 0
+    assert train(resumed, "--stage", stage, "--until", "4") == 0  # 4 is not a checkpoint_every multiple
+    assert load_checkpoint(checkpoint_path(resumed, stage))["step"] == 4
+    assert train(resumed, "--stage", stage) == 0
+    a, b = load_checkpoint(checkpoint_path(straight, stage)), load_checkpoint(checkpoint_path(resumed, stage))
+    assert a["step"] == b["step"] == 6
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
+
+
+def test_checkpoint_contents(tiny_run: Path) -> None:
+    ckpt = load_checkpoint(checkpoint_path(tiny_run, "2"))
+    assert ckpt["stage"] == "2" and ckpt["step"] == ckpt["steps"] == 6
+    assert ckpt["config"]["stages"]["2"]["codes"] == 8
+    assert set(ckpt["rng"]) >= {"python", "numpy", "torch"}
+    assert ckpt["data"]["epoch"] == 6 // (128 // 32) and ckpt["data"]["batch_size"] == 32
+    assert ckpt["parents"] == {"1": file_sha256(checkpoint_path(tiny_run, "1"))}
+    assert {"ema_count", "usage", "recent"} <= {k.split(".")[-1] for k in ckpt["model"]}
+    assert ckpt["extra"]["image_shape"] == [1, 16, 16]
+
+
+def test_run_stage_script_and_console_command(tiny_run: Path, tmp_path: Path) -> None:
+    """``python run_stage.py`` and the installed ``progvq`` are one program."""
+    script = subprocess.run([sys.executable, str(ROOT / "run_stage.py"), "status", str(tiny_run)], capture_output=True, text=True, check=False)
+    assert script.returncode == 0 and "prior: done" in script.stdout
+    exe = shutil.which("progvq")
+    if exe is None:
+        pytest.skip("progvq is not installed as a console command (pip install -e .)")
+    console = subprocess.run([exe, "status", str(tiny_run)], capture_output=True, text=True, check=False)
+    assert console.stdout == script.stdout
+    bad = subprocess.run([exe, "train", str(tmp_path / "x.yaml"), "--all"], capture_output=True, text=True, check=False)
+    assert bad.returncode == 2 and bad.stderr.strip().endswith("x.yaml: config file not found")

@@ -1,0 +1,76 @@
+"""Level models: the pixel likelihood, encode/decode and likelihood consistency."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from progvq.config import LevelConfig
+from progvq.levels import CodeLevel, PixelLevel
+from progvq.nets import discretized_logistic_logp, to_uint8, to_unit
+
+
+def test_discretized_logistic_is_a_distribution_over_256_levels() -> None:
+    x = to_unit(torch.arange(256, dtype=torch.uint8)).view(256, 1, 1, 1)
+    for loc, log_scale in [(0.0, -2.0), (-1.3, -5.0), (0.7, 0.5), (0.999, -6.9), (2.0, -1.0)]:
+        logp = discretized_logistic_logp(x, torch.full_like(x, loc), torch.full_like(x, log_scale))
+        assert torch.logsumexp(logp.flatten(), 0).exp().item() == pytest_approx(1.0, 1e-4)
+
+
+def pytest_approx(value: float, tol: float):
+    import pytest
+
+    return pytest.approx(value, abs=tol)
+
+
+def test_discretized_logistic_known_value() -> None:
+    # a bin in the middle: sigmoid((x + 1/255 - mu)/s) - sigmoid((x - 1/255 - mu)/s)
+    x = torch.tensor([[[[to_unit(torch.tensor(128, dtype=torch.uint8)).item()]]]])
+    mu, log_s = torch.zeros_like(x), torch.full_like(x, math.log(0.1))
+    s, c = 0.1, x.item()
+    expected = math.log(1 / (1 + math.exp(-(c + 1 / 255) / s)) - 1 / (1 + math.exp(-(c - 1 / 255) / s)))
+    assert discretized_logistic_logp(x, mu, log_s).item() == pytest_approx(expected, 1e-5)
+
+
+def test_uint8_round_trip() -> None:
+    u = torch.arange(256, dtype=torch.uint8)
+    assert torch.equal(to_uint8(to_unit(u)), u)
+
+
+def small_cfg(**kw) -> LevelConfig:
+    return LevelConfig(downsample=4, codes=16, code_dim=8, hidden=16, res_blocks=1, **kw)
+
+
+def test_pixel_level_shapes_and_likelihood_agree() -> None:
+    torch.manual_seed(0)
+    level = PixelLevel(small_cfg(), channels=1)
+    x = to_unit(torch.randint(0, 256, (3, 1, 16, 16), dtype=torch.uint8))
+    out = level(x)
+    assert out.quant.indices.shape == (3, 4, 4) and out.nll.shape == (3,) and out.dims == 256
+    level.eval()
+    codes = level.encode(x)
+    assert torch.equal(codes, level(x).quant.indices)
+    assert torch.allclose(-level.log_likelihood(x, codes), level(x).nll, atol=1e-4)
+    images = level.decode(codes)
+    assert images.dtype == torch.uint8 and images.shape == (3, 1, 16, 16)
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    assert torch.equal(level.decode(codes, 1.0, g1), level.decode(codes, 1.0, g2))
+
+
+def test_code_level_decode_and_likelihood() -> None:
+    torch.manual_seed(0)
+    level = CodeLevel(LevelConfig(downsample=2, codes=8, code_dim=8, hidden=16, res_blocks=1), codes_below=16).eval()
+    below = torch.randint(0, 16, (4, 4, 4))
+    codes = level.encode(below)
+    assert codes.shape == (4, 2, 2)
+    logits = level.logits(codes)
+    assert logits.shape == (4, 16, 4, 4)
+    assert torch.equal(level.decode(codes, 0.0), logits.argmax(1))
+    expected = torch.log_softmax(logits, 1).gather(1, below[:, None]).flatten(1).sum(1)
+    assert torch.allclose(level.log_likelihood(below, codes), expected, atol=1e-5)
+    # a temperature far below the gap between the two best logits samples the argmax
+    top2 = logits.topk(2, dim=1).values
+    gap = (top2[:, 0] - top2[:, 1]).min().item()
+    assert gap > 0
+    assert torch.equal(level.decode(codes, gap / 100, torch.Generator().manual_seed(0)), logits.argmax(1))

@@ -1,0 +1,90 @@
+"""The training loop's pure parts and checkpoint files."""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from progvq.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from progvq.config import TrainConfig
+from progvq.errors import RunError
+from progvq.train import BatchOrder, lr_at
+
+
+def test_lr_schedule_warmup_then_cosine() -> None:
+    cfg = TrainConfig(steps=110, lr=1.0, warmup=10, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(0.1)
+    assert lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(10, cfg) == pytest.approx(1.0)
+    assert lr_at(60, cfg) == pytest.approx(0.55)  # half way down the cosine
+    assert lr_at(110, cfg) == pytest.approx(0.1)
+    assert lr_at(500, cfg) == pytest.approx(0.1)
+
+
+def test_batch_order_is_a_permutation_per_epoch_and_a_function_of_step() -> None:
+    order = BatchOrder(n=10, batch_size=3, seed=7)
+    assert order.per_epoch == 3  # the last partial batch is dropped
+    epoch0 = torch.cat([order(s) for s in range(3)])
+    assert len(set(epoch0.tolist())) == 9
+    assert not torch.equal(torch.cat([order(s) for s in range(3, 6)]), epoch0)
+    fresh = BatchOrder(n=10, batch_size=3, seed=7)
+    assert torch.equal(fresh(4), order(4))  # no hidden state: a resumed run finds its batch
+    assert not torch.equal(BatchOrder(10, 3, seed=8)(0), order(0))
+
+
+def test_rng_state_round_trip() -> None:
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    state = rng_state()
+    a = (random.random(), np.random.rand(), torch.rand(3))
+    set_rng_state(state)
+    b = (random.random(), np.random.rand(), torch.rand(3))
+    assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
+
+
+def test_checkpoint_round_trip_is_weights_only_and_atomic(tmp_path: Path) -> None:
+    path = tmp_path / "stage-1" / "checkpoint.pt"
+    save_checkpoint({"stage": "1", "step": 3, "rng": rng_state(), "model": {"w": torch.ones(2)}}, path)
+    assert os.listdir(path.parent) == ["checkpoint.pt"]  # no temporary file left behind
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["step"] == 3 and torch.equal(ckpt["model"]["w"], torch.ones(2))
+    assert load_checkpoint(path)["format"] == "progvq-checkpoint"
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_checkpoint_that_would_run_code_is_refused(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    payload = _Payload()
+    payload.marker = marker  # type: ignore[attr-defined]
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as f:
+        pickle.dump({"format": "progvq-checkpoint", "x": payload}, f)
+    with pytest.raises(RunError, match="not a loadable checkpoint"):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_truncated_and_foreign_checkpoints_are_refused(tmp_path: Path) -> None:
+    good = tmp_path / "good.pt"
+    save_checkpoint({"stage": "1", "step": 1}, good)
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(RunError, match="not a loadable checkpoint"):
+        load_checkpoint(cut)
+    other = tmp_path / "other.pt"
+    torch.save({"state_dict": {}}, other)
+    with pytest.raises(RunError, match="not a progvq checkpoint"):
+        load_checkpoint(other)
+    with pytest.raises(RunError, match="checkpoint not found"):
+        load_checkpoint(tmp_path / "none.pt")
+    assert math.isfinite(1.0)
