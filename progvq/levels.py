@@ -111,7 +111,7 @@ class CodeLevel(nn.Module):
         self.embed = nn.Embedding(codes_below, cfg.hidden)
         self.encoder = Encoder(cfg.hidden, cfg.hidden, cfg.code_dim, cfg.downsample, cfg.res_blocks)
         self.quantizer = _quantizer(cfg)
-        self.decoder = Decoder(cfg.code_dim, cfg.hidden, codes_below, cfg.downsample, cfg.res_blocks)
+        self.decoder = Decoder(cfg.code_dim, cfg.hidden, codes_below, cfg.downsample, cfg.res_blocks, head_kernel=1)
 
     def _embed(self, below: Tensor) -> Tensor:
         return self.embed(below).permute(0, 3, 1, 2)  # (B, h, w) -> (B, hidden, h, w)

@@ -60,9 +60,14 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """(B, in_ch, h, w) -> (B, out_ch, h*factor, w*factor); mirror of :class:`Encoder`."""
+    """(B, in_ch, h, w) -> (B, out_ch, h*factor, w*factor); mirror of :class:`Encoder`.
 
-    def __init__(self, in_ch: int, hidden: int, out_ch: int, factor: int, res_blocks: int) -> None:
+    ``head_kernel`` is the output layer's kernel: 3 for pixel parameters, 1 for
+    code logits, where out_ch is a codebook size and a 3x3 head would cost
+    more than the rest of the decoder.
+    """
+
+    def __init__(self, in_ch: int, hidden: int, out_ch: int, factor: int, res_blocks: int, head_kernel: int = 3) -> None:
         super().__init__()
         steps = _halvings(factor)
         layers: list[nn.Module] = [nn.Conv2d(in_ch, hidden, 3, padding=1)]
@@ -73,7 +78,7 @@ class Decoder(nn.Module):
             nxt = hidden // 2 ** (i + 1)
             layers += [nn.ConvTranspose2d(ch, nxt, 4, stride=2, padding=1), nn.ReLU()]
             ch = nxt
-        layers.append(nn.Conv2d(ch, out_ch, 3, padding=1))
+        layers.append(nn.Conv2d(ch, out_ch, head_kernel, padding=head_kernel // 2))
         self.net = nn.Sequential(*layers)
 
     def forward(self, z: Tensor) -> Tensor:

@@ -548,3 +548,52 @@ def test_pad_to_refuses() -> None:
 
 def test_errors_are_progvq_errors() -> None:
     assert issubclass(DataError, ProgvqError)
+
+
+# --------------------------------------------------------------------------- load_dataset
+
+
+def _cfg(**kw):
+    from progvq.config import DataConfig
+
+    return DataConfig(**kw)
+
+
+def test_load_dataset_shapes_split_and_seed() -> None:
+    from progvq.data import load_dataset
+
+    data = load_dataset(_cfg(source="shapes", count=50, heldout=10, size=16), total_downsample=8)
+    assert data.train.shape == (40, 1, 16, 16) and data.heldout.shape == (10, 1, 16, 16)
+    assert data.image_shape == (1, 16, 16) and data.channels == 1
+    everything = make_shapes(50, size=16, seed=0)
+    assert torch.equal(torch.cat([data.train, data.heldout]), everything)
+    other = load_dataset(_cfg(source="shapes", count=50, heldout=10, size=16, seed=1))
+    assert not torch.equal(other.train, data.train)
+
+
+def test_load_dataset_mnist_convention_and_padding() -> None:
+    from progvq.data import load_dataset
+
+    if not MNIST_DIR.exists():
+        pytest.skip("no ../shared/data/mnist")
+    data = load_dataset(_cfg(source="mnist", path=str(MNIST_DIR), size=32, heldout=1000), total_downsample=8)
+    assert data.train.shape == (9000, 1, 32, 32) and data.heldout.shape == (1000, 1, 32, 32)
+    assert data.train_labels is not None and data.train_labels[:3].tolist() == [7, 2, 1]
+    raw, labels = load_mnist(MNIST_DIR)
+    assert torch.equal(data.heldout[:, :, 2:30, 2:30], raw[9000:])
+    assert torch.equal(data.heldout_labels, labels[9000:])
+    assert data.train[:, :, :2].sum() == 0  # the padding is black
+
+
+def test_load_dataset_refusals(tmp_path: Path) -> None:
+    from progvq.data import load_dataset
+
+    arr = tmp_path / "a.npy"
+    np.save(arr, np.zeros((20, 12, 12, 3), dtype=np.uint8))
+    with pytest.raises(DataError, match=r"a.npy: images have 3 channels but data.channels is 1"):
+        load_dataset(_cfg(source="array", path=str(arr), heldout=5))
+    with pytest.raises(DataError, match=r"images are 12x12, not divisible by the levels' total downsampling 8"):
+        load_dataset(_cfg(source="array", path=str(arr), channels=3, heldout=5), total_downsample=8)
+    assert load_dataset(_cfg(source="array", path=str(arr), channels=3, heldout=5, size=16), 8).train.shape == (15, 3, 16, 16)
+    with pytest.raises(DataError, match=r"20 images, need more than data.heldout \(20\)"):
+        load_dataset(_cfg(source="array", path=str(arr), channels=3, heldout=20))
