@@ -147,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     except ProgvqError as err:
         print(f"progvq: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # checkpoints are atomic, so the last one written is intact
+        print("progvq: interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 
 from .config import LevelConfig
@@ -114,7 +115,7 @@ class CodeLevel(nn.Module):
         self.decoder = Decoder(cfg.code_dim, cfg.hidden, codes_below, cfg.downsample, cfg.res_blocks, head_kernel=1)
 
     def _embed(self, below: Tensor) -> Tensor:
-        return self.embed(below).permute(0, 3, 1, 2)  # (B, h, w) -> (B, hidden, h, w)
+        return rearrange(self.embed(below), "b h w c -> b c h w")  # (B, h, w) -> (B, hidden, h, w)
 
     def logits(self, codes: Tensor) -> Tensor:
         """Codes (B, h', w') -> logits (B, K_(k-1), h, w) over the level below."""
@@ -147,8 +148,8 @@ class CodeLevel(nn.Module):
         logits = self.logits(codes)
         if temperature <= 0:
             return logits.argmax(1)
-        b, k, h, w = logits.shape
-        probs = F.softmax(logits / temperature, dim=1).permute(0, 2, 3, 1).reshape(-1, k)
+        b, _, h, w = logits.shape
+        probs = rearrange(F.softmax(logits / temperature, dim=1), "b k h w -> (b h w) k")
         return torch.multinomial(probs, 1, generator=generator).view(b, h, w)
 
 

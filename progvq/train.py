@@ -37,6 +37,7 @@ class Stage(Protocol):
     name: str  # "1".."L" or "prior"
     model: nn.Module  # what is trained and checkpointed
     num_train: int  # size of the training split
+    image_shape: tuple[int, int, int]  # (C, H, W) of the data, saved for sampling
     settings: TrainConfig  # steps, batch size, lr, ... and loss_weights
 
     def batch(self, index: Tensor) -> Any:
@@ -210,7 +211,7 @@ def fit(
                 for name, grid in stage.images().items():
                     writer.add_image(name, grid, step)
                 summary = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-                bar.write(f"stage {stage.name} step {step}: {summary}")
+                (bar.write if progress else log)(f"stage {stage.name} step {step}: {summary}")
             if step % cfg.checkpoint_every == 0 or step == end:
                 checkpoint()
     finally:
