@@ -63,20 +63,19 @@ def _positive(value: float, flag: str, low: float = 1) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from progvq.config import load_config
-    from stages import prepare_run, train_all, train_stage
+    from stages import train_all, train_stage
 
     cfg = load_config(args.config, args.overrides)
     run_dir = Path(args.run_dir or cfg.run_dir)
     if args.until is not None:
         _positive(args.until, "--until")
-    prepare_run(cfg, run_dir, force=args.force)
     progress = not args.no_progress
     if args.all:
         if args.until is not None or args.restart:
             raise ProgvqError("--until and --restart go with --stage, not --all")
-        train_all(cfg, run_dir, progress=progress)
+        train_all(cfg, run_dir, force=args.force, progress=progress)
     else:
-        train_stage(cfg, args.stage, run_dir, until=args.until, restart=args.restart, progress=progress)
+        train_stage(cfg, args.stage, run_dir, until=args.until, restart=args.restart, force=args.force, progress=progress)
     return 0
 
 

@@ -23,7 +23,7 @@ from progvq.config import load_config
 from progvq.data import load_dataset
 from progvq.hierarchy import Hierarchy
 from progvq.images import image_grid, save_npz, save_png
-from stages import prepare_run, train_stage
+from stages import train_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,7 +38,6 @@ def main() -> None:
 
     cfg = load_config(args.config, args.overrides)
     run_dir = Path(args.run_dir)
-    prepare_run(cfg, run_dir)
     figures: dict = {"threads": torch.get_num_threads(), "stages": {}}
     for name in cfg.stage_names():
         start = time.perf_counter()

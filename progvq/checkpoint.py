@@ -15,9 +15,7 @@ it loads with ``torch.load(weights_only=True)`` and can never run code:
 from __future__ import annotations
 
 import hashlib
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +24,7 @@ import torch
 
 from . import __version__
 from .errors import RunError
+from .fileio import atomic_write
 
 FORMAT = "progvq-checkpoint"
 VERSION = 1
@@ -89,30 +88,9 @@ def file_sha256(path: str | Path) -> str:
 
 
 def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
-    """Write ``payload`` atomically: a temporary file in the same folder, fsync, rename.
-
-    A reader sees the old checkpoint or the new one, never half of one, even if
-    the process dies mid-write.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"format": FORMAT, "version": VERSION, "versions": {"progvq": __version__, "torch": str(torch.__version__)}, **payload}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    # make the rename itself durable
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    """Write ``payload`` atomically (see :func:`progvq.fileio.atomic_write`)."""
+    header = {"format": FORMAT, "version": VERSION, "versions": {"progvq": __version__, "torch": str(torch.__version__)}}
+    atomic_write(path, lambda f: torch.save({**header, **payload}, f))
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
+
+from .fileio import atomic_write
 
 
 def image_grid(images: Tensor, nrow: int | None = None, pad: int = 2) -> Tensor:
@@ -26,24 +26,11 @@ def image_grid(images: Tensor, nrow: int | None = None, pad: int = 2) -> Tensor:
     return grid
 
 
-def _atomic_write(path: Path, write: callable) -> None:  # type: ignore[valid-type]
-    """Write through a temporary file in the same folder and rename, so no half file is left."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_png(grid: Tensor, path: str | Path) -> None:
     """Save a uint8 (C, H, W) image (C = 1 or 3) as PNG."""
     array = grid.permute(1, 2, 0).numpy()
     image = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
-    _atomic_write(Path(path), lambda tmp: image.save(tmp, format="PNG"))
+    atomic_write(path, lambda f: image.save(f, format="PNG"))
 
 
 def save_npz(images: Tensor, path: str | Path) -> None:
@@ -52,8 +39,4 @@ def save_npz(images: Tensor, path: str | Path) -> None:
     if array.shape[1] == 1:
         array = array[:, 0]
 
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            np.savez_compressed(f, images=array)
-
-    _atomic_write(Path(path), write)
+    atomic_write(path, lambda f: np.savez_compressed(f, images=array))

@@ -18,6 +18,7 @@ import yaml
 from .checkpoint import checkpoint_path, load_checkpoint
 from .config import Config, config_from_dict, dump_config
 from .errors import ConfigError, RunError
+from .fileio import atomic_write
 
 CONFIG_NAME = "config.yaml"
 
@@ -37,11 +38,8 @@ def read_run_config(run_dir: str | Path) -> Config:
 
 
 def write_run_config(run_dir: str | Path, cfg: Config) -> None:
-    path = Path(run_dir) / CONFIG_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(dump_config(cfg))
-    tmp.replace(path)
+    text = dump_config(cfg).encode()
+    atomic_write(Path(run_dir) / CONFIG_NAME, lambda f: f.write(text))
 
 
 def first_difference(a: object, b: object, where: str = "") -> tuple[str, object, object] | None:

@@ -43,25 +43,26 @@ def build_stage(cfg: Config, name: str, run_dir: Path, device: torch.device) -> 
     return CodeStage(cfg, int(name), run_dir, data, device)
 
 
-def prepare_run(cfg: Config, run_dir: Path, *, force: bool = False) -> None:
-    """Create ``run_dir`` with its config, or check the config matches the one it has.
+def check_run_config(cfg: Config, run_dir: Path, *, force: bool = False) -> bool:
+    """Whether ``run_dir`` needs ``cfg`` written: it is new, or ``force`` adopts a changed config.
 
     A run directory made with another config is refused unless ``force``: its
     checkpoints would otherwise be mixed with models of another shape or data.
+    Reads only; nothing is written here.
     """
-    saved = run_dir / "config.yaml"
-    if saved.exists():
-        old = read_run_config(run_dir)
-        diff = first_difference(old.to_dict(), cfg.to_dict())
-        if diff is not None and not force:
-            key, was, now = diff
-            raise RunError(
-                f"{run_dir} was created with a different config ({key}: {was!r} there, {now!r} now); "
-                "use another --run-dir, or --force to adopt the new config"
-            )
-        if diff is None:
-            return
-    write_run_config(run_dir, cfg)
+    if not (run_dir / "config.yaml").exists():
+        return True
+    old = read_run_config(run_dir)
+    diff = first_difference(old.to_dict(), cfg.to_dict())
+    if diff is None:
+        return False
+    if not force:
+        key, was, now = diff
+        raise RunError(
+            f"{run_dir} was created with a different config ({key}: {was!r} there, {now!r} now); "
+            "use another --run-dir, or --force to adopt the new config"
+        )
+    return True
 
 
 def train_stage(
@@ -71,14 +72,20 @@ def train_stage(
     *,
     until: int | None = None,
     restart: bool = False,
+    force: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> FitResult:
-    """Train stage ``name`` of a run to its end (or to step ``until``), resuming if it was started."""
+    """Train stage ``name`` of a run to its end (or to step ``until``), resuming if it was started.
+
+    The run directory and its config are written only once the stage's data
+    and model are ready, so a bad data path leaves nothing behind.
+    """
     names = cfg.stage_names()
     if name not in names:
         raise RunError(f"--stage {name}: no such stage in this config (stages: {', '.join(names)})")
     index = names.index(name)
+    new_config = check_run_config(cfg, run_dir, force=force)
     parents: dict[str, str] = {}
     for lower in names[:index]:
         state = stage_state(run_dir, lower, cfg)
@@ -98,6 +105,8 @@ def train_stage(
     # seed before the model is built, so initial weights are a function of (seed, stage)
     seed_everything(cfg.seed * 1000 + index)
     stage = build_stage(cfg, name, run_dir, device)
+    if new_config:
+        write_run_config(run_dir, cfg)
     extra = {"image_shape": list(stage.image_shape)}
     result = fit(stage, cfg, stage_dir, parents=parents, until=until, progress=progress, log=log, extra=extra)
     if not result.done:
@@ -112,12 +121,12 @@ def _free_name(path: Path) -> Path:
     return candidate
 
 
-def train_all(cfg: Config, run_dir: Path, *, progress: bool = True, log: Callable[[str], None] = print) -> None:
+def train_all(cfg: Config, run_dir: Path, *, force: bool = False, progress: bool = True, log: Callable[[str], None] = print) -> None:
     """Train every stage that is not done yet, in order."""
     for name in cfg.stage_names():
-        result = train_stage(cfg, name, run_dir, progress=progress, log=log)
+        result = train_stage(cfg, name, run_dir, force=force, progress=progress, log=log)
         if not result.done:
             return
 
 
-__all__ = ["build_stage", "prepare_run", "resolve_device", "train_all", "train_stage"]
+__all__ = ["build_stage", "check_run_config", "resolve_device", "train_all", "train_stage"]

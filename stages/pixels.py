@@ -23,7 +23,8 @@ class PixelStage:
     def __init__(self, cfg: Config, data: ImageData, device: torch.device) -> None:
         self.name = "1"
         self.settings = cfg.level(1)
-        self.model = PixelLevel(self.settings, data.channels).to(device)
+        # channels_last: oneDNN's convolutions run 15-20% faster on CPU in that layout
+        self.model = PixelLevel(self.settings, data.channels).to(device, memory_format=torch.channels_last)
         self.train_images = data.train.to(device)  # (N, C, H, W) uint8, served by indexing
         self.heldout = data.heldout
         self.image_shape = data.image_shape  # (C, H, W)
@@ -34,7 +35,7 @@ class PixelStage:
         self.rate = h * w * math.log2(self.settings.codes) / math.prod(data.image_shape)
 
     def batch(self, index: Tensor) -> Tensor:
-        return to_unit(self.train_images[index])  # (B, C, H, W) in [-1, 1]
+        return to_unit(self.train_images[index]).contiguous(memory_format=torch.channels_last)  # (B, C, H, W) in [-1, 1]
 
     def loss(self, x: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         out = self.model(x)

@@ -203,3 +203,12 @@ def test_run_stage_script_and_console_command(tiny_run: Path, tmp_path: Path) ->
     assert console.stdout == script.stdout
     bad = subprocess.run([exe, "train", str(tmp_path / "x.yaml"), "--all"], capture_output=True, text=True, check=False)
     assert bad.returncode == 2 and bad.stderr.strip().endswith("x.yaml: config file not found")
+
+
+def test_bad_data_path_leaves_nothing_behind(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    mnist = ROOT / "configs" / "mnist.yaml"
+    code = run("train", str(mnist), "--all", "--run-dir", str(tmp_path / "r"), "--set", f"data.path={tmp_path / 'nowhere'}")
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("progvq: error: ") and "nowhere" in err and err.count("\n") == 1
+    assert not (tmp_path / "r").exists()

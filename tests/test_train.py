@@ -52,6 +52,9 @@ def test_checkpoint_round_trip_is_weights_only_and_atomic(tmp_path: Path) -> Non
     path = tmp_path / "stage-1" / "checkpoint.pt"
     save_checkpoint({"stage": "1", "step": 3, "rng": rng_state(), "model": {"w": torch.ones(2)}}, path)
     assert os.listdir(path.parent) == ["checkpoint.pt"]  # no temporary file left behind
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask  # the usual permissions, not mkstemp's 0600
     ckpt = torch.load(path, weights_only=True)
     assert ckpt["step"] == 3 and torch.equal(ckpt["model"]["w"], torch.ones(2))
     assert load_checkpoint(path)["format"] == "progvq-checkpoint"
