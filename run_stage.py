@@ -112,11 +112,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 0
     print(f"{args.run_dir}: {args.split} split, {len(images)} images")
     for k, fig in report["levels"].items():
-        main = f"PSNR {fig['psnr']:.2f} dB" if "psnr" in fig else f"code accuracy {fig['accuracy']:.3f}, {fig['bits_per_code']:.3f} bits/code"
-        print(
-            f"  level {k}: {main}; codes used {int(fig['codes_used'])} ({fig['usage']:.0%}), "
-            f"perplexity {fig['perplexity']:.1f}; PSNR through level {k}: {fig['psnr_through']:.2f} dB"
-        )
+        if "psnr" in fig:
+            main = f"PSNR {fig['psnr']:.2f} dB, {fig['bits_per_dim']:.4f} bits/dim"
+        else:
+            main = f"code accuracy {fig['accuracy']:.3f}, {fig['bits_per_code']:.3f} bits/code, PSNR through level {k} {fig['psnr_through']:.2f} dB"
+        print(f"  level {k}: {main}; codes used {int(fig['codes_used'])} ({fig['usage']:.0%}), perplexity {fig['perplexity']:.1f}")
     print(f"  prior: {report['prior']['bits_per_code']:.3f} bits/code")
     bpd = report["bits_per_dim"]
     top = model.num_levels

@@ -26,8 +26,6 @@ from .errors import ConfigError
 
 DATA_SOURCES = ("shapes", "mnist", "folder", "array")
 DEVICES = ("auto", "cpu", "cuda")
-LEVEL_LOSS_PARTS = ("recon", "codebook", "commit")
-PRIOR_LOSS_PARTS = ("nll",)
 
 
 @dataclass
@@ -68,9 +66,10 @@ class LevelConfig(TrainConfig):
     hidden: int = 128  # channels of the encoder and decoder trunks
     res_blocks: int = 2  # residual blocks at the code resolution, each side
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
-    # commit is the VQ-VAE beta
+    # commit is the VQ-VAE beta; mse (level 1 only) adds squared error of the decoder's
+    # point estimate in [-1, 1] to the pixel likelihood
     loss_weights: dict[str, float] = field(
-        default_factory=lambda: {"recon": 1.0, "codebook": 1.0, "commit": 0.25}
+        default_factory=lambda: {"recon": 1.0, "codebook": 1.0, "commit": 0.25, "mse": 0.0}
     )
 
 
@@ -232,13 +231,14 @@ def _validate_train(cfg: TrainConfig, where: str) -> None:
     _check(cfg.grad_clip >= 0, f"{where}.grad_clip", cfg.grad_clip, ">= 0")
 
 
-def _validate_weights(weights: dict[str, float], parts: tuple[str, ...], where: str) -> None:
-    for name, value in weights.items():
-        if name not in parts:
-            raise ConfigError(f"{where}.loss_weights.{name}: unknown loss part (known: {', '.join(parts)})")
+def _validate_weights(cfg: LevelConfig | PriorConfig, where: str) -> None:
+    """Check the loss weights; parts a config leaves out keep their default weights."""
+    defaults = type(cfg)().loss_weights
+    for name, value in cfg.loss_weights.items():
+        if name not in defaults:
+            raise ConfigError(f"{where}.loss_weights.{name}: unknown loss part (known: {', '.join(defaults)})")
         _check(value >= 0, f"{where}.loss_weights.{name}", value, ">= 0")
-    for name in parts:
-        weights.setdefault(name, 0.0)
+    cfg.loss_weights = {**defaults, **cfg.loss_weights}
 
 
 def _validate(cfg: Config) -> None:
@@ -275,7 +275,10 @@ def _validate(cfg: Config) -> None:
         _check(0 < q.decay < 1, f"{where}.quantizer.decay", q.decay, "in (0, 1)")
         _check(q.restart_every >= 1, f"{where}.quantizer.restart_every", q.restart_every, ">= 1")
         _check(q.restart_threshold >= 0, f"{where}.quantizer.restart_threshold", q.restart_threshold, ">= 0")
-        _validate_weights(level.loss_weights, LEVEL_LOSS_PARTS, where)
+        _validate_weights(level, where)
+        if name != "1":
+            mse = level.loss_weights["mse"]
+            _check(mse == 0, f"{where}.loss_weights.mse", mse, "0 (only level 1 decodes pixels)")
         factor *= ds
         if d.size is not None:
             _check(
@@ -290,7 +293,7 @@ def _validate(cfg: Config) -> None:
         _check(getattr(p, key) >= 1, f"stages.prior.{key}", getattr(p, key), ">= 1")
     _check(p.kernel_size >= 3 and p.kernel_size % 2 == 1, "stages.prior.kernel_size", p.kernel_size, "odd and >= 3")
     _check(0 <= p.dropout < 1, "stages.prior.dropout", p.dropout, "in [0, 1)")
-    _validate_weights(p.loss_weights, PRIOR_LOSS_PARTS, "stages.prior")
+    _validate_weights(p, "stages.prior")
 
 
 def config_from_dict(raw: Any) -> Config:

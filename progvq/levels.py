@@ -35,7 +35,7 @@ class LevelOutput:
     quant: QuantizerOutput  # codes, straight-through vectors, codebook/commit losses, usage
     nll: Tensor  # (B,) nats of the input under the decoder, summed over its dims
     dims: int  # how many dims of the input `nll` sums over (for per-dim figures)
-    prediction: Tensor  # pixels: (B, C, H, W) uint8 mean; codes: (B, h, w) argmax
+    prediction: Tensor  # pixels: (B, C, H, W) point estimate in [-1, 1] (differentiable); codes: (B, h, w) argmax
 
 
 def _quantizer(cfg: LevelConfig) -> VectorQuantizer:
@@ -73,7 +73,8 @@ class PixelLevel(nn.Module):
         quant = self.quantizer(self.encoder(x))
         loc, log_scale = self._params(quant.quantized)
         logp = discretized_logistic_logp(x, loc, log_scale)
-        return LevelOutput(quant, -logp.flatten(1).sum(1), x[0].numel(), to_uint8(loc))
+        # the clamp lets a pixel at 0 or 255 sit anywhere past the edge, as the likelihood allows
+        return LevelOutput(quant, -logp.flatten(1).sum(1), x[0].numel(), loc.clamp(-1, 1))
 
     @torch.no_grad()
     def encode(self, x: Tensor) -> Tensor:

@@ -55,9 +55,11 @@ class Stage(Protocol):
 
 @dataclass
 class FitResult:
-    step: int
-    done: bool
-    metrics: dict[str, float]
+    step: int  # steps taken in all, this call and earlier ones
+    done: bool  # the stage reached its configured steps
+    metrics: dict[str, float]  # the latest held-out figures
+    train_seconds: float = 0.0  # time spent in training steps in this call (no evaluation, logging or saving)
+    images: int = 0  # training items seen in this call
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -173,9 +175,11 @@ def fit(
 
     writer = SummaryWriter(str(stage_dir), purge_step=step if step > 0 else None)
     bar = tqdm(total=cfg.steps, initial=step, desc=f"stage {stage.name}", disable=not progress, dynamic_ncols=True)
-    seen, tick = 0, time.perf_counter()
+    seen, busy = 0, 0.0  # items and seconds of training steps since the last log
+    total_seen, total_busy = 0, 0.0
     try:
         while step < end:
+            tick = time.perf_counter()
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -189,13 +193,15 @@ def fit(
                 nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
             step += 1
+            # speed counts training steps only, so evaluations do not pull it down
+            busy += time.perf_counter() - tick
             seen += order.batch_size
             bar.update(1)
 
             if step % cfg.log_every == 0 or step == end:
-                elapsed = time.perf_counter() - tick
-                speed = seen / max(elapsed, 1e-9)
-                seen, tick = 0, time.perf_counter()
+                speed = seen / max(busy, 1e-9)
+                total_seen, total_busy = total_seen + seen, total_busy + busy
+                seen, busy = 0, 0.0
                 writer.add_scalar("loss/total", _scalar(total), step)
                 for name, value in parts.items():
                     writer.add_scalar(f"loss/{name}", _scalar(value), step)
@@ -217,4 +223,4 @@ def fit(
     finally:
         bar.close()
         writer.close()
-    return FitResult(step, step >= cfg.steps, metrics)
+    return FitResult(step, step >= cfg.steps, metrics, total_busy + busy, total_seen + seen)

@@ -99,7 +99,7 @@ def train_stage(
         log(f"stage {name}: previous training kept in {keep}")
     state = stage_state(run_dir, name, cfg)
     if state.state == "done":
-        log(f"stage {name}: already done ({state.steps} steps); --restart trains it anew")
+        log(f"stage {name}: already done ({state.steps} steps); train --stage {name} --restart trains it anew")
         return FitResult(state.step, True, {})
     device = resolve_device(cfg.device)
     # seed before the model is built, so initial weights are a function of (seed, stage)

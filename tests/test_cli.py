@@ -212,3 +212,16 @@ def test_bad_data_path_leaves_nothing_behind(tmp_path: Path, capsys: pytest.Capt
     err = capsys.readouterr().err
     assert err.startswith("progvq: error: ") and "nowhere" in err and err.count("\n") == 1
     assert not (tmp_path / "r").exists()
+
+
+def test_train_stage_reports_what_it_trained(tmp_path: Path) -> None:
+    from progvq.config import load_config
+    from stages import train_stage
+
+    cfg = load_config(TINY)
+    first = train_stage(cfg, "1", tmp_path / "r", until=4, progress=False, log=lambda _: None)
+    assert (first.step, first.done, first.images) == (4, False, 4 * 32)
+    assert first.train_seconds > 0
+    rest = train_stage(cfg, "1", tmp_path / "r", progress=False, log=lambda _: None)
+    assert (rest.step, rest.done, rest.images) == (6, True, 2 * 32)
+    assert set(rest.metrics) >= {"psnr", "bits_per_dim", "codes_used"}

@@ -34,9 +34,17 @@ def test_shipped_configs_load(name: str) -> None:
 def test_defaults_fill_missing_fields(tmp_path: Path) -> None:
     cfg = load_config(write(tmp_path, {"stages": {1: {"downsample": 4}, "prior": {}}}))
     assert cfg.level(1).codes == LevelConfig().codes
-    assert cfg.level(1).loss_weights == {"recon": 1.0, "codebook": 1.0, "commit": 0.25}
+    assert cfg.level(1).loss_weights == {"recon": 1.0, "codebook": 1.0, "commit": 0.25, "mse": 0.0}
     assert cfg.prior.loss_weights == {"nll": 1.0}
     assert cfg.total_downsample() == 4
+
+
+def test_partial_loss_weights_keep_the_other_defaults(tmp_path: Path) -> None:
+    cfg = load_config(TINY, ["stages.1.loss_weights.mse=5"])
+    assert cfg.level(1).loss_weights == {"recon": 1.0, "codebook": 1.0, "commit": 0.25, "mse": 5.0}
+    raw = tiny_raw()
+    raw["stages"][2]["loss_weights"] = {"commit": 0.5}
+    assert load_config(write(tmp_path, raw)).level(2).loss_weights == {"recon": 1.0, "codebook": 1.0, "commit": 0.5, "mse": 0.0}
 
 
 def test_overrides_apply_with_yaml_types() -> None:
@@ -65,6 +73,8 @@ def test_to_dict_round_trip() -> None:
         (("stages", "2", "downsample", 8), "stages.2.downsample: must be such that data.size (16) is divisible by the total downsampling (32), got 8"),
         (("stages", "1", "quantizer", {"decay": 1.5}), "stages.1.quantizer.decay: must be in (0, 1), got 1.5"),
         (("stages", "1", "loss_weights", {"recon": 1, "kl": 1}), "stages.1.loss_weights.kl: unknown loss part"),
+        (("stages", "2", "loss_weights", {"mse": 1}), "stages.2.loss_weights.mse: must be 0 (only level 1 decodes pixels), got 1.0"),
+        (("stages", "1", "loss_weights", {"commit": -1}), "stages.1.loss_weights.commit: must be >= 0, got -1.0"),
         (("stages", "prior", "kernel_size", 4), "stages.prior.kernel_size: must be odd and >= 3, got 4"),
         (("data", "source", "web"), "data.source: must be one of shapes, mnist, folder, array, got 'web'"),
         (("data", "heldout", 500), "data.count: must be > data.heldout (500), got 192"),
