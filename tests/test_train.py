@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import pickle
 import random
@@ -65,6 +64,7 @@ class _Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # the file is plain pickle, on purpose
 def test_checkpoint_that_would_run_code_is_refused(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     payload = _Payload()
@@ -90,4 +90,3 @@ def test_truncated_and_foreign_checkpoints_are_refused(tmp_path: Path) -> None:
         load_checkpoint(other)
     with pytest.raises(RunError, match="checkpoint not found"):
         load_checkpoint(tmp_path / "none.pt")
-    assert math.isfinite(1.0)
