@@ -56,17 +56,22 @@ def _load(run_dir: Path, name: str, device: str | torch.device) -> dict[str, Any
     return ckpt
 
 
+def _restore(model: nn.Module, ckpt: dict[str, Any], path: Path, device: str | torch.device) -> None:
+    """Load a checkpoint's weights into ``model`` and freeze it (eval mode, no gradients)."""
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as err:
+        raise RunError(f"{path}: weights do not fit its config ({str(err).splitlines()[0][:160]})") from None
+    model.to(device).eval().requires_grad_(False)
+
+
 def load_level(run_dir: str | Path, k: int, device: str | torch.device = "cpu") -> tuple[Level, dict[str, Any]]:
     """Level ``k``'s trained model (eval mode, frozen) and its checkpoint."""
     ckpt = _load(Path(run_dir), str(k), device)
     cfg = config_from_dict(ckpt["config"])
     below = cfg.level(k - 1).codes if k > 1 else 0
     model = build_level(cfg.level(k), k, cfg.data.channels, below)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as err:
-        raise RunError(f"{checkpoint_path(run_dir, str(k))}: weights do not fit its config ({str(err).splitlines()[0][:160]})") from None
-    model.to(device).eval().requires_grad_(False)
+    _restore(model, ckpt, checkpoint_path(run_dir, str(k)), device)
     return model, ckpt
 
 
@@ -94,11 +99,9 @@ class Hierarchy(nn.Module):
             levels.append(level)
         prior = None
         if with_prior:
-            pckpt = _load(run_dir, "prior", device)
-            prior = build_prior(config_from_dict(pckpt["config"]))
-            prior.load_state_dict(pckpt["model"])
-            prior.to(device).eval().requires_grad_(False)
-            ckpt = pckpt
+            ckpt = _load(run_dir, "prior", device)
+            prior = build_prior(config_from_dict(ckpt["config"]))
+            _restore(prior, ckpt, checkpoint_path(run_dir, "prior"), device)
         shape = tuple(ckpt["extra"]["image_shape"]) if ckpt is not None else (cfg.data.channels, 0, 0)
         return cls(cfg, levels, prior, shape)  # type: ignore[arg-type]
 

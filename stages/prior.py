@@ -25,7 +25,6 @@ class PriorStage:
         self.settings = cfg.prior
         self.model = build_prior(cfg).to(device)
         self.hierarchy = Hierarchy.load(run_dir, with_prior=False, device=device)
-        self.hierarchy.image_shape = data.image_shape
         self.hierarchy.prior = self.model  # so samples use the prior being trained
         self.train_codes = encode_all(self.hierarchy, data.train)[-1]  # (N, h, w)
         self.heldout_codes = encode_all(self.hierarchy, data.heldout)[-1]

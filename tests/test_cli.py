@@ -225,3 +225,17 @@ def test_train_stage_reports_what_it_trained(tmp_path: Path) -> None:
     rest = train_stage(cfg, "1", tmp_path / "r", progress=False, log=lambda _: None)
     assert (rest.step, rest.done, rest.images) == (6, True, 2 * 32)
     assert set(rest.metrics) >= {"psnr", "bits_per_dim", "codes_used"}
+
+
+@pytest.mark.parametrize("stage", ["1", "prior"])
+def test_checkpoint_whose_weights_do_not_fit_is_refused(stage: str, tiny_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from progvq.checkpoint import save_checkpoint
+
+    path = checkpoint_path(tiny_copy, stage)
+    ckpt = load_checkpoint(path)
+    key = "codes" if stage == "1" else "channels"
+    ckpt["config"]["stages"][stage][key] *= 2  # another architecture than the weights
+    save_checkpoint(ckpt, path)
+    assert run("sample", str(tiny_copy), "--out", str(tmp_path / "s.png")) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: weights do not fit its config" in err and err.count("\n") == 1
