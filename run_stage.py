@@ -22,7 +22,10 @@ from progvq.errors import ProgvqError
 
 
 def _parser() -> argparse.ArgumentParser:
+    from progvq import __version__
+
     parser = argparse.ArgumentParser(prog="progvq", description="Train, sample and evaluate hierarchical VQ models one level at a time.")
+    parser.add_argument("--version", action="version", version=f"progvq {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train one stage, or every stage not done yet")
