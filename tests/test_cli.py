@@ -239,3 +239,32 @@ def test_checkpoint_whose_weights_do_not_fit_is_refused(stage: str, tiny_copy: P
     assert run("sample", str(tiny_copy), "--out", str(tmp_path / "s.png")) == 2
     err = capsys.readouterr().err
     assert f"{path}: weights do not fit its config" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("source", ["mnist", "folder", "array"])
+def test_every_data_source_trains_from_the_command_line(source: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from progvq.data import make_shapes
+
+    from .conftest import MNIST_DIR
+
+    images = make_shapes(40, size=16, seed=5)  # (40, 1, 16, 16)
+    if source == "mnist":
+        if not MNIST_DIR.exists():
+            pytest.skip("no ../shared/data/mnist")
+        overrides = [f"data.path={MNIST_DIR}", "data.size=32", "data.limit=120", "data.heldout=20"]
+        expected_shape = [1, 32, 32]
+    elif source == "folder":
+        folder = tmp_path / "pngs"
+        folder.mkdir()
+        for i, image in enumerate(images):
+            Image.fromarray(image[0].numpy()).save(folder / f"{i:03d}.png")
+        overrides, expected_shape = [f"data.path={folder}", "data.heldout=8"], [1, 16, 16]
+    else:
+        path = tmp_path / "images.npz"
+        np.savez(path, images=images[:, 0].numpy())
+        overrides, expected_shape = [f"data.path={path}", "data.heldout=8"], [1, 16, 16]
+    args = [x for o in [f"data.source={source}", *overrides] for x in ("--set", o)]
+    assert train(tmp_path / "r", "--stage", "1", "--until", "2", *args) == 0
+    ckpt = load_checkpoint(checkpoint_path(tmp_path / "r", "1"))
+    assert ckpt["step"] == 2 and ckpt["extra"]["image_shape"] == expected_shape
+    assert ckpt["config"]["data"]["source"] == source
