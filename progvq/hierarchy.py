@@ -165,17 +165,18 @@ class Hierarchy(nn.Module):
     # ------------------------------------------------------------------ likelihood
 
     @torch.no_grad()
-    def nll(self, images: Tensor) -> dict[str, Tensor]:
+    def nll(self, images: Tensor, codes: list[Tensor] | None = None) -> dict[str, Tensor]:
         """Per-image bound on -log2 p(x), in bits per dim of x, split by level.
 
         Keys ``"0"`` .. ``str(L)``: level 0 is -log D_1(x | z_1), level k in
         1..L-1 is -log D_(k+1)(z_k | z_(k+1)), level L is -log p(z_L) under the
-        prior. ``"total"`` is their sum. Each value is (B,).
+        prior. ``"total"`` is their sum. Each value is (B,). ``codes`` are the
+        encoder's codes of ``images`` when the caller already has them.
         """
         if self.prior is None:
             raise RunError("the likelihood bound needs the prior; train stage prior first")
         x = to_unit(images.to(self.device))
-        codes = self.encode(images)
+        codes = self.encode(images) if codes is None else [z.to(self.device) for z in codes]
         dims = images[0].numel()
         out: dict[str, Tensor] = {"0": -self.levels[0].log_likelihood(x, codes[0])}
         for k in range(1, self.num_levels):
@@ -206,7 +207,8 @@ class Hierarchy(nn.Module):
             report["levels"][str(k)] = figures
         if self.prior is not None:
             report["prior"] = prior_metrics(self.prior, codes[-1], batch_size)
-            parts = [self.nll(b) for b in _batches(images, batch_size)]
+            batched = zip(_batches(images, batch_size), *(_batches(z, batch_size) for z in codes), strict=True)
+            parts = [self.nll(b, list(zs)) for b, *zs in batched]
             report["bits_per_dim"] = {key: float(torch.cat([p[key] for p in parts]).mean()) for key in parts[0]}
         return report
 
