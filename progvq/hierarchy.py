@@ -132,6 +132,12 @@ class Hierarchy(nn.Module):
         return codes
 
     @torch.no_grad()
+    def encode_split(self, images: Tensor, batch_size: int = 500) -> list[Tensor]:
+        """:meth:`encode` of a whole split (N, C, H, W), ``batch_size`` images at a time."""
+        parts = [self.encode(b) for b in _batches(images, batch_size)]
+        return [torch.cat(level) for level in zip(*parts, strict=True)]
+
+    @torch.no_grad()
     def decode(self, codes: Tensor, level: int, *, code_temperature: float = 0.0, generator: torch.Generator | None = None) -> Tensor:
         """Codes of level ``level`` (B, h, w) -> uint8 images (B, C, H, W).
 
@@ -197,7 +203,7 @@ class Hierarchy(nn.Module):
         of the top codes; ``bits_per_dim``: the likelihood bound split by level.
         """
         images = images.to(self.device)
-        codes = [torch.cat(z) for z in zip(*(self.encode(b) for b in _batches(images, batch_size)), strict=True)]
+        codes = self.encode_split(images, batch_size)
         report: dict[str, Any] = {"levels": {}}
         for k in range(1, self.num_levels + 1):
             inputs = images if k == 1 else codes[k - 2]

@@ -16,7 +16,7 @@ from progvq.checkpoint import checkpoint_path, file_sha256, seed_everything
 from progvq.config import Config
 from progvq.data import load_dataset
 from progvq.errors import RunError
-from progvq.run import first_difference, read_run_config, stage_state, write_run_config
+from progvq.run import CONFIG_NAME, first_difference, read_run_config, stage_state, write_run_config
 from progvq.train import FitResult, Stage, fit
 
 from .codes import CodeStage
@@ -50,7 +50,7 @@ def check_run_config(cfg: Config, run_dir: Path, *, force: bool = False) -> bool
     checkpoints would otherwise be mixed with models of another shape or data.
     Reads only; nothing is written here.
     """
-    if not (run_dir / "config.yaml").exists():
+    if not (run_dir / CONFIG_NAME).exists():
         return True
     old = read_run_config(run_dir)
     diff = first_difference(old.to_dict(), cfg.to_dict())

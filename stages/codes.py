@@ -18,15 +18,7 @@ from progvq.hierarchy import Hierarchy, level_metrics, load_level, psnr
 from progvq.images import image_grid
 from progvq.levels import CodeLevel
 
-from .common import pairs_grid, quantizer_metrics
-
-ENCODE_BATCH = 500
-
-
-def encode_all(lower: Hierarchy, images: Tensor) -> list[Tensor]:
-    """Codes of every level of ``lower`` for uint8 images (N, C, H, W), batched."""
-    parts = [lower.encode(images[i : i + ENCODE_BATCH]) for i in range(0, len(images), ENCODE_BATCH)]
-    return [torch.cat(level) for level in zip(*parts, strict=True)]
+from .common import pairs_grid, quantizer_metrics, uniform_rate
 
 
 class CodeStage:
@@ -40,14 +32,12 @@ class CodeStage:
         # the chain used to show reconstructions: frozen levels plus the one in training
         self.chain = Hierarchy(cfg, [*lower, self.model], None, data.image_shape)
         frozen = Hierarchy(cfg, lower, None, data.image_shape)
-        self.train_codes = encode_all(frozen, data.train)[-1]  # (N, h, w) level k-1 codes
-        self.heldout_codes = encode_all(frozen, data.heldout)[-1]
+        self.train_codes = frozen.encode_split(data.train)[-1]  # (N, h, w) level k-1 codes
+        self.heldout_codes = frozen.encode_split(data.heldout)[-1]
         self.image_shape = data.image_shape  # (C, H, W)
         self.num_train = len(self.train_codes)
         self.preview = data.heldout[:32].to(device)
-        h, w = self.train_codes.shape[1:]
-        positions = (h // self.settings.downsample) * (w // self.settings.downsample)
-        self.rate = positions * math.log2(self.settings.codes) / math.prod(data.image_shape)
+        self.rate = uniform_rate(self.chain.grid_shape(k), self.settings.codes, data.image_shape)
 
     def batch(self, index: Tensor) -> Tensor:
         return self.train_codes[index]  # (B, h, w) int64

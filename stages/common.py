@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -19,3 +21,8 @@ def pairs_grid(originals: Tensor, recon: Tensor, per_row: int = 8) -> Tensor:
     for i in range(0, len(originals), per_row):
         rows += [originals[i : i + per_row].cpu(), recon[i : i + per_row].cpu()]
     return torch.cat(rows)
+
+
+def uniform_rate(grid: tuple[int, int], codes: int, image_shape: tuple[int, int, int]) -> float:
+    """Bits/dim of an image spent on a (h, w) grid of codes under the fixed uniform prior: log2 K per position."""
+    return grid[0] * grid[1] * math.log2(codes) / math.prod(image_shape)

@@ -15,7 +15,7 @@ from progvq.images import image_grid
 from progvq.levels import PixelLevel
 from progvq.nets import to_unit
 
-from .common import pairs_grid, quantizer_metrics
+from .common import pairs_grid, quantizer_metrics, uniform_rate
 
 
 class PixelStage:
@@ -31,9 +31,9 @@ class PixelStage:
         self.image_shape = data.image_shape  # (C, H, W)
         self.num_train = len(data.train)
         self.preview = data.heldout[:32].to(device)
-        h, w = data.image_shape[1] // self.settings.downsample, data.image_shape[2] // self.settings.downsample
-        # the rate under the fixed uniform prior: log2 K bits per position, spread over the image's dims
-        self.rate = h * w * math.log2(self.settings.codes) / math.prod(data.image_shape)
+        _, h, w = data.image_shape
+        grid = (h // self.settings.downsample, w // self.settings.downsample)
+        self.rate = uniform_rate(grid, self.settings.codes, data.image_shape)
 
     def batch(self, index: Tensor) -> Tensor:
         return to_unit(self.train_images[index]).contiguous(memory_format=torch.channels_last)  # (B, C, H, W) in [-1, 1]

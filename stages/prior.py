@@ -14,8 +14,6 @@ from progvq.data import ImageData
 from progvq.hierarchy import Hierarchy, build_prior, prior_metrics
 from progvq.images import image_grid
 
-from .codes import encode_all
-
 
 class PriorStage:
     """Fits p(z_L) by maximum likelihood on the frozen hierarchy's top codes."""
@@ -26,8 +24,8 @@ class PriorStage:
         self.model = build_prior(cfg).to(device)
         self.hierarchy = Hierarchy.load(run_dir, with_prior=False, device=device)
         self.hierarchy.prior = self.model  # so samples use the prior being trained
-        self.train_codes = encode_all(self.hierarchy, data.train)[-1]  # (N, h, w)
-        self.heldout_codes = encode_all(self.hierarchy, data.heldout)[-1]
+        self.train_codes = self.hierarchy.encode_split(data.train)[-1]  # (N, h, w)
+        self.heldout_codes = self.hierarchy.encode_split(data.heldout)[-1]
         self.image_shape = data.image_shape  # (C, H, W)
         self.num_train = len(self.train_codes)
         self.seed = cfg.seed
