@@ -15,8 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
+import signal
 import sys
+import warnings
 from pathlib import Path
+from typing import TextIO
 
 from progvq.errors import ProgvqError
 
@@ -48,13 +52,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="samples.png", help="PNG grid; the images also go to the same name with .npz")
     p.add_argument("--nrow", type=int, default=None, help="images per row of the grid")
+    p.add_argument("--allow-stale", action="store_true", help="use the hierarchy even if a stage was trained on a lower stage since retrained")
 
     p = sub.add_parser("eval", help="held-out figures: bits/dim by level, reconstruction, codebook usage")
     p.add_argument("run_dir")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--split", choices=["heldout", "train"], default="heldout")
+    p.add_argument("--allow-stale", action="store_true", help="evaluate even if a stage was trained on a lower stage since retrained")
 
-    p = sub.add_parser("status", help="each stage: done, partial (step N of M) or missing")
+    p = sub.add_parser("status", help="each stage: done, partial (step N of M) or missing, and whether it is stale")
     p.add_argument("run_dir")
     return parser
 
@@ -91,7 +97,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise ProgvqError(f"--out {out}: must end in .png (the arrays go beside it as .npz)")
-    model = Hierarchy.load(args.run_dir)
+    model = Hierarchy.load(args.run_dir, allow_stale=args.allow_stale)
     code_temperature = model.config.sample.code_temperature if args.code_temperature is None else args.code_temperature
     _positive(code_temperature, "--code-temperature", 0)
     images = model.sample(args.n, temperature=args.temperature, code_temperature=code_temperature, seed=args.seed)
@@ -105,7 +111,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from progvq.data import load_dataset
     from progvq.hierarchy import Hierarchy
 
-    model = Hierarchy.load(args.run_dir)
+    model = Hierarchy.load(args.run_dir, allow_stale=args.allow_stale)
     data = load_dataset(model.config.data, total_downsample=model.config.total_downsample())
     images = data.heldout if args.split == "heldout" else data.train
     report = model.evaluate(images)
@@ -142,16 +148,36 @@ def cmd_status(args: argparse.Namespace) -> int:
 COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "status": cmd_status}
 
 
+def _one_line_warnings(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int, file: TextIO | None = None, line: str | None = None
+) -> None:
+    """warnings.showwarning for users: one line, no source location."""
+    print(f"progvq: warning: {message}", file=sys.stderr if file is None else file)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from progvq.errors import Interrupted
+
+    argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
+    warnings.showwarning = _one_line_warnings
+    again = "progvq " + shlex.join(argv)
     try:
         return COMMANDS[args.command](args)
     except ProgvqError as err:
         print(f"progvq: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        # the environment refused (disk full, permissions): every write is atomic, so what was there is intact
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"progvq: error: {where}{err.strerror or err}", file=sys.stderr)
+        return 2
+    except Interrupted as stop:
+        print(f"progvq: {stop}; to resume, run the same command again: {again}", file=sys.stderr)
+        return 128 + int(getattr(signal, stop.signal_name))
     except KeyboardInterrupt:
         # checkpoints are atomic, so the last one written is intact
-        print("progvq: interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
+        print(f"progvq: interrupted; to resume from the last checkpoint, run the same command again: {again}", file=sys.stderr)
         return 130
 
 

@@ -10,12 +10,23 @@ it loads with ``torch.load(weights_only=True)`` and can never run code:
 - ``rng``: python, numpy and torch generator states; ``data``: epoch and position
 - ``parents``: for each lower stage, the sha256 of the checkpoint it was trained on
 - ``versions``: progvq and torch versions that wrote it
+- ``digest``: sha256 of everything above (see :func:`payload_digest`)
+
+Integrity: a checkpoint is written atomically (temporary file, fsync, rename),
+so a crash leaves the old file or the new one. The digest catches what a
+rename cannot: a file damaged later (a truncated copy, a flipped bit). Before a
+new checkpoint replaces ``checkpoint.pt`` the old one becomes
+``checkpoint.prev.pt``; :func:`load_latest` falls back to it when the newest is
+missing or damaged, and never loads a damaged file into a model.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +38,9 @@ from .errors import RunError
 from .fileio import atomic_write
 
 FORMAT = "progvq-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: content digest and a kept previous checkpoint
 CHECKPOINT_NAME = "checkpoint.pt"
+PREVIOUS_NAME = "checkpoint.prev.pt"
 
 
 def stage_dir_name(stage: str) -> str:
@@ -87,14 +99,90 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
-    """Write ``payload`` atomically (see :func:`progvq.fileio.atomic_write`)."""
+def _feed(digest: Any, obj: Any) -> None:
+    """Feed a canonical, type-tagged encoding of ``obj`` to ``digest``."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        digest.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, dict):
+        digest.update(f"D{len(obj)}".encode())
+        for key, value in obj.items():  # insertion order survives a save/load round trip
+            _feed(digest, key)
+            _feed(digest, value)
+    elif isinstance(obj, (list, tuple)):
+        digest.update(f"{'L' if isinstance(obj, list) else 'U'}{len(obj)}".encode())
+        for value in obj:
+            _feed(digest, value)
+    elif obj is None or isinstance(obj, (bool, int, float, str, bytes)):
+        # repr is exact for floats and tells True from 1
+        digest.update(f"{type(obj).__name__}:{obj!r};".encode())
+    else:
+        raise TypeError(f"checkpoint values must be tensors, numbers, strings, lists or dicts, not {type(obj).__name__}")
+
+
+def payload_digest(payload: dict[str, Any]) -> str:
+    """sha256 over every value of a checkpoint dict except its ``digest`` entry.
+
+    It hashes the values, not the file's bytes, so it names a checkpoint's
+    content however it was serialised; the stages above one record it as
+    their provenance.
+    """
+    digest = hashlib.sha256()
+    _feed(digest, {k: v for k, v in payload.items() if k != "digest"})
+    return digest.hexdigest()
+
+
+def previous_path(path: str | Path) -> Path:
+    """Where the checkpoint before ``path`` is kept: ``checkpoint.prev.pt`` beside ``checkpoint.pt``."""
+    path = Path(path)
+    return path.with_name(PREVIOUS_NAME if path.name == CHECKPOINT_NAME else f"{path.stem}.prev{path.suffix}")
+
+
+def _keep_previous(path: Path) -> None:
+    """Make the current ``path`` the previous checkpoint, leaving ``path`` itself in place.
+
+    A hard link (copy where links are not supported) renamed over the old
+    previous one: at every moment both names hold a complete file.
+    """
+    prev = previous_path(path)
+    tmp = prev.with_name(f".{prev.name}.link")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(path, tmp)
+    except OSError:
+        import shutil
+
+        shutil.copyfile(path, tmp)
+    os.replace(tmp, prev)
+
+
+def unfinished_writes(stage_dir: str | Path) -> list[Path]:
+    """Temporary files left in ``stage_dir`` by checkpoint writes that a crash cut short."""
+    stage_dir = Path(stage_dir)
+    if not stage_dir.is_dir():
+        return []
+    return sorted(p for p in stage_dir.iterdir() if p.name.startswith(".checkpoint") and p.name.endswith((".tmp", ".link")))
+
+
+def save_checkpoint(payload: dict[str, Any], path: str | Path, *, keep_previous: bool = True) -> str:
+    """Write ``payload`` atomically (see :func:`progvq.fileio.atomic_write`) and return its digest.
+
+    With ``keep_previous`` the checkpoint already at ``path`` is kept as
+    :func:`previous_path` first.
+    """
+    path = Path(path)
     header = {"format": FORMAT, "version": VERSION, "versions": {"progvq": __version__, "torch": str(torch.__version__)}}
-    atomic_write(path, lambda f: torch.save({**header, **payload}, f))
+    full = {**header, **payload}
+    full["digest"] = payload_digest(full)
+    if keep_previous and path.exists():
+        _keep_previous(path)
+    atomic_write(path, lambda f: torch.save(full, f))
+    return full["digest"]
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint safely (``weights_only=True``) and check it is ours."""
+    """Load a checkpoint safely (``weights_only=True``), check it is ours and that its digest holds."""
     path = Path(path)
     if not path.exists():
         raise RunError(f"{path}: checkpoint not found")
@@ -109,4 +197,46 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise RunError(f"{path}: not a progvq checkpoint")
     if ckpt.get("version") != VERSION:
         raise RunError(f"{path}: checkpoint format version {ckpt.get('version')} (this progvq reads {VERSION})")
+    try:
+        digest = payload_digest(ckpt)
+    except TypeError as err:
+        raise RunError(f"{path}: damaged checkpoint ({err})") from None
+    if ckpt.get("digest") != digest:
+        raise RunError(f"{path}: damaged checkpoint (its content does not match its sha256 digest)")
     return ckpt
+
+
+@dataclass
+class Found:
+    """The newest loadable checkpoint of a stage, and what was wrong with newer ones."""
+
+    path: Path  # the file loaded
+    checkpoint: dict[str, Any]
+    problems: list[str] = field(default_factory=list)  # one line per newer file that could not be used
+
+    @property
+    def fell_back(self) -> bool:
+        return bool(self.problems)
+
+
+def load_latest(path: str | Path, map_location: str | torch.device = "cpu", *, on_damaged: Callable[[Path], None] | None = None) -> Found | None:
+    """The newest good checkpoint of ``path`` and its previous one, or None if neither exists.
+
+    A damaged file is never returned: its problem is recorded, ``on_damaged``
+    (if given) is called with its path, and the previous checkpoint is tried.
+    Raises :class:`RunError` when files exist but none is loadable.
+    """
+    path = Path(path)
+    problems: list[str] = []
+    for candidate in (path, previous_path(path)):
+        if not candidate.exists():
+            continue
+        try:
+            return Found(candidate, load_checkpoint(candidate, map_location), problems)
+        except RunError as err:
+            problems.append(str(err))
+            if on_damaged is not None:
+                on_damaged(candidate)
+    if problems:
+        raise RunError(f"{problems[0]}; no earlier good checkpoint to fall back to" if len(problems) == 1 else f"{problems[0]}; and {problems[1]}")
+    return None

@@ -10,6 +10,7 @@ z_1), ``levels[L-1]`` level L; the prior models z_L.
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checkpoint import checkpoint_path, load_checkpoint
+from .checkpoint import checkpoint_path, load_latest
 from .config import Config, config_from_dict
 from .errors import RunError
 from .levels import CodeLevel, Level, PixelLevel, build_level
 from .nets import to_unit
 from .pixelcnn import GatedPixelCNN
 from .quantize import code_usage
-from .run import read_run_config
+from .run import check_not_stale, read_run_config
 
 LN2 = math.log(2.0)
 
@@ -47,12 +48,17 @@ def _batches(x: Tensor, batch_size: int):
 
 
 def _load(run_dir: Path, name: str, device: str | torch.device) -> dict[str, Any]:
+    """Stage ``name``'s newest good checkpoint, which must have reached its last step."""
     path = checkpoint_path(run_dir, name)
-    if not path.exists():
+    found = load_latest(path, map_location=device)
+    if found is None:
         raise RunError(f"{run_dir}: stage {name} is not trained (no {path.name} in {path.parent.name}/)")
-    ckpt = load_checkpoint(path, map_location=device)
+    ckpt = found.checkpoint
+    why = f" ({found.problems[0]}; {found.path.name} is the newest good one)" if found.fell_back else ""
     if int(ckpt["step"]) < int(ckpt["steps"]):
-        raise RunError(f"{path}: stage {name} is unfinished (step {ckpt['step']} of {ckpt['steps']}); train it to the end first")
+        raise RunError(f"{path}: stage {name} is unfinished (step {ckpt['step']} of {ckpt['steps']}){why}; train it to the end first")
+    if why:
+        warnings.warn(f"stage {name}: using {found.path}{why}", stacklevel=3)
     return ckpt
 
 
@@ -88,11 +94,24 @@ class Hierarchy(nn.Module):
     # ------------------------------------------------------------------ loading
 
     @classmethod
-    def load(cls, run_dir: str | Path, *, num_levels: int | None = None, with_prior: bool = True, device: str | torch.device = "cpu") -> Hierarchy:
-        """Load a run's trained levels 1..num_levels (default: all) and its prior."""
+    def load(
+        cls,
+        run_dir: str | Path,
+        *,
+        num_levels: int | None = None,
+        with_prior: bool = True,
+        device: str | torch.device = "cpu",
+        allow_stale: bool = False,
+    ) -> Hierarchy:
+        """Load a run's trained levels 1..num_levels (default: all) and its prior.
+
+        Refuses (:class:`RunError`) a hierarchy with a stale part, one trained
+        on a lower stage that has since been retrained, unless ``allow_stale``.
+        """
         run_dir = Path(run_dir)
         cfg = read_run_config(run_dir)
         num_levels = cfg.num_levels if num_levels is None else num_levels
+        check_not_stale(run_dir, allow_stale=allow_stale, upto="prior" if with_prior else str(num_levels))
         levels, ckpt = [], None
         for k in range(1, num_levels + 1):
             level, ckpt = load_level(run_dir, k, device)

@@ -6,16 +6,23 @@ Layout::
     RUN_DIR/stage-1/checkpoint.pt level 1 (and its TensorBoard events)
     RUN_DIR/stage-2/checkpoint.pt ...
     RUN_DIR/prior/checkpoint.pt   the PixelCNN prior
+
+Beside each ``checkpoint.pt`` lies ``checkpoint.prev.pt``, the one before it.
+
+Provenance: every checkpoint of stage k records, for each lower stage, the
+digest of the checkpoint it was trained on. When a lower stage is retrained
+its digest changes, and every stage above it becomes *stale*: trained on
+codes the hierarchy no longer produces.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from .checkpoint import checkpoint_path, load_checkpoint
+from .checkpoint import checkpoint_path, load_latest
 from .config import Config, config_from_dict, dump_config
 from .errors import ConfigError, RunError
 from .fileio import atomic_write
@@ -64,25 +71,84 @@ class StageState:
     state: str  # "done", "partial" or "missing"
     step: int = 0
     steps: int = 0
+    digest: str = ""  # content digest of the checkpoint in use
+    parents: dict[str, str] = field(default_factory=dict)  # lower stage -> digest it was trained on
+    stale: str = ""  # why the stage is stale; empty when it is not
+    note: str = ""  # e.g. the newest checkpoint was damaged and the previous one is in use
 
     def describe(self) -> str:
         if self.state == "partial":
-            return f"partial (step {self.step} of {self.steps})"
-        if self.state == "done":
-            return f"done ({self.steps} steps)"
-        return "missing"
+            text = f"partial (step {self.step} of {self.steps})"
+        elif self.state == "done":
+            text = f"done ({self.steps} steps)"
+        else:
+            text = "missing"
+        if self.stale:
+            text += f", STALE: {self.stale}"
+        if self.note:
+            text += f" [{self.note}]"
+        return text
 
 
 def stage_state(run_dir: str | Path, name: str, cfg: Config) -> StageState:
-    path = checkpoint_path(run_dir, name)
-    if not path.exists():
-        return StageState(name, "missing", 0, cfg.stages[name].steps)
-    ckpt = load_checkpoint(path)
-    step, steps = int(ckpt["step"]), int(cfg.stages[name].steps)
-    return StageState(name, "done" if step >= steps else "partial", step, steps)
+    """One stage's state from its newest good checkpoint (staleness is left to :func:`run_status`)."""
+    found = load_latest(checkpoint_path(run_dir, name))
+    steps = int(cfg.stages[name].steps)
+    if found is None:
+        return StageState(name, "missing", 0, steps)
+    ckpt = found.checkpoint
+    step = int(ckpt["step"])
+    note = f"{found.problems[0]}; using {found.path.name}" if found.fell_back else ""
+    parents = {str(k): str(v) for k, v in dict(ckpt.get("parents", {})).items()}
+    return StageState(name, "done" if step >= steps else "partial", step, steps, str(ckpt["digest"]), parents, note=note)
+
+
+def mark_stale(states: list[StageState]) -> list[StageState]:
+    """Set ``stale`` on every stage trained on lower checkpoints other than the current ones.
+
+    ``states`` are in training order. A stage is stale when a lower stage it
+    was trained on has been retrained (other digest) or removed, or when a
+    lower stage is itself stale.
+    """
+    for i, state in enumerate(states):
+        if state.state == "missing":
+            continue
+        for lower in states[:i]:
+            recorded = state.parents.get(lower.name)
+            label = "the prior" if lower.name == "prior" else f"stage {lower.name}"
+            if lower.state == "missing":
+                state.stale = f"{label} it was trained on is gone"
+            elif recorded != lower.digest:
+                state.stale = f"{label} was retrained after this stage was trained on it"
+            elif lower.stale:
+                state.stale = f"{label} is stale"
+            else:
+                continue
+            break
+    return states
 
 
 def run_status(run_dir: str | Path) -> list[StageState]:
-    """Every stage of a run, in training order."""
+    """Every stage of a run, in training order, with staleness marked."""
     cfg = read_run_config(run_dir)
-    return [stage_state(run_dir, name, cfg) for name in cfg.stage_names()]
+    return mark_stale([stage_state(run_dir, name, cfg) for name in cfg.stage_names()])
+
+
+def check_not_stale(run_dir: str | Path, *, allow_stale: bool = False, upto: str | None = None) -> list[StageState]:
+    """:func:`run_status`, raising :class:`RunError` if a stage (up to ``upto``) is stale.
+
+    ``sample`` and ``eval`` call this so a hierarchy whose parts no longer fit
+    together is not used unless the user says so.
+    """
+    states = run_status(run_dir)
+    if not allow_stale:
+        names = [s.name for s in states]
+        last = names.index(upto) if upto in names else len(states) - 1
+        for state in states[: last + 1]:
+            if state.stale:
+                label = "the prior" if state.name == "prior" else f"stage {state.name}"
+                raise RunError(
+                    f"{run_dir}: {label} is stale ({state.stale}); retrain it with "
+                    f"`train --stage {state.name} --restart`, or pass --allow-stale to use it anyway"
+                )
+    return states

@@ -10,13 +10,21 @@ Exact resume rests on three things: the data order is a pure function of
 piece of state a step reads (model with its quantiser buffers, optimiser, RNG
 states) is in the checkpoint. Evaluation and image logging draw from no
 global RNG, so they may run at any step without changing the trajectory.
+
+Crashes: checkpoints are atomic and carry a digest; a damaged newest one is
+set aside and the previous one used (see :mod:`progvq.checkpoint`). SIGINT
+and SIGTERM finish the current step, write a checkpoint and raise
+:class:`~progvq.errors.Interrupted`; a second signal stops at once.
 """
 
 from __future__ import annotations
 
 import math
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,9 +34,9 @@ from torch import Tensor, nn
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import load_latest, rng_state, save_checkpoint, set_rng_state, unfinished_writes
 from .config import Config, TrainConfig
-from .errors import RunError
+from .errors import Interrupted, RunError
 
 
 class Stage(Protocol):
@@ -101,6 +109,50 @@ class BatchOrder:
         return self._perm[pos * self.batch_size : (pos + 1) * self.batch_size]
 
 
+class _StopRequest:
+    """Signal handler for SIGINT/SIGTERM: note the first signal, stop at once on the second.
+
+    The loop polls :attr:`name` after every step, so a signal never cuts a
+    step or a checkpoint write in half.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.name: str | None = None
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        if self.name is not None:
+            raise KeyboardInterrupt  # asked twice: the user wants out now; the last checkpoint is intact
+        self.name = signal.Signals(signum).name
+
+
+
+@contextmanager
+def _stop_requests() -> Iterator[_StopRequest]:
+    """Catch SIGINT/SIGTERM for the duration of the block; the previous handlers come back after."""
+    stop = _StopRequest()
+    previous: dict[int, Any] = {}
+    # handlers can only be set from the main thread; elsewhere signals keep their defaults
+    if threading.current_thread() is threading.main_thread():
+        for sig in _StopRequest.SIGNALS:
+            previous[sig] = signal.signal(sig, stop)
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _set_aside(path: Path) -> Path:
+    """Rename a damaged checkpoint to ``NAME.damaged-N`` so it is kept but never loaded again."""
+    n = 1
+    while (dest := path.with_name(f"{path.name}.damaged-{n}")).exists():
+        n += 1
+    path.rename(dest)
+    return dest
+
+
 def _scalar(x: Tensor | float) -> float:
     return float(x.detach()) if isinstance(x, Tensor) else float(x)
 
@@ -133,24 +185,44 @@ def fit(
     ckpt_path = stage_dir / "checkpoint.pt"
     metrics: dict[str, float] = {}
 
+    for leftover in unfinished_writes(stage_dir):
+        # a temporary file of a write that a crash cut short; the file it was to replace is intact
+        leftover.unlink()
+        log(f"stage {stage.name}: removed {leftover.name}, an unfinished checkpoint write")
+
+    def damaged(path: Path) -> None:
+        log(f"stage {stage.name}: {path.name} is damaged, moved to {_set_aside(path).name}; it will not be loaded")
+
     step = 0
-    if ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path, map_location=device)
+    found = load_latest(ckpt_path, map_location=device, on_damaged=damaged)
+    if found is not None:
+        ckpt = found.checkpoint
+        if found.fell_back:
+            log(f"stage {stage.name}: {found.problems[0]}; resuming from {found.path.name} instead")
         if ckpt["stage"] != stage.name:
-            raise RunError(f"{ckpt_path}: holds stage {ckpt['stage']}, not stage {stage.name}")
+            raise RunError(f"{found.path}: holds stage {ckpt['stage']}, not stage {stage.name}")
+        if parents is not None and dict(ckpt.get("parents", {})) != parents:
+            changed = sorted(k for k in set(parents) | set(ckpt.get("parents", {})) if parents.get(k) != ckpt["parents"].get(k))
+            raise RunError(
+                f"{found.path}: stage {stage.name} was started on another version of stage {changed[0]} (retrained since); "
+                f"train --stage {stage.name} --restart trains it anew on the current one"
+            )
         try:
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
         except (RuntimeError, ValueError, KeyError) as err:
             first = str(err).strip().splitlines()[0]
-            raise RunError(f"{ckpt_path}: does not fit this stage's model ({first[:160]})") from None
+            raise RunError(f"{found.path}: does not fit this stage's model ({first[:160]})") from None
         set_rng_state(ckpt["rng"])
         step = int(ckpt["step"])
         metrics = dict(ckpt.get("metrics", {}))
         log(f"stage {stage.name}: resuming at step {step} of {cfg.steps}")
     end = cfg.steps if until is None else min(until, cfg.steps)
 
+    saved_at = step if found is not None else -1  # the step of the newest checkpoint on disk
+
     def checkpoint() -> None:
+        nonlocal saved_at
         epoch, pos = order.position(step)
         save_checkpoint(
             {
@@ -169,6 +241,7 @@ def fit(
             },
             ckpt_path,
         )
+        saved_at = step
 
     if step >= end:
         return FitResult(step, step >= cfg.steps, metrics)
@@ -177,50 +250,55 @@ def fit(
     bar = tqdm(total=cfg.steps, initial=step, desc=f"stage {stage.name}", disable=not progress, dynamic_ncols=True)
     seen, busy = 0, 0.0  # items and seconds of training steps since the last log
     total_seen, total_busy = 0, 0.0
-    try:
-        while step < end:
-            tick = time.perf_counter()
-            lr = lr_at(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            batch = stage.batch(order(step))
-            model.train()
-            parts, batch_metrics = stage.loss(batch)
-            total = sum(weights[name] * value for name, value in parts.items())
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            if cfg.grad_clip > 0:
-                nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            optimizer.step()
-            step += 1
-            # speed counts training steps only, so evaluations do not pull it down
-            busy += time.perf_counter() - tick
-            seen += order.batch_size
-            bar.update(1)
+    with _stop_requests() as stop:
+        try:
+            while step < end:
+                tick = time.perf_counter()
+                lr = lr_at(step, cfg)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                batch = stage.batch(order(step))
+                model.train()
+                parts, batch_metrics = stage.loss(batch)
+                total = sum(weights[name] * value for name, value in parts.items())
+                optimizer.zero_grad(set_to_none=True)
+                total.backward()
+                if cfg.grad_clip > 0:
+                    nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                optimizer.step()
+                step += 1
+                # speed counts training steps only, so evaluations do not pull it down
+                busy += time.perf_counter() - tick
+                seen += order.batch_size
+                bar.update(1)
 
-            if step % cfg.log_every == 0 or step == end:
-                speed = seen / max(busy, 1e-9)
-                total_seen, total_busy = total_seen + seen, total_busy + busy
-                seen, busy = 0, 0.0
-                writer.add_scalar("loss/total", _scalar(total), step)
-                for name, value in parts.items():
-                    writer.add_scalar(f"loss/{name}", _scalar(value), step)
-                for name, value in batch_metrics.items():
-                    writer.add_scalar(f"train/{name}", _scalar(value), step)
-                writer.add_scalar("train/lr", lr, step)
-                writer.add_scalar("train/images_per_s", speed, step)
-                bar.set_postfix(loss=f"{_scalar(total):.4f}", img_s=f"{speed:.0f}")
-            if step % cfg.eval_every == 0 or step == cfg.steps:
-                metrics = stage.evaluate()
-                for name, value in metrics.items():
-                    writer.add_scalar(f"heldout/{name}", value, step)
-                for name, grid in stage.images().items():
-                    writer.add_image(name, grid, step)
-                summary = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-                (bar.write if progress else log)(f"stage {stage.name} step {step}: {summary}")
-            if step % cfg.checkpoint_every == 0 or step == end:
-                checkpoint()
-    finally:
-        bar.close()
-        writer.close()
+                if step % cfg.log_every == 0 or step == end:
+                    speed = seen / max(busy, 1e-9)
+                    total_seen, total_busy = total_seen + seen, total_busy + busy
+                    seen, busy = 0, 0.0
+                    writer.add_scalar("loss/total", _scalar(total), step)
+                    for name, value in parts.items():
+                        writer.add_scalar(f"loss/{name}", _scalar(value), step)
+                    for name, value in batch_metrics.items():
+                        writer.add_scalar(f"train/{name}", _scalar(value), step)
+                    writer.add_scalar("train/lr", lr, step)
+                    writer.add_scalar("train/images_per_s", speed, step)
+                    bar.set_postfix(loss=f"{_scalar(total):.4f}", img_s=f"{speed:.0f}")
+                if step % cfg.eval_every == 0 or step == cfg.steps:
+                    metrics = stage.evaluate()
+                    for name, value in metrics.items():
+                        writer.add_scalar(f"heldout/{name}", value, step)
+                    for name, grid in stage.images().items():
+                        writer.add_image(name, grid, step)
+                    summary = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+                    (bar.write if progress else log)(f"stage {stage.name} step {step}: {summary}")
+                if step % cfg.checkpoint_every == 0 or step == end:
+                    checkpoint()
+                if stop.name is not None:
+                    if saved_at != step:
+                        checkpoint()
+                    raise Interrupted(stop.name, stage.name, step, cfg.steps, str(ckpt_path))
+        finally:
+            bar.close()
+            writer.close()
     return FitResult(step, step >= cfg.steps, metrics, total_busy + busy, total_seen + seen)

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import torch
 
-from progvq.checkpoint import checkpoint_path, file_sha256, seed_everything
+from progvq.checkpoint import checkpoint_path, seed_everything
 from progvq.config import Config
 from progvq.data import load_dataset
 from progvq.errors import RunError
-from progvq.run import CONFIG_NAME, first_difference, read_run_config, stage_state, write_run_config
+from progvq.run import CONFIG_NAME, first_difference, mark_stale, read_run_config, stage_state, write_run_config
 from progvq.train import FitResult, Stage, fit
 
 from .codes import CodeStage
@@ -86,18 +86,28 @@ def train_stage(
         raise RunError(f"--stage {name}: no such stage in this config (stages: {', '.join(names)})")
     index = names.index(name)
     new_config = check_run_config(cfg, run_dir, force=force)
+    # every lower stage must be done and consistent: this stage is trained on their codes
+    lowers = mark_stale([stage_state(run_dir, lower, cfg) for lower in names[:index]])
     parents: dict[str, str] = {}
-    for lower in names[:index]:
-        state = stage_state(run_dir, lower, cfg)
+    for state in lowers:
+        lower = state.name
         if state.state != "done":
             raise RunError(f"stage {name} needs stage {lower}, which is {state.describe()}; train stage {lower} first (--stage {lower})")
-        parents[lower] = file_sha256(checkpoint_path(run_dir, lower))
+        if state.stale:
+            raise RunError(f"stage {name} needs stage {lower}, which is stale ({state.stale}); retrain it first (--stage {lower} --restart)")
+        parents[lower] = state.digest
     stage_dir = checkpoint_path(run_dir, name).parent
     if restart and stage_dir.exists():
         keep = _free_name(stage_dir)
         stage_dir.rename(keep)
         log(f"stage {name}: previous training kept in {keep}")
     state = stage_state(run_dir, name, cfg)
+    if state.state != "missing" and state.parents != parents:
+        changed = next(k for k in names[:index] if state.parents.get(k) != parents.get(k))
+        raise RunError(
+            f"{run_dir}: stage {name} ({state.describe()}) was trained on an earlier version of stage {changed}; "
+            f"train --stage {name} --restart trains it anew on the current one"
+        )
     if state.state == "done":
         log(f"stage {name}: already done ({state.steps} steps); train --stage {name} --restart trains it anew")
         return FitResult(state.step, True, {})
