@@ -15,9 +15,9 @@ it loads with ``torch.load(weights_only=True)`` and can never run code:
 Integrity: a checkpoint is written atomically (temporary file, fsync, rename),
 so a crash leaves the old file or the new one. The digest catches what a
 rename cannot: a file damaged later (a truncated copy, a flipped bit). Before a
-new checkpoint replaces ``checkpoint.pt`` the old one becomes
-``checkpoint.prev.pt``; :func:`load_latest` falls back to it when the newest is
-missing or damaged, and never loads a damaged file into a model.
+new checkpoint is written the old one is renamed ``checkpoint.prev.pt``;
+:func:`load_latest` falls back to it when the newest is missing (a crash
+between the two steps) or damaged, and never loads a damaged file.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,30 +141,12 @@ def previous_path(path: str | Path) -> Path:
     return path.with_name(PREVIOUS_NAME if path.name == CHECKPOINT_NAME else f"{path.stem}.prev{path.suffix}")
 
 
-def _keep_previous(path: Path) -> None:
-    """Make the current ``path`` the previous checkpoint, leaving ``path`` itself in place.
-
-    A hard link (copy where links are not supported) renamed over the old
-    previous one: at every moment both names hold a complete file.
-    """
-    prev = previous_path(path)
-    tmp = prev.with_name(f".{prev.name}.link")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(path, tmp)
-    except OSError:
-        import shutil
-
-        shutil.copyfile(path, tmp)
-    os.replace(tmp, prev)
-
-
 def unfinished_writes(stage_dir: str | Path) -> list[Path]:
     """Temporary files left in ``stage_dir`` by checkpoint writes that a crash cut short."""
     stage_dir = Path(stage_dir)
     if not stage_dir.is_dir():
         return []
-    return sorted(p for p in stage_dir.iterdir() if p.name.startswith(".checkpoint") and p.name.endswith((".tmp", ".link")))
+    return sorted(p for p in stage_dir.iterdir() if p.name.startswith(".checkpoint") and p.name.endswith(".tmp"))
 
 
 def save_checkpoint(payload: dict[str, Any], path: str | Path, *, keep_previous: bool = True) -> str:
@@ -176,7 +160,9 @@ def save_checkpoint(payload: dict[str, Any], path: str | Path, *, keep_previous:
     full = {**header, **payload}
     full["digest"] = payload_digest(full)
     if keep_previous and path.exists():
-        _keep_previous(path)
+        # A rename, not a copy: the two names never share a file. Until the new
+        # checkpoint lands only the previous one exists, which load_latest uses.
+        os.replace(path, previous_path(path))
     atomic_write(path, lambda f: torch.save(full, f))
     return full["digest"]
 
@@ -187,11 +173,23 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.exists():
         raise RunError(f"{path}: checkpoint not found")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            # e.g. a pickle protocol torch does not expect: the load below succeeds or refuses on its own
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - whatever a corrupt, truncated or hostile file raises, it is not loadable
         lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-        # torch's weights_only refusal puts the reason on a line of its own
-        first = next((ln for ln in lines if "WeightsUnpickler error" in ln), lines[0] if lines else type(err).__name__)
+        # torch's weights_only refusal names the forbidden global on a line of its own; its
+        # first line advises weights_only=False, which must never reach a user as advice
+        refused = next((ln for ln in lines if "GLOBAL" in ln), None)
+        if refused is not None:
+            what = re.search(r"GLOBAL (\S+)", refused)
+            name = what.group(1) if what else refused[:120]
+            raise RunError(f"{path}: not a loadable checkpoint: refused, loading it would call {name}") from None
+        first = lines[0] if lines else type(err).__name__
+        for i, ln in enumerate(lines[:-1]):
+            if ln.endswith("WeightsUnpickler error:"):
+                first = f"unsupported pickle content: {lines[i + 1]}"
         raise RunError(f"{path}: not a loadable checkpoint ({first[:200]})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise RunError(f"{path}: not a progvq checkpoint")

@@ -1,0 +1,224 @@
+"""Kill training runs at random moments, resume them, and check they end bit-identical.
+
+For each stage kind (stage 1, a code stage, the prior) the harness trains the
+stage once without interruption (the reference), then again in a fresh copy of
+the run where it repeatedly
+
+- kills the training process with SIGKILL, either while a checkpoint is being
+  written (a temporary file beside ``checkpoint.pt`` is open) or at a random
+  moment between checkpoints,
+- sometimes damages the newest checkpoint after the kill (truncates it or flips
+  a byte), which the next start must notice and step over to the previous one,
+- sometimes stops it with SIGTERM or SIGINT instead, which must checkpoint the
+  current step and exit with status 128 + signal number and a resume line,
+
+and starts it again, until the stage is done. The final checkpoint must have
+the same content digest as the reference: the same weights, optimizer state,
+RNG states and metrics, bit for bit.
+
+Every process runs with one intra-op thread, so the reference and the
+interrupted runs reduce in the same order.
+
+The default test suite runs a short version (tests/test_crash.py). The full
+one, with ten kills per stage kind::
+
+    python -m tests.crash_harness --kills 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from progvq.checkpoint import PREVIOUS_NAME, checkpoint_path, load_checkpoint, load_latest, unfinished_writes
+from progvq.errors import RunError
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+STAGES = ("1", "2", "prior")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def overrides(steps: int) -> list[str]:
+    """--set flags: ``steps`` per stage, frequent checkpoints and evaluations at odd steps."""
+    flags = []
+    for stage in STAGES:
+        for key, value in (("steps", steps), ("checkpoint_every", 3), ("eval_every", 5), ("log_every", 2)):
+            flags += ["--set", f"stages.{stage}.{key}={value}"]
+    return flags
+
+
+def train_command(run_dir: Path, stage: str, steps: int) -> list[str]:
+    return [sys.executable, str(ROOT / "run_stage.py"), "train", str(TINY), "--stage", stage, "--run-dir", str(run_dir), "--no-progress", *overrides(steps)]
+
+
+@dataclass
+class Event:
+    """One interruption and what it left."""
+
+    action: str  # kill-write, kill-step, sigterm, sigint
+    step: int  # step of the newest intact checkpoint afterwards (-1: none yet)
+    mid_write: bool  # a checkpoint write was cut short (its temporary file was left)
+    damaged: str = ""  # "truncate" or "flip" if the newest checkpoint was damaged afterwards
+    returncode: int = 0
+
+
+@dataclass
+class Report:
+    stage: str
+    kills: int = 0  # SIGKILLs delivered
+    kills_mid_write: int = 0  # of them, while a checkpoint was being written
+    signals: int = 0  # SIGTERM/SIGINT stops
+    damaged: int = 0  # checkpoints damaged on purpose
+    fallbacks: int = 0  # starts that reported a damaged checkpoint and used the previous one
+    restarts: int = 0  # processes started in all
+    identical: bool = False  # final checkpoint digest equals the reference's
+    events: list[Event] = field(default_factory=list)
+
+
+def _newest_step(stage_dir: Path) -> int:
+    """Step of the checkpoint a restart would resume from (-1: none)."""
+    try:
+        found = load_latest(stage_dir / "checkpoint.pt")
+    except RunError:
+        return -1
+    return -1 if found is None else int(found.checkpoint["step"])
+
+
+def _wait_for_write(proc: subprocess.Popen, stage_dir: Path, timeout: float) -> bool:
+    """Poll until this process is writing a checkpoint; False if it ended first.
+
+    Temporary files left by an earlier killed process do not count: the new
+    process removes them at start, before its own first write.
+    """
+    old = set(unfinished_writes(stage_dir))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        if set(unfinished_writes(stage_dir)) - old:
+            return True
+        time.sleep(0.0005)
+    return False
+
+
+def _damage(path: Path, how: str, rng: random.Random) -> None:
+    data = bytearray(path.read_bytes())
+    if how == "truncate":
+        path.write_bytes(bytes(data[: rng.randrange(1, len(data))]))
+    else:
+        # flip one byte inside a stored tensor's data, so the file still unpickles and only the digest can tell
+        i = rng.randrange(len(data) // 4, 3 * len(data) // 4)
+        data[i] ^= 0xFF
+        path.write_bytes(bytes(data))
+
+
+def reference(work: Path, steps: int) -> Path:
+    """Train every stage once without interruption; returns the run directory."""
+    run = work / "reference"
+    for stage in STAGES:
+        subprocess.run(train_command(run, stage, steps), env=ENV, check=True, capture_output=True, timeout=600)
+    return run
+
+
+def interrupt_stage(ref: Path, work: Path, stage: str, steps: int, *, kills: int, signals: int, seed: int, log: bool = False) -> Report:
+    """Train ``stage`` in a copy of ``ref`` through ``kills`` SIGKILLs and ``signals`` SIGTERM/SIGINT stops."""
+    rng = random.Random(f"{seed}-{stage}")
+    run = work / f"interrupted-{stage}"
+    shutil.rmtree(run, ignore_errors=True)
+    shutil.copytree(ref, run)
+    stage_dir = checkpoint_path(run, stage).parent
+    shutil.rmtree(stage_dir)  # this stage starts from nothing; the lower ones are the reference's
+    report = Report(stage)
+    plan = ["kill"] * kills + ["signal"] * signals
+    rng.shuffle(plan)
+    damage_due = False
+    logs = work / f"log-{stage}.txt"
+    with open(logs, "w") as out:
+        for what in plan:
+            proc = subprocess.Popen(train_command(run, stage, steps), env=ENV, stdout=out, stderr=subprocess.STDOUT, text=True)
+            report.restarts += 1
+            if not _wait_for_write(proc, stage_dir, timeout=300):
+                break  # the stage finished before this interruption: the plan was too long for the steps
+            if what == "kill":
+                mode = rng.choice(["kill-write", "kill-step"])
+                if mode == "kill-step":
+                    # let the write finish, then kill at a random moment among the next steps
+                    while unfinished_writes(stage_dir) and proc.poll() is None:
+                        time.sleep(0.0005)
+                    time.sleep(rng.uniform(0.0, 0.3))
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                left = bool(unfinished_writes(stage_dir))
+                report.kills += 1
+                report.kills_mid_write += left
+                event = Event(mode, _newest_step(stage_dir), left, returncode=proc.returncode)
+                # From every third kill on, damage the newest checkpoint too, as soon as there is a
+                # previous one to fall back on (a kill mid-write leaves only the previous one).
+                damage_due = damage_due or report.kills % 3 == 0
+                if damage_due and (stage_dir / "checkpoint.pt").exists() and (stage_dir / PREVIOUS_NAME).exists():
+                    damage_due = False
+                    event.damaged = rng.choice(["truncate", "flip"])
+                    _damage(stage_dir / "checkpoint.pt", event.damaged, rng)
+                    report.damaged += 1
+            else:
+                sig = rng.choice([signal.SIGTERM, signal.SIGINT])
+                time.sleep(rng.uniform(0.0, 0.3))
+                proc.send_signal(sig)
+                proc.wait(timeout=120)
+                report.signals += 1
+                expected = 128 + int(sig)
+                if proc.returncode != expected and proc.returncode != 0:
+                    raise AssertionError(f"{sig.name}: exit status {proc.returncode}, expected {expected}")
+                event = Event(sig.name.lower(), _newest_step(stage_dir), bool(unfinished_writes(stage_dir)), returncode=proc.returncode)
+            report.events.append(event)
+            if log:
+                print(f"  stage {stage}: {event}", flush=True)
+        final = subprocess.run(train_command(run, stage, steps), check=False, env=ENV, stdout=out, stderr=subprocess.STDOUT, text=True, timeout=600)
+        report.restarts += 1
+    if final.returncode != 0:
+        raise AssertionError(f"final run of stage {stage} failed; see {logs}")
+    text = logs.read_text()
+    report.fallbacks = text.count("resuming from checkpoint.prev.pt instead")
+    got = load_checkpoint(checkpoint_path(run, stage))
+    want = load_checkpoint(checkpoint_path(ref, stage))
+    report.identical = got["digest"] == want["digest"] and got["step"] == want["step"] == steps
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kills", type=int, default=10, help="SIGKILLs per stage kind (default 10)")
+    parser.add_argument("--signals", type=int, default=2, help="SIGTERM/SIGINT stops per stage kind (default 2)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work", default=None, help="scratch directory (default: a new temporary one)")
+    args = parser.parse_args(argv)
+    import tempfile
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="progvq-crash-"))
+    steps = 12 * (args.kills + args.signals) + 20  # enough steps that every interruption lands before the end
+    started = time.perf_counter()
+    ref = reference(work, steps)
+    reports = []
+    for stage in STAGES:
+        report = interrupt_stage(ref, work, stage, steps, kills=args.kills, signals=args.signals, seed=args.seed, log=True)
+        reports.append(report)
+        print(f"stage {stage}: {report.kills} kills ({report.kills_mid_write} mid-write), {report.signals} signals, "
+              f"{report.damaged} damaged, {report.fallbacks} fallbacks, identical: {report.identical}", flush=True)
+    summary = {"steps": steps, "seconds": round(time.perf_counter() - started, 1), "stages": [asdict(r) for r in reports]}
+    print(json.dumps(summary, indent=1))
+    ok = all(r.identical and r.kills >= args.kills and r.signals >= args.signals for r in reports)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
