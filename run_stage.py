@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shlex
 import signal
 import sys
@@ -156,29 +157,39 @@ def _one_line_warnings(
 
 
 def main(argv: list[str] | None = None) -> int:
+    from progvq.distributed import teardown
     from progvq.errors import Interrupted
 
     argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
     warnings.showwarning = _one_line_warnings
-    again = "progvq " + shlex.join(argv)
+    again = "progvq " + shlex.join(argv) if int(os.environ.get("WORLD_SIZE", "1")) == 1 else "the same torchrun command"
+    # under torchrun every rank runs this; rank 0 speaks for all of them
+    speak = os.environ.get("RANK", "0") == "0"
+
+    def say(message: str) -> None:
+        if speak:
+            print(message, file=sys.stderr)
+
     try:
         return COMMANDS[args.command](args)
     except ProgvqError as err:
-        print(f"progvq: error: {err}", file=sys.stderr)
+        say(f"progvq: error: {err}")
         return 2
     except OSError as err:
         # the environment refused (disk full, permissions): every write is atomic, so what was there is intact
         where = f"{err.filename}: " if err.filename else ""
-        print(f"progvq: error: {where}{err.strerror or err}", file=sys.stderr)
+        say(f"progvq: error: {where}{err.strerror or err}")
         return 2
     except Interrupted as stop:
-        print(f"progvq: {stop}; to resume, run the same command again: {again}", file=sys.stderr)
-        return 128 + int(getattr(signal, stop.signal_name))
+        say(f"progvq: {stop}; to resume, run the same command again: {again}")
+        return 128 + int(getattr(signal, stop.signal_name, signal.SIGTERM))
     except KeyboardInterrupt:
         # checkpoints are atomic, so the last one written is intact
-        print(f"progvq: interrupted; to resume from the last checkpoint, run the same command again: {again}", file=sys.stderr)
+        say(f"progvq: interrupted; to resume from the last checkpoint, run the same command again: {again}")
         return 130
+    finally:
+        teardown()
 
 
 if __name__ == "__main__":

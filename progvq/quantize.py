@@ -15,6 +15,14 @@ restart dead codes from a ring buffer of recent encoder outputs (as in
 Jukebox). All state lives in registered buffers, so ``state_dict()`` together
 with the torch RNG state makes a resumed run bit-identical to an uninterrupted
 one. In eval mode nothing changes.
+
+Distributed training (``torch.distributed`` initialised, world size > 1): each
+rank quantises its own slice of the global batch, then the detached encoder
+vectors of every rank are gathered in rank order, and every rank applies the
+same update (data init, EMA statistics, usage, ring buffer, restarts) to the
+same gathered vectors with the same RNG state. So every rank holds the
+identical codebook after every step, and it is the codebook a single process
+would hold for the same global batch (up to the summation order of floats).
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
@@ -58,6 +67,18 @@ def _histogram_stats(counts: Tensor) -> tuple[Tensor, Tensor]:
     # xlogy gives 0 * log 0 = 0, so unused codes add nothing to the entropy.
     perplexity = torch.exp(-torch.special.xlogy(p, p).sum())
     return perplexity, (counts > 0).sum()
+
+
+def _gather_ranks(flat: Tensor) -> Tensor:
+    """(N, D) of this rank -> (world * N, D) of all ranks in rank order; ``flat`` itself in one process.
+
+    Every rank must pass the same N (the global batch is split evenly).
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flat
+    parts = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, flat.contiguous())
+    return torch.cat(parts)
 
 
 def code_usage(indices: Tensor, num_codes: int) -> tuple[float, int]:
@@ -166,8 +187,10 @@ class VectorQuantizer(nn.Module):
         # EMA sums are too coarse.
         with torch.autocast(device_type=z.device.type, enabled=False):
             flat = rearrange(z.float(), "b d h w -> (b h w) d")  # (N, D)
+            # every rank's vectors (N * world, D), the same on all ranks; just ``flat`` in one process
+            everyone = _gather_ranks(flat.detach()) if self.training else flat
             if self.training and not bool(self.initialized):
-                self._init_from(flat.detach())
+                self._init_from(everyone)
             idx = self._assign(flat.detach())  # (N,)
             # (N, D); carries a gradient to a learned codebook
             chosen = self.codebook[idx]
@@ -185,10 +208,14 @@ class VectorQuantizer(nn.Module):
             onehot = F.one_hot(idx, self.num_codes).type_as(flat)  # (N, K)
             counts = onehot.sum(0)  # (K,)
             if self.training:
-                sums = onehot.T @ flat.detach()  # (K, D)
-                # Distributed training: all-reduce `counts` and `sums` here
-                # (and gather `flat` for `recent`).
-                self._update_state(flat.detach(), counts, sums)
+                if everyone is not flat:
+                    # Recomputing the assignments of all ranks' vectors (cheap next to the
+                    # encoder) rather than all-reducing counts and sums: every rank then
+                    # does bit-identical arithmetic, so the codebooks never drift apart.
+                    all_onehot = F.one_hot(self._assign(everyone), self.num_codes).type_as(flat)
+                    self._update_state(everyone, all_onehot.sum(0), all_onehot.T @ everyone)
+                else:
+                    self._update_state(flat.detach(), counts, onehot.T @ flat.detach())
             perplexity, codes_used = _histogram_stats(counts)
 
         quantized = rearrange(st, "(b h w) d -> b d h w", b=b, h=h, w=w).to(z.dtype)

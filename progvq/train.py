@@ -23,6 +23,7 @@ import math
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from tqdm import tqdm
 
 from .checkpoint import load_latest, rng_state, save_checkpoint, set_rng_state, unfinished_writes
 from .config import Config, TrainConfig
+from .distributed import Context, any_rank, local_slice, mean_across
 from .errors import Interrupted, RunError
 
 
@@ -153,6 +155,28 @@ def _set_aside(path: Path) -> Path:
     return dest
 
 
+def _quiet(message: str) -> None:
+    """The log of ranks other than 0: they say nothing."""
+
+
+def _wrap(model: nn.Module, ctx: Context) -> nn.Module:
+    """``model`` under DistributedDataParallel when there are several processes, else itself."""
+    if not ctx.distributed:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    # Buffers (the quantiser's codebook and statistics) are kept identical by the
+    # quantiser itself, so DDP need not sync them on every forward.
+    # find_unused_parameters: some parameters never get a gradient (the last PixelCNN
+    # block's horizontal output feeds nothing), and the levels return dataclasses,
+    # which DDP's static-graph mode cannot look into (its gradients went unsynced).
+    ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    # channels_last weights make DDP copy their gradients into its buckets (it says so
+    # once per process); the copy is cheap next to the all-reduce, so the note is noise
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+    return DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False, find_unused_parameters=True)
+
+
 def _scalar(x: Tensor | float) -> float:
     return float(x.detach()) if isinstance(x, Tensor) else float(x)
 
@@ -167,25 +191,37 @@ def fit(
     progress: bool = True,
     log: Callable[[str], None] = print,
     extra: dict[str, Any] | None = None,
+    ctx: Context | None = None,
 ) -> FitResult:
     """Train ``stage`` to its configured steps (or to ``until``), resuming from ``stage_dir``.
 
     Checkpoints go to ``stage_dir/checkpoint.pt`` every ``checkpoint_every``
     steps and when training stops; TensorBoard events go to ``stage_dir``.
-    ``parents`` (stage -> sha256 of its checkpoint) and ``extra`` are stored in
+    ``parents`` (stage -> digest of its checkpoint) and ``extra`` are stored in
     every checkpoint as they are.
+
+    With ``ctx`` of several processes (torchrun), the model trains under
+    DistributedDataParallel: each rank takes its slice of every global batch,
+    gradients are averaged, and only rank 0 writes checkpoints, logs and
+    images (see :mod:`progvq.distributed`).
     """
     cfg = stage.settings
     model = stage.model
     device = next(model.parameters()).device
+    ctx = ctx or Context(device=device)
+    if not ctx.main:
+        progress, log = False, _quiet
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     weights = {name: float(w) for name, w in cfg.loss_weights.items()}  # type: ignore[attr-defined]
     order = BatchOrder(stage.num_train, cfg.batch_size, config.seed)
+    if order.batch_size % ctx.world:
+        raise RunError(f"stages.{stage.name}.batch_size: {order.batch_size} does not split evenly over {ctx.world} processes")
+    ddp = _wrap(model, ctx)
     ckpt_path = stage_dir / "checkpoint.pt"
     metrics: dict[str, float] = {}
 
-    for leftover in unfinished_writes(stage_dir):
+    for leftover in unfinished_writes(stage_dir) if ctx.main else []:
         # a temporary file of a write that a crash cut short; the file it was to replace is intact
         leftover.unlink()
         log(f"stage {stage.name}: removed {leftover.name}, an unfinished checkpoint write")
@@ -194,7 +230,7 @@ def fit(
         log(f"stage {stage.name}: {path.name} is damaged, moved to {_set_aside(path).name}; it will not be loaded")
 
     step = 0
-    found = load_latest(ckpt_path, map_location=device, on_damaged=damaged)
+    found = load_latest(ckpt_path, map_location=device, on_damaged=damaged if ctx.main else None)
     if found is not None:
         ckpt = found.checkpoint
         if found.fell_back:
@@ -223,6 +259,9 @@ def fit(
 
     def checkpoint() -> None:
         nonlocal saved_at
+        saved_at = step
+        if not ctx.main:
+            return
         epoch, pos = order.position(step)
         save_checkpoint(
             {
@@ -241,12 +280,11 @@ def fit(
             },
             ckpt_path,
         )
-        saved_at = step
 
     if step >= end:
         return FitResult(step, step >= cfg.steps, metrics)
 
-    writer = SummaryWriter(str(stage_dir), purge_step=step if step > 0 else None)
+    writer = SummaryWriter(str(stage_dir), purge_step=step if step > 0 else None) if ctx.main else None
     bar = tqdm(total=cfg.steps, initial=step, desc=f"stage {stage.name}", disable=not progress, dynamic_ncols=True)
     seen, busy = 0, 0.0  # items and seconds of training steps since the last log
     total_seen, total_busy = 0, 0.0
@@ -257,9 +295,13 @@ def fit(
                 lr = lr_at(step, cfg)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                batch = stage.batch(order(step))
+                batch = stage.batch(local_slice(order(step), ctx))
                 model.train()
-                parts, batch_metrics = stage.loss(batch)
+                stage.model = ddp  # the loss runs through DDP's forward, which syncs gradients
+                try:
+                    parts, batch_metrics = stage.loss(batch)
+                finally:
+                    stage.model = model
                 total = sum(weights[name] * value for name, value in parts.items())
                 optimizer.zero_grad(set_to_none=True)
                 total.backward()
@@ -276,15 +318,20 @@ def fit(
                     speed = seen / max(busy, 1e-9)
                     total_seen, total_busy = total_seen + seen, total_busy + busy
                     seen, busy = 0, 0.0
-                    writer.add_scalar("loss/total", _scalar(total), step)
-                    for name, value in parts.items():
-                        writer.add_scalar(f"loss/{name}", _scalar(value), step)
-                    for name, value in batch_metrics.items():
-                        writer.add_scalar(f"train/{name}", _scalar(value), step)
-                    writer.add_scalar("train/lr", lr, step)
-                    writer.add_scalar("train/images_per_s", speed, step)
+                    # the global batch's figures: every rank joins the average, rank 0 logs it
+                    parts, batch_metrics = mean_across(parts, ctx), mean_across(batch_metrics, ctx)
+                    total = sum(weights[name] * value for name, value in parts.items())
+                    if writer is not None:
+                        writer.add_scalar("loss/total", _scalar(total), step)
+                        for name, value in parts.items():
+                            writer.add_scalar(f"loss/{name}", _scalar(value), step)
+                        for name, value in batch_metrics.items():
+                            writer.add_scalar(f"train/{name}", _scalar(value), step)
+                        writer.add_scalar("train/lr", lr, step)
+                        writer.add_scalar("train/images_per_s", speed, step)
                     bar.set_postfix(loss=f"{_scalar(total):.4f}", img_s=f"{speed:.0f}")
-                if step % cfg.eval_every == 0 or step == cfg.steps:
+                if (step % cfg.eval_every == 0 or step == cfg.steps) and writer is not None:
+                    # rank 0 alone: evaluation draws from no global RNG and changes no state
                     metrics = stage.evaluate()
                     for name, value in metrics.items():
                         writer.add_scalar(f"heldout/{name}", value, step)
@@ -294,11 +341,13 @@ def fit(
                     (bar.write if progress else log)(f"stage {stage.name} step {step}: {summary}")
                 if step % cfg.checkpoint_every == 0 or step == end:
                     checkpoint()
-                if stop.name is not None:
+                # ranks may see a signal at different steps; they agree to stop at the same one
+                if any_rank(stop.name is not None, ctx) and step < end:
                     if saved_at != step:
                         checkpoint()
-                    raise Interrupted(stop.name, stage.name, step, cfg.steps, str(ckpt_path))
+                    raise Interrupted(stop.name or "a signal to another rank", stage.name, step, cfg.steps, str(ckpt_path))
         finally:
             bar.close()
-            writer.close()
+            if writer is not None:
+                writer.close()
     return FitResult(step, step >= cfg.steps, metrics, total_busy + busy, total_seen + seen)

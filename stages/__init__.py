@@ -15,6 +15,7 @@ import torch
 from progvq.checkpoint import checkpoint_path, seed_everything
 from progvq.config import Config
 from progvq.data import load_dataset
+from progvq.distributed import barrier, setup
 from progvq.errors import RunError
 from progvq.run import CONFIG_NAME, first_difference, mark_stale, read_run_config, stage_state, write_run_config
 from progvq.train import FitResult, Stage, fit
@@ -22,15 +23,6 @@ from progvq.train import FitResult, Stage, fit
 from .codes import CodeStage
 from .pixels import PixelStage
 from .prior import PriorStage
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when present, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RunError("device: cuda was asked for, but no CUDA device is available")
-    return torch.device(name)
 
 
 def build_stage(cfg: Config, name: str, run_dir: Path, device: torch.device) -> Stage:
@@ -85,6 +77,9 @@ def train_stage(
     if name not in names:
         raise RunError(f"--stage {name}: no such stage in this config (stages: {', '.join(names)})")
     index = names.index(name)
+    ctx = setup(cfg.device)  # one process, or one of several under torchrun
+    if not ctx.main:
+        progress, log = False, _quiet
     new_config = check_run_config(cfg, run_dir, force=force)
     # every lower stage must be done and consistent: this stage is trained on their codes
     lowers = mark_stale([stage_state(run_dir, lower, cfg) for lower in names[:index]])
@@ -97,10 +92,11 @@ def train_stage(
             raise RunError(f"stage {name} needs stage {lower}, which is stale ({state.stale}); retrain it first (--stage {lower} --restart)")
         parents[lower] = state.digest
     stage_dir = checkpoint_path(run_dir, name).parent
-    if restart and stage_dir.exists():
+    if restart and stage_dir.exists() and ctx.main:
         keep = _free_name(stage_dir)
         stage_dir.rename(keep)
         log(f"stage {name}: previous training kept in {keep}")
+    barrier(ctx)  # every rank sees the stage directory as rank 0 left it
     state = stage_state(run_dir, name, cfg)
     if state.state != "missing" and state.parents != parents:
         changed = next(k for k in names[:index] if state.parents.get(k) != parents.get(k))
@@ -111,17 +107,22 @@ def train_stage(
     if state.state == "done":
         log(f"stage {name}: already done ({state.steps} steps); train --stage {name} --restart trains it anew")
         return FitResult(state.step, True, {})
-    device = resolve_device(cfg.device)
+    device = ctx.device
     # seed before the model is built, so initial weights are a function of (seed, stage)
     seed_everything(cfg.seed * 1000 + index)
     stage = build_stage(cfg, name, run_dir, device)
-    if new_config:
+    if new_config and ctx.main:
         write_run_config(run_dir, cfg)
     extra = {"image_shape": list(stage.image_shape)}
-    result = fit(stage, cfg, stage_dir, parents=parents, until=until, progress=progress, log=log, extra=extra)
+    result = fit(stage, cfg, stage_dir, parents=parents, until=until, progress=progress, log=log, extra=extra, ctx=ctx)
+    barrier(ctx)  # the next stage on any rank reads the checkpoint rank 0 has just written
     if not result.done:
         log(f"stage {name}: stopped at step {result.step} of {cfg.stages[name].steps}; run the same train command to continue")
     return result
+
+
+def _quiet(message: str) -> None:
+    """The log of ranks other than 0."""
 
 
 def _free_name(path: Path) -> Path:
@@ -139,4 +140,4 @@ def train_all(cfg: Config, run_dir: Path, *, force: bool = False, progress: bool
             return
 
 
-__all__ = ["build_stage", "check_run_config", "resolve_device", "train_all", "train_stage"]
+__all__ = ["build_stage", "check_run_config", "train_all", "train_stage"]
