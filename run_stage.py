@@ -95,6 +95,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     _positive(args.n, "-n")
     _positive(args.temperature, "--temperature", 0)
+    if args.nrow is not None:
+        _positive(args.nrow, "--nrow")
+    if not 0 <= args.seed < 2**63:
+        raise ProgvqError(f"--seed: must be in [0, 2**63), got {args.seed}")
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise ProgvqError(f"--out {out}: must end in .png (the arrays go beside it as .npz)")

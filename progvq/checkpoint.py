@@ -236,5 +236,7 @@ def load_latest(path: str | Path, map_location: str | torch.device = "cpu", *, o
             if on_damaged is not None:
                 on_damaged(candidate)
     if problems:
-        raise RunError(f"{problems[0]}; no earlier good checkpoint to fall back to" if len(problems) == 1 else f"{problems[0]}; and {problems[1]}")
+        if len(problems) == 1:
+            raise RunError(f"{problems[0]}; no earlier good checkpoint to fall back to")
+        raise RunError(f"{problems[0][:240]}; and {problems[1][:240]}")
     return None

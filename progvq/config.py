@@ -25,7 +25,10 @@ import yaml
 from .errors import ConfigError
 
 DATA_SOURCES = ("shapes", "mnist", "folder", "array")
-DEVICES = ("auto", "cpu", "cuda")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+#: Side of generated shapes images when ``data.size`` is not set, and the smallest side they can have.
+SHAPES_DEFAULT_SIZE = 32
+SHAPES_MIN_SIZE = 8
 
 
 @dataclass
@@ -115,7 +118,7 @@ class Config:
     stages: dict[str, Any] = field(default_factory=dict)  # "1".."L" -> LevelConfig, "prior" -> PriorConfig
     sample: SampleConfig = field(default_factory=SampleConfig)
     seed: int = 0
-    device: str = "cpu"  # auto | cpu | cuda
+    device: str = "cpu"  # auto | cpu | cuda | mps; auto takes CUDA, else MPS, else the CPU
     run_dir: str | None = None  # default: runs/<config file stem>
 
     @property
@@ -148,11 +151,39 @@ class Config:
 
 # --------------------------------------------------------------------------- parsing
 
+#: Longest rendering of a user's key or value in an error message.
+_SHOW_MAX = 80
+#: Integers must fit in 64 bits: torch, numpy and the RNGs take nothing wider.
+_INT_MIN, _INT_MAX = -(2**63), 2**63 - 1
+#: Seeds must fit in 32 bits (numpy's legacy seeding) and be non-negative.
+_SEED_MAX = 2**32 - 1
+
+
+def _show(value: Any) -> str:
+    """``repr(value)`` on one line, cut to a readable length (an error names the value, not all of it)."""
+    try:
+        text = repr(value)
+    except RecursionError:  # a self-referencing YAML alias (a: &x [*x])
+        text = f"<recursive {type(value).__name__}>"
+    return text if len(text) <= _SHOW_MAX else text[: _SHOW_MAX - 3] + "..."
+
+
+def _key(key: Any) -> str:
+    """A user's key as it goes into a key path: as typed when plain, else its repr (never a line break)."""
+    text = str(key)
+    if text and text.isprintable() and len(text) <= _SHOW_MAX:
+        return text
+    return _show(key)
+
+
+def _join(where: str, key: str) -> str:
+    """The key path ``where.key`` (just ``key`` at the top level)."""
+    return f"{where}.{key}" if where else key
+
 
 def _type_name(tp: Any) -> str:
-    if tp is type(None):
-        return "null"
-    return getattr(tp, "__name__", str(tp))
+    names = {type(None): "null", bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    return names.get(tp, getattr(tp, "__name__", str(tp)))
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -165,34 +196,45 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(value, arg, where)
             except ConfigError:
                 continue
+        for arg in args:
+            if isinstance(arg, type) and not isinstance(value, bool) and isinstance(value, arg):
+                _coerce(value, arg, where)  # the right type, a wrong value: that error names the problem
         names = " or ".join(_type_name(a) for a in args)
-        raise ConfigError(f"{where}: expected {names}, got {value!r}")
+        raise ConfigError(f"{where}: expected {names}, got {_show(value)}")
     if origin is dict:
         _, val_tp = typing.get_args(tp)
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return {str(k): _coerce(v, val_tp, f"{where}.{k}") for k, v in value.items()}
+            raise ConfigError(f"{where}: expected a mapping, got {_show(value)}")
+        return {str(k): _coerce(v, val_tp, f"{where}.{_key(k)}") for k, v in value.items()}
     if tp is type(None):
         if value is not None:
-            raise ConfigError(f"{where}: expected null, got {value!r}")
+            raise ConfigError(f"{where}: expected null, got {_show(value)}")
         return None
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+            raise ConfigError(f"{where}: expected true or false, got {_show(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            raise ConfigError(f"{where}: expected an integer, got {_show(value)}")
+        if not _INT_MIN <= value <= _INT_MAX:
+            raise ConfigError(f"{where}: expected an integer that fits in 64 bits, got {_show(value)}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        if not math.isfinite(value):
-            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
-        return float(value)
+            raise ConfigError(f"{where}: expected a number, got {_show(value)}")
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond any float
+            number = math.inf
+        if not math.isfinite(number):
+            raise ConfigError(f"{where}: expected a finite number, got {_show(value)}")
+        return number
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
+            raise ConfigError(f"{where}: expected a string, got {_show(value)}")
+        if "\x00" in value:
+            raise ConfigError(f"{where}: must not contain a NUL character, got {_show(value)}")
         return value
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, where)
@@ -200,24 +242,24 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 
 
 def _build(cls: type, raw: Any, where: str) -> Any:
-    """Build dataclass ``cls`` from a mapping, refusing unknown keys."""
+    """Build dataclass ``cls`` from a mapping, refusing unknown keys (a null section takes every default)."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {raw!r}")
+        raise ConfigError(f"{where}: expected a mapping, got {_show(raw)}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for key in raw:
-        if str(key) not in names:
+        if not isinstance(key, str) or key not in names:
             known = ", ".join(sorted(names))
-            raise ConfigError(f"{where}.{key}: unknown key (known: {known})")
-    kwargs = {str(k): _coerce(v, hints[str(k)], f"{where}.{k}") for k, v in raw.items()}
+            raise ConfigError(f"{_join(where, _key(key))}: unknown key (known: {known})")
+    kwargs = {k: _coerce(v, hints[k], _join(where, k)) for k, v in raw.items()}
     return cls(**kwargs)
 
 
 def _check(cond: bool, where: str, value: Any, need: str) -> None:
     if not cond:
-        raise ConfigError(f"{where}: must be {need}, got {value!r}")
+        raise ConfigError(f"{where}: must be {need}, got {_show(value)}")
 
 
 def _validate_train(cfg: TrainConfig, where: str) -> None:
@@ -236,7 +278,7 @@ def _validate_weights(cfg: LevelConfig | PriorConfig, where: str) -> None:
     defaults = type(cfg)().loss_weights
     for name, value in cfg.loss_weights.items():
         if name not in defaults:
-            raise ConfigError(f"{where}.loss_weights.{name}: unknown loss part (known: {', '.join(defaults)})")
+            raise ConfigError(f"{where}.loss_weights.{_key(name)}: unknown loss part (known: {', '.join(defaults)})")
         _check(value >= 0, f"{where}.loss_weights.{name}", value, ">= 0")
     cfg.loss_weights = {**defaults, **cfg.loss_weights}
 
@@ -251,12 +293,24 @@ def _validate(cfg: Config) -> None:
         _check(d.count > d.heldout, "data.count", d.count, f"> data.heldout ({d.heldout})")
     else:
         _check(d.path is not None, "data.path", d.path, f"a path for source {d.source!r}")
+    if d.path is not None:
+        _check(d.path.strip() != "", "data.path", d.path, "a path, not empty")
     if d.size is not None:
+        if d.source == "shapes":
+            _check(d.size >= SHAPES_MIN_SIZE, "data.size", d.size, f">= {SHAPES_MIN_SIZE} for source 'shapes'")
         _check(d.size >= 4, "data.size", d.size, ">= 4")
     if d.limit is not None:
         _check(d.limit > d.heldout, "data.limit", d.limit, f"> data.heldout ({d.heldout})")
+    _check(0 <= d.seed <= _SEED_MAX, "data.seed", d.seed, f"in [0, {_SEED_MAX}]")
+    _check(0 <= cfg.seed <= _SEED_MAX, "seed", cfg.seed, f"in [0, {_SEED_MAX}]")
     _check(cfg.sample.code_temperature >= 0, "sample.code_temperature", cfg.sample.code_temperature, ">= 0")
     _check(cfg.device in DEVICES, "device", cfg.device, "one of " + ", ".join(DEVICES))
+    if cfg.run_dir is not None:
+        _check(cfg.run_dir.strip() != "", "run_dir", cfg.run_dir, "a path or null, not empty")
+    # the image side when the config alone decides it: data.size, or the shapes' default side
+    side, side_name = d.size, f"data.size ({d.size})"
+    if side is None and d.source == "shapes":
+        side, side_name = SHAPES_DEFAULT_SIZE, f"the image side ({SHAPES_DEFAULT_SIZE}, the shapes' default; data.size changes it)"
 
     factor = 1
     for name in cfg.stage_names()[:-1]:
@@ -280,12 +334,12 @@ def _validate(cfg: Config) -> None:
             mse = level.loss_weights["mse"]
             _check(mse == 0, f"{where}.loss_weights.mse", mse, "0 (only level 1 decodes pixels)")
         factor *= ds
-        if d.size is not None:
+        if side is not None:
             _check(
-                d.size % factor == 0,
+                side % factor == 0,
                 f"{where}.downsample",
                 ds,
-                f"such that data.size ({d.size}) is divisible by the total downsampling ({factor})",
+                f"such that {side_name} is divisible by the total downsampling ({factor})",
             )
     p: PriorConfig = cfg.stages["prior"]
     _validate_train(p, "stages.prior")
@@ -299,13 +353,19 @@ def _validate(cfg: Config) -> None:
 def config_from_dict(raw: Any) -> Config:
     """Build and validate a :class:`Config` from a plain mapping (keys without a file prefix)."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"top level: expected a mapping, got {raw!r}")
+        raise ConfigError(f"top level: expected a mapping, got {_show(raw)}")
     raw = dict(raw)
     stages_raw = raw.pop("stages", None)
     if not isinstance(stages_raw, dict) or not stages_raw:
-        raise ConfigError(f"stages: expected a mapping of stages (1, 2, ..., prior), got {stages_raw!r}")
-    cfg = _build(Config, raw, "config")
-    names = [str(k) for k in stages_raw]
+        raise ConfigError(f"stages: expected a mapping of stages (1, 2, ..., prior), got {_show(stages_raw)}")
+    cfg = _build(Config, raw, "")
+    given: dict[str, Any] = {}
+    for key in stages_raw:
+        name = _key(key)
+        if name in given:
+            raise ConfigError(f"stages.{name}: given twice (as {given[name]!r} and {key!r})")
+        given[name] = key
+    names = list(given)
     if "prior" not in names:
         raise ConfigError("stages.prior: missing (every run ends with a prior stage)")
     levels = sorted((n for n in names if n != "prior"), key=lambda n: (not n.isdigit(), n))
@@ -316,10 +376,9 @@ def config_from_dict(raw: Any) -> Config:
     if not levels:
         raise ConfigError("stages: at least one level stage (stages.1) is needed")
     stages: dict[str, Any] = {}
-    for key, value in stages_raw.items():
-        name = str(key)
+    for name, key in given.items():
         cls = PriorConfig if name == "prior" else LevelConfig
-        stages[name] = _build(cls, value, f"stages.{name}")
+        stages[name] = _build(cls, stages_raw[key], f"stages.{name}")
     cfg.stages = {name: stages[name] for name in expected + ["prior"]}
     _validate(cfg)
     return cfg
@@ -334,11 +393,14 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. stages.1.steps=500")
+    path = [part.strip() for part in key.split(".")]
+    if not all(path):
+        raise ConfigError(f"--set {text!r}: empty part in the key {key.strip()!r} (parts are separated by one dot)")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else None
-    except yaml.YAMLError:
+        parsed = _parse_yaml(value) if value.strip() else None
+    except (yaml.YAMLError, RecursionError):
         parsed = value  # not YAML: take the text as it is
-    return key.strip().split("."), parsed
+    return path, parsed
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -363,6 +425,52 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+class _DuplicateKey(yaml.YAMLError):
+    """A mapping of a YAML file gives one key twice."""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (YAML would keep the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # "<<: *base" merges; keys given beside it override it, as YAML intends
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:  # unhashable: the base class reports it with its position
+                break
+            if first is not None:
+                raise _DuplicateKey(f"key {_show(key)} given twice (lines {first.start_mark.line + 1} and {key_node.start_mark.line + 1})")
+            seen[key] = key_node
+        return super().construct_mapping(node, deep=deep)
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        # a scalar that matches a type's pattern but not its range (2001-02-30, "!!int abc") makes
+        # the constructors raise ValueError & co. without a position: give it one, as a YAML error
+        try:
+            return super().construct_object(node, deep=deep)
+        except (ValueError, TypeError, OverflowError) as err:
+            value = _show(node.value) if isinstance(node, yaml.ScalarNode) else f"this {node.id}"
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read {value} as {node.tag.rsplit(':', 1)[-1]} ({err})", node.start_mark
+            ) from None
+
+
+def _parse_yaml(text: str) -> Any:
+    """YAML text to plain data, refusing duplicate keys; raises ``yaml.YAMLError`` or ``RecursionError``."""
+    return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass: builds plain data only
+
+
+def _yaml_error(path: Path, err: yaml.YAMLError) -> ConfigError:
+    mark = getattr(err, "problem_mark", None)
+    at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    problem = " ".join(str(getattr(err, "problem", None) or getattr(err, "context", None) or "invalid YAML").split())
+    return ConfigError(f"{path}: malformed YAML{at}: {problem}")
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Read a YAML config, apply ``--set`` overrides and validate.
 
@@ -370,19 +478,28 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """
     path = Path(path)
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a config file") from None
     except OSError as err:
-        raise ConfigError(f"{path}: cannot read config ({err.strerror})") from None
+        raise ConfigError(f"{path}: cannot read config ({err.strerror or err})") from None
     try:
-        raw = yaml.safe_load(text)
+        text = data.decode("utf-8-sig")  # an editor's byte-order mark is not part of the YAML
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not a YAML text file (byte {err.start} is not UTF-8)") from None
+    try:
+        raw = _parse_yaml(text)
+    except _DuplicateKey as err:
+        raise ConfigError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or "invalid YAML"
-        raise ConfigError(f"{path}: malformed YAML{at}: {problem}") from None
+        raise _yaml_error(path, err) from None
+    except RecursionError:
+        raise ConfigError(f"{path}: malformed YAML: nested too deeply") from None
     if raw is None:
+        if not overrides:
+            raise ConfigError(f"{path}: empty config (it needs at least a stages section: 1, ..., prior)")
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from progvq.config import DataConfig
+from progvq.config import SHAPES_DEFAULT_SIZE, DataConfig
 from progvq.errors import DataError
 
 __all__ = [
@@ -323,7 +323,8 @@ def load_mnist(folder: Path, prefix: str = "t10k") -> tuple[Tensor, Tensor | Non
     """
     folder = Path(folder)
     if not folder.is_dir():
-        raise DataError(f"{folder}: MNIST folder not found")
+        what = "not a folder (data.path of source mnist names the folder of the idx files)" if folder.exists() else "MNIST folder not found"
+        raise DataError(f"{folder}: {what}")
     images_stem = f"{prefix}-images-idx3-ubyte"
     images_path = _find_idx(folder, images_stem)
     if images_path is None:
@@ -380,7 +381,8 @@ def load_image_folder(folder: Path, channels: int) -> Tensor:
     if channels not in (1, 3):
         raise DataError(f"{folder}: channels must be 1 or 3, got {channels}")
     if not folder.is_dir():
-        raise DataError(f"{folder}: image folder not found")
+        what = "not a folder (data.path of source folder names a folder of images)" if folder.exists() else "image folder not found"
+        raise DataError(f"{folder}: {what}")
     try:
         files = sorted(
             (
@@ -457,7 +459,8 @@ def load_array(path: Path, key: str | None = None) -> Tensor:
     """
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: array file not found")
+        what = "is a directory, expected a .npy or .npz file" if path.is_dir() else "array file not found"
+        raise DataError(f"{path}: {what}")
     try:
         # allow_pickle=False: a data file must never be able to run code.
         loaded = np.load(path, allow_pickle=False)
@@ -604,7 +607,7 @@ def load_dataset(cfg: DataConfig, total_downsample: int = 1) -> ImageData:
     labels: Tensor | None = None
     where = cfg.path
     if cfg.source == "shapes":
-        images = make_shapes(cfg.count, size=cfg.size or 32, channels=cfg.channels, seed=cfg.seed)
+        images = make_shapes(cfg.count, size=cfg.size or SHAPES_DEFAULT_SIZE, channels=cfg.channels, seed=cfg.seed)
         where = "shapes"
     elif cfg.source == "mnist":
         images, labels = load_mnist(Path(cfg.path), cfg.prefix)  # type: ignore[arg-type]
@@ -618,6 +621,9 @@ def load_dataset(cfg: DataConfig, total_downsample: int = 1) -> ImageData:
         images = images[: cfg.limit]
         labels = None if labels is None else labels[: cfg.limit]
     if cfg.size is not None and cfg.source != "shapes":
+        h, w = images.shape[2:]
+        if h > cfg.size or w > cfg.size:
+            raise DataError(f"{where}: images are {h}x{w}, larger than data.size ({cfg.size}); data.size only pads, it never crops")
         images = pad_to(images, cfg.size)
     h, w = images.shape[2:]
     if h % total_downsample or w % total_downsample:

@@ -21,11 +21,27 @@ is the reach to the right in the rows above, so an ``H x W`` grid is fully
 covered (every earlier code reaches every later position) once
 ``L * r >= max(H - 2, W - 1)``; e.g. 4 layers of kernel 3, or 2 of kernel 5, on
 5x5; 7 layers of kernel 3, or 4 of kernel 5, on 8x8.
+
+Sampling (``GatedPixelCNN.sample``) has two interchangeable methods that
+return the same codes for the same generator state. ``"naive"`` runs the whole
+network once per position. ``"cached"`` (the default) is the incremental
+sampler of Ramachandran et al. 2017, "Fast Generation for Convolutional
+Autoregressive Models", specialised to this architecture: every layer's
+vertical stack at row ``i`` depends only on codes in rows ``< i``, so once row
+``i - 1`` is drawn it is computed for the whole row at once from a cache of the
+last ``r + 1`` rows of each layer's vertical input; then, column by column, the
+horizontal stacks, skips and head are evaluated at the single position
+``(i, j)`` from a cache of the current row of each layer's horizontal input.
+Each layer output is computed once, so a whole sample costs about one forward
+pass of arithmetic. It uses the module's own weights, so checkpoints are the
+same for both.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -110,15 +126,23 @@ class _GatedBlock(nn.Module):
         self.cond_proj = nn.Conv2d(cond_channels, 4 * c, 1) if cond_channels else None
         self.label_bias = nn.Embedding(num_classes, 4 * c) if num_classes else None
 
-    def forward(self, v: Tensor, h: Tensor, cond: Tensor | None, label: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        """v, h (B, C, H, W); cond (B, cond_channels, H, W); label (B,) -> (v, h, skip), each (B, C, H, W)."""
-        # Conditioning enters as an additive bias on the pre-activations of both stacks.
+    def conditioning_bias(self, cond: Tensor | None, label: Tensor | None) -> Tensor | None:
+        """Additive pre-activation bias: (B, 4C, H, W), or (B, 4C, 1, 1) from a label alone, or None.
+
+        Channels ``[:2C]`` go to the vertical stack, ``[2C:]`` to the horizontal one.
+        """
         terms = []
         if self.cond_proj is not None and cond is not None:
             terms.append(self.cond_proj(cond))  # (B, 4C, H, W)
         if self.label_bias is not None and label is not None:
             terms.append(self.label_bias(label)[:, :, None, None])  # (B, 4C, 1, 1)
-        v_bias, h_bias = sum(terms).chunk(2, dim=1) if terms else (0.0, 0.0)
+        return sum(terms) if terms else None
+
+    def forward(self, v: Tensor, h: Tensor, cond: Tensor | None, label: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """v, h (B, C, H, W); cond (B, cond_channels, H, W); label (B,) -> (v, h, skip), each (B, C, H, W)."""
+        # Conditioning enters as an additive bias on the pre-activations of both stacks.
+        bias = self.conditioning_bias(cond, label)
+        v_bias, h_bias = bias.chunk(2, dim=1) if bias is not None else (0.0, 0.0)
 
         v_pre = self.v_conv(v) + v_bias  # (B, 2C, H, W)
         h_pre = self.h_conv(h) + self.v_to_h(v_pre) + h_bias  # (B, 2C, H, W)
@@ -191,7 +215,8 @@ class GatedPixelCNN(nn.Module):
 
         Exposed so tests (and analyses) can differentiate with respect to the input.
         """
-        self._check_conditioning(x, cond, label)
+        b, _, height, width = x.shape
+        self._check_conditioning(b, height, width, cond, label)
         v, h = x, x
         skips = 0.0
         for block in self.blocks:
@@ -199,8 +224,8 @@ class GatedPixelCNN(nn.Module):
             skips = skips + skip
         return self.head(skips)
 
-    def _check_conditioning(self, x: Tensor, cond: Tensor | None, label: Tensor | None) -> None:
-        b, _, height, width = x.shape
+    def _check_conditioning(self, b: int, height: int, width: int, cond: Tensor | None, label: Tensor | None) -> None:
+        """Raise ValueError unless cond is (b, cond_channels, height, width) and label (b,) exactly when used."""
         if self.cond_channels:
             if cond is None or cond.shape != (b, self.cond_channels, height, width):
                 got = None if cond is None else tuple(cond.shape)
@@ -224,6 +249,8 @@ class GatedPixelCNN(nn.Module):
         generator: torch.Generator | None = None,
         cond: Tensor | None = None,
         label: Tensor | None = None,
+        known: tuple[Tensor, Tensor] | None = None,
+        method: Literal["cached", "naive"] = "cached",
     ) -> Tensor:
         """Draw ``n`` code grids, (n, height, width) int64, one position at a time in raster order.
 
@@ -231,27 +258,264 @@ class GatedPixelCNN(nn.Module):
         height, width) and ``label`` (n,) when the model uses them. Runs in eval mode
         (no dropout) and restores the caller's mode afterwards.
 
-        This is the plain sampler: the whole network runs once per position,
-        O(height * width) forward passes. A cached incremental sampler can replace
-        the body behind the same signature.
+        ``known`` = (codes (n, height, width) int64, mask (n, height, width) bool) fixes
+        the codes where ``mask`` is True (inpainting): they are kept, and every later
+        position is conditioned on them. A code is still drawn for the whole batch at
+        every position and then overwritten where known, so the generator advances
+        exactly as without ``known``: the free positions of two calls with the same
+        seed see the same random numbers whatever is known.
+
+        ``method="naive"`` runs the whole network once per position, O(height * width)
+        forward passes; ``"cached"`` (default) computes each layer output once (see the
+        module docstring), about one forward pass of arithmetic. Both draw in the same
+        order from the same generator calls, so for the same seed they return the same
+        codes. They compute the logits by different summation orders, so in float32
+        a draw could differ if a random number lands within rounding (~1e-6 relative)
+        of a decision boundary; this has probability of order 1e-6 per draw.
         """
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if method not in ("cached", "naive"):
+            raise ValueError(f"method must be 'cached' or 'naive', got {method!r}")
         device = self.embed.weight.device
+        self._check_conditioning(n, height, width, cond, label)
+        if known is not None:
+            self._check_known(known, n, height, width)
+
+        def choose(logits: Tensor, i: int, j: int) -> Tensor:
+            return _pick(logits, i, j, temperature, generator, known)
+
         codes = torch.zeros(n, height, width, dtype=torch.long, device=device)
         # Remember every submodule's mode, not just the top one, so a caller's
         # mixed setting (e.g. some parts frozen in eval) survives sampling.
         modes = [(m, m.training) for m in self.modules()]
         self.eval()
         try:
-            for i in range(height):
-                for j in range(width):
-                    logits = self(codes, cond, label)[:, :, i, j]  # (n, num_codes)
-                    codes[:, i, j] = _draw(logits, temperature, generator)
+            if method == "naive":
+                for i in range(height):
+                    for j in range(width):
+                        logits = self(codes, cond, label)[:, :, i, j]  # (n, num_codes)
+                        codes[:, i, j] = choose(logits, i, j)
+            else:
+                self._run_cached(n, height, width, cond, label, choose, codes)
         finally:
             for module, training in modes:
                 module.training = training
         return codes
+
+    def _check_known(self, known: tuple[Tensor, Tensor], n: int, height: int, width: int) -> None:
+        """Raise ValueError unless known = (codes (n, H, W) int64, mask (n, H, W) bool) with valid known codes."""
+        codes, mask = known
+        shape = (n, height, width)
+        if codes.shape != shape or codes.dtype != torch.long:
+            raise ValueError(f"known codes must be {shape} int64, got {tuple(codes.shape)} {codes.dtype}")
+        if mask.shape != shape or mask.dtype != torch.bool:
+            raise ValueError(f"known mask must be {shape} bool, got {tuple(mask.shape)} {mask.dtype}")
+        given = codes[mask]
+        if given.numel() and (given.min() < 0 or given.max() >= self.num_codes):
+            raise ValueError(f"known codes must lie in [0, {self.num_codes})")
+
+    @torch.no_grad()
+    def _cached_logits(self, codes: Tensor, cond: Tensor | None = None, label: Tensor | None = None) -> Tensor:
+        """Teacher-forced run of the cached sampler: codes (B, H, W) int64 -> logits (B, num_codes, H, W).
+
+        Every position takes its code from ``codes`` instead of drawing, and the
+        logits the sampler computed there are recorded. By causality this equals
+        ``self(codes, cond, label)`` in eval mode (up to rounding); exposed for tests.
+        """
+        b, height, width = codes.shape
+        self._check_conditioning(b, height, width, cond, label)
+        out = self.embed.weight.new_empty(b, self.num_codes, height, width)
+
+        def choose(logits: Tensor, i: int, j: int) -> Tensor:
+            out[:, :, i, j] = logits
+            return codes[:, i, j]
+
+        self._run_cached(b, height, width, cond, label, choose, codes.clone())
+        return out
+
+    def _run_cached(
+        self,
+        n: int,
+        height: int,
+        width: int,
+        cond: Tensor | None,
+        label: Tensor | None,
+        choose: Callable[[Tensor, int, int], Tensor],
+        codes: Tensor,
+    ) -> None:
+        """Cached incremental sampling loop; fills ``codes`` (n, height, width) int64 in place.
+
+        ``choose(logits (n, num_codes), i, j) -> (n,) int64`` picks the codes at
+        ``(i, j)``. Always eval-mode arithmetic (dropout is never applied).
+
+        Caches, all channels last so that a column or a window flattens to a
+        matmul operand without copying, for layer ``l`` with ``r = kernel_size // 2``:
+
+        - ``v_ring[l]`` (n, r + 1, width + 2r, C): the ``r + 1`` rows of the layer's
+          vertical input that its next output row needs, zero-padded left and right.
+          Row ``q`` lives in slot ``q % (r + 1)``, and the kernel rows are rotated to
+          match, so no cached row is ever moved. Layer 0 holds the embedded codes of
+          rows ``i - 1 - r .. i - 1`` (type A), later layers their inputs ``i - r .. i``.
+        - ``h_row[l]`` (n, r + width, C): the layer's horizontal input along the
+          current row, after ``r`` zero columns; layer 0's is the embedded codes.
+        - ``vh[l]`` (n, width, 2C): for the current row, the part of the horizontal
+          pre-activation that does not depend on the row's codes (v_to_h of the
+          vertical pre-activation, conditioning, conv bias).
+        - ``gates`` (n, L C): every layer's gated horizontal output at the current
+          position; all the skip convolutions then run as one matmul.
+        """
+        blocks = list(self.blocks)
+        num_layers = len(blocks)
+        c = self.embed.weight.shape[1]
+        r = blocks[0].h_conv.conv.weight.shape[-1] - 1
+        embedding = self.embed.weight
+        dtype, device = embedding.dtype, embedding.device
+        prep = [_BlockWeights.of(block, cond=cond, label=label, height=height, width=width) for block in blocks]
+        first = prep[0]
+        # Transposed views, so that each linear map is x @ w (one addmm with the bias).
+        # The skip sum over layers is one matmul of the concatenated gates: (n, L C) @ (L C, C).
+        skip_w = torch.cat([block.skip.weight[:, :, 0, 0] for block in blocks], dim=1).t()
+        skip_b = sum(block.skip.bias for block in blocks)
+        head1, head2 = self.head[1], self.head[3]
+        w1, b1, w2, b2 = head1.weight[:, :, 0, 0].t(), head1.bias, head2.weight[:, :, 0, 0].t(), head2.bias
+
+        v_ring = [torch.zeros(n, r + 1, width + 2 * r, c, dtype=dtype, device=device) for _ in range(num_layers)]
+        h_row = [torch.zeros(n, r + width, c, dtype=dtype, device=device) for _ in range(num_layers)]
+        x_row = h_row[0]
+        gates = torch.empty(n, num_layers * c, dtype=dtype, device=device)
+        g_cols = [gates[:, k * c : (k + 1) * c] for k in range(num_layers)]
+        zero_v = torch.zeros(n * width, 2 * c, dtype=dtype, device=device)
+
+        for i in range(height):
+            slot = i % (r + 1)
+            # Vertical stacks of every layer for the whole of row i (rows < i are final).
+            vh: list[Tensor] = []
+            for k, p in enumerate(prep):
+                if k == 0 and i == 0:  # type A, row 0: the shifted-in zero row, without the conv bias
+                    v_pre = zero_v
+                else:
+                    # im2col of the window: (n, r+1, W+2r, C) -> (n, W, r+1, 2r+1, C) -> (n W, (r+1)(2r+1) C).
+                    cols = v_ring[k].unfold(2, 2 * r + 1, 1).permute(0, 2, 1, 4, 3).reshape(n * width, -1)
+                    # Ring slot s holds kernel row (s - phase) mod (r + 1): for type A the
+                    # window ends at row i - 1, otherwise at row i.
+                    phase = slot if k == 0 else (i + 1) % (r + 1)
+                    v_pre = torch.addmm(p.v_bias, cols, p.v_weights[phase])  # (n W, 2C)
+                if p.v_cond is not None:
+                    v_pre = v_pre + p.v_cond[:, i].reshape(n * width, -1)
+                if k + 1 < num_layers:
+                    v_ring[k + 1][:, slot, r : r + width] = _gate_last(v_pre).view(n, width, c)
+                t = torch.addmm(p.v_to_h_bias, v_pre, p.v_to_h_weight).view(n, width, 2 * c)
+                if p.h_cond is not None:
+                    t = t + p.h_cond[:, i]
+                if k > 0:
+                    t = t + p.h_bias
+                else:  # type A: column 0 is the shifted-in zero, without the conv bias
+                    t[:, 1:] += p.h_bias
+                vh.append(t)
+
+            # Horizontal stacks, skips and head at the single position (i, j).
+            for j in range(width):
+                # Layer 0 (type A): code columns j-1-r .. j-1; column 0 sees only the shifted-in zero.
+                if j > 0:
+                    h_pre = torch.addmm(vh[0][:, j], x_row[:, j - 1 : j + r].reshape(n, -1), first.h_weight)
+                else:
+                    h_pre = vh[0][:, 0]
+                g = torch.mul(torch.tanh(h_pre[:, :c]), torch.sigmoid(h_pre[:, c:]), out=g_cols[0])  # (n, C)
+                if num_layers > 1:  # type A has no residual
+                    torch.addmm(first.h_out_bias, g, first.h_out_weight, out=h_row[1][:, r + j])
+                for k in range(1, num_layers):
+                    p = prep[k]
+                    # Input columns j-r .. j of this layer's horizontal stack (a strided view, no copy).
+                    h_pre = torch.addmm(vh[k][:, j], h_row[k][:, j : j + r + 1].reshape(n, -1), p.h_weight)
+                    g = torch.mul(torch.tanh(h_pre[:, :c]), torch.sigmoid(h_pre[:, c:]), out=g_cols[k])
+                    if k + 1 < num_layers:  # the last layer's horizontal output feeds nothing
+                        h_new = torch.addmm(p.h_out_bias, g, p.h_out_weight)
+                        torch.add(h_row[k][:, r + j], h_new, out=h_row[k + 1][:, r + j])
+                skips = torch.addmm(skip_b, gates, skip_w)  # (n, C)
+                hidden = torch.addmm(b1, skips.relu_(), w1).relu_()
+                logits = torch.addmm(b2, hidden, w2)  # (n, num_codes)
+                chosen = choose(logits, i, j)
+                codes[:, i, j] = chosen
+                x_row[:, r + j] = embedding[chosen]
+
+            # Row i is final: it enters layer 0's vertical window.
+            v_ring[0][:, slot, r : r + width] = x_row[:, r:]
+
+
+class _BlockWeights(NamedTuple):
+    """One block's parameters laid out for the cached sampler (views or small copies, made per call).
+
+    ``C`` channels, ``r = kernel_size // 2``, ``n`` samples; weights transposed for ``x @ w``.
+    """
+
+    v_weights: list[Tensor]  # r + 1 of ((r + 1)(2r + 1) C, 2C): vertical kernel per ring phase, see ``of``
+    v_bias: Tensor  # (2C,)
+    h_weight: Tensor  # ((r + 1) C, 2C): horizontal kernel, input index tap * C + channel
+    h_bias: Tensor  # (2C,)
+    v_to_h_weight: Tensor  # (2C, 2C)
+    v_to_h_bias: Tensor  # (2C,)
+    h_out_weight: Tensor  # (C, C)
+    h_out_bias: Tensor  # (C,)
+    v_cond: Tensor | None  # (n, H, W, 2C), possibly an expanded view: vertical conditioning bias
+    h_cond: Tensor | None  # (n, H, W, 2C), possibly an expanded view: horizontal conditioning bias
+
+    @classmethod
+    def of(
+        cls, block: _GatedBlock, *, cond: Tensor | None, label: Tensor | None, height: int, width: int
+    ) -> _BlockWeights:
+        """Lay out ``block`` for sampling an (height x width) grid with these cond (n, ., H, W) and label (n,)."""
+        c = block.h_out.weight.shape[0]
+        bias = block.conditioning_bias(cond, label)  # (n, 4C, H | 1, W | 1) or None
+        v_cond = h_cond = None
+        if bias is not None:
+            # Channels last; a view when the bias comes from a label alone.
+            bias = bias.expand(-1, -1, height, width).permute(0, 2, 3, 1)
+            v_cond, h_cond = bias[..., : 2 * c], bias[..., 2 * c :]
+        # Vertical kernel (2C, C, r+1, 2r+1) with its input index ordered (row, column, channel)
+        # to match the im2col of a channels-last window. The window is a ring buffer whose
+        # slot s holds kernel row (s - phase) mod (r + 1), so phase p uses the kernel rows
+        # rolled by p: rotating r + 1 small weights once per call replaces moving cache rows.
+        vw = block.v_conv.conv.weight.permute(0, 2, 3, 1)  # (2C, r+1, 2r+1, C)
+        v_weights = [vw.roll(phase, dims=1).reshape(2 * c, -1).t() for phase in range(vw.shape[1])]
+        hw = block.h_conv.conv.weight[:, :, 0, :]  # (2C, C, r + 1)
+        return cls(
+            v_weights=v_weights,
+            v_bias=block.v_conv.conv.bias,
+            h_weight=hw.permute(0, 2, 1).reshape(2 * c, -1).t(),
+            h_bias=block.h_conv.conv.bias,
+            v_to_h_weight=block.v_to_h.weight[:, :, 0, 0].t(),
+            v_to_h_bias=block.v_to_h.bias,
+            h_out_weight=block.h_out.weight[:, :, 0, 0].t(),
+            h_out_bias=block.h_out.bias,
+            v_cond=v_cond,
+            h_cond=h_cond,
+        )
+
+
+def _gate_last(x: Tensor) -> Tensor:
+    """Gated activation on channels-last rows: (..., 2C) -> (..., C)."""
+    a, b = x.chunk(2, dim=-1)
+    return torch.tanh(a) * torch.sigmoid(b)
+
+
+def _pick(
+    logits: Tensor,
+    i: int,
+    j: int,
+    temperature: float,
+    generator: torch.Generator | None,
+    known: tuple[Tensor, Tensor] | None,
+) -> Tensor:
+    """Codes (n,) at (i, j): drawn from logits (n, K) for the whole batch, then overwritten where known.
+
+    Drawing even where the code is known keeps the generator stream independent of ``known``.
+    """
+    drawn = _draw(logits, temperature, generator)
+    if known is None:
+        return drawn
+    codes, mask = known
+    return torch.where(mask[:, i, j], codes[:, i, j], drawn)
 
 
 def _draw(logits: Tensor, temperature: float, generator: torch.Generator | None) -> Tensor:

@@ -38,7 +38,9 @@ def read_run_config(run_dir: str | Path) -> Config:
     if not path.exists():
         raise RunError(f"{path}: missing; {run_dir} is not a progvq run directory")
     try:
-        return config_from_dict(yaml.safe_load(path.read_text()))
+        return config_from_dict(yaml.safe_load(path.read_bytes().decode("utf-8")))
+    except UnicodeDecodeError:
+        raise RunError(f"{path}: unreadable run config (not UTF-8 text)") from None
     except (ConfigError, yaml.YAMLError) as err:
         first = str(err).splitlines()[0]
         raise RunError(f"{path}: unreadable run config ({first})") from None

@@ -192,6 +192,7 @@ def fit(
     log: Callable[[str], None] = print,
     extra: dict[str, Any] | None = None,
     ctx: Context | None = None,
+    on_ready: Callable[[], None] | None = None,
 ) -> FitResult:
     """Train ``stage`` to its configured steps (or to ``until``), resuming from ``stage_dir``.
 
@@ -204,6 +205,10 @@ def fit(
     DistributedDataParallel: each rank takes its slice of every global batch,
     gradients are averaged, and only rank 0 writes checkpoints, logs and
     images (see :mod:`progvq.distributed`).
+
+    ``on_ready`` is called once the model and any checkpoint to resume from
+    have loaded, before the first step: the caller's chance to record the run
+    only when it is known to be usable.
     """
     cfg = stage.settings
     model = stage.model
@@ -253,6 +258,8 @@ def fit(
         step = int(ckpt["step"])
         metrics = dict(ckpt.get("metrics", {}))
         log(f"stage {stage.name}: resuming at step {step} of {cfg.steps}")
+    if on_ready is not None:
+        on_ready()
     end = cfg.steps if until is None else min(until, cfg.steps)
 
     saved_at = step if found is not None else -1  # the step of the newest checkpoint on disk

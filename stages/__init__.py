@@ -111,10 +111,14 @@ def train_stage(
     # seed before the model is built, so initial weights are a function of (seed, stage)
     seed_everything(cfg.seed * 1000 + index)
     stage = build_stage(cfg, name, run_dir, device)
-    if new_config and ctx.main:
-        write_run_config(run_dir, cfg)
+
+    def record_config() -> None:
+        # only now: a checkpoint that does not fit the new config must leave the old one in place
+        if new_config and ctx.main:
+            write_run_config(run_dir, cfg)
+
     extra = {"image_shape": list(stage.image_shape)}
-    result = fit(stage, cfg, stage_dir, parents=parents, until=until, progress=progress, log=log, extra=extra, ctx=ctx)
+    result = fit(stage, cfg, stage_dir, parents=parents, until=until, progress=progress, log=log, extra=extra, ctx=ctx, on_ready=record_config)
     barrier(ctx)  # the next stage on any rank reads the checkpoint rank 0 has just written
     if not result.done:
         log(f"stage {name}: stopped at step {result.step} of {cfg.stages[name].steps}; run the same train command to continue")

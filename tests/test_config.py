@@ -78,7 +78,7 @@ def test_to_dict_round_trip() -> None:
         (("stages", "prior", "kernel_size", 4), "stages.prior.kernel_size: must be odd and >= 3, got 4"),
         (("data", "source", "web"), "data.source: must be one of shapes, mnist, folder, array, got 'web'"),
         (("data", "heldout", 500), "data.count: must be > data.heldout (500), got 192"),
-        (("device", None, "tpu"), "device: must be one of auto, cpu, cuda, got 'tpu'"),
+        (("device", None, "tpu"), "device: must be one of auto, cpu, cuda, mps, got 'tpu'"),
         (("colour", None, "red"), "colour: unknown key"),
     ],
 )

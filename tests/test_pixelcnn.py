@@ -198,3 +198,145 @@ def test_bits_per_code_hand_computed() -> None:
     # p = (1/2, 1/4, 1/4) at each of two positions; codes 0 and 1 cost 1 and 2 bits.
     logits = torch.tensor([0.5, 0.25, 0.25]).log().view(1, 3, 1, 1).expand(1, 3, 1, 2)
     assert bits_per_code(logits, torch.tensor([[[0, 1]]])).item() == pytest.approx(1.5)
+
+
+# ---------------------------------------------------------------- cached sampler
+
+# (kernel_size, layers, cond_channels, num_classes, dropout): the cached sampler's special
+# cases are the type-A first block, the last block (skip only), ring buffers of r + 1 rows
+# and conditioning from a spatial map, a label, both or neither.
+SAMPLERS = [
+    (3, 4, 3, 4, 0.0),
+    (3, 1, 0, 0, 0.0),
+    (5, 2, 2, 0, 0.3),
+    (7, 3, 0, 3, 0.5),
+    (3, 3, 0, 0, 0.2),
+]
+
+
+def _sampler_model(
+    dtype: torch.dtype, kernel_size: int, layers: int, cond: int, classes: int, dropout: float
+) -> GatedPixelCNN:
+    torch.manual_seed(kernel_size * 100 + layers)
+    return GatedPixelCNN(
+        K, channels=16, layers=layers, kernel_size=kernel_size, cond_channels=cond, num_classes=classes, dropout=dropout
+    ).to(dtype)
+
+
+def _cast(extra: dict, dtype: torch.dtype) -> dict:
+    """Floating conditioning tensors in ``dtype`` (``_conditioning`` makes float64)."""
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in extra.items()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(("kernel_size", "layers", "cond", "classes", "dropout"), SAMPLERS)
+def test_cached_logits_equal_forward(
+    dtype: torch.dtype, kernel_size: int, layers: int, cond: int, classes: int, dropout: float
+) -> None:
+    """Teacher-forced, the cached sampler computes at every position the logits of one full forward pass."""
+    model = _sampler_model(dtype, kernel_size, layers, cond, classes, dropout).eval()
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    # Non-square, wider than the kernel, narrower than it, a single row and a single position.
+    for n, h, w in [(3, 4, 6), (2, 5, 2), (2, 1, 4), (1, 1, 1)]:
+        codes = torch.randint(K, (n, h, w), generator=torch.Generator().manual_seed(h * w))
+        extra = _cast(_conditioning(model, n, h, w), dtype)
+        with torch.no_grad():
+            expected = model(codes, **extra)
+        got = model._cached_logits(codes, **extra)
+        assert got.dtype == dtype and got.shape == (n, K, h, w)
+        torch.testing.assert_close(got, expected, rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(("kernel_size", "layers", "cond", "classes", "dropout"), SAMPLERS)
+def test_cached_sample_equals_naive(
+    dtype: torch.dtype, kernel_size: int, layers: int, cond: int, classes: int, dropout: float
+) -> None:
+    """Same seed, same codes: exact equality, not closeness, in float64 and float32."""
+    model = _sampler_model(dtype, kernel_size, layers, cond, classes, dropout).train()  # sampling switches to eval
+    n, h, w = 4, 4, 5
+    extra = _cast(_conditioning(model, n, h, w), dtype)
+
+    def draw(method: str, temperature: float, seed: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        return model.sample(n, h, w, temperature=temperature, generator=g, method=method, **extra)
+
+    for seed in range(3):
+        for temperature in (1.0, 0.7, 0.0):
+            assert torch.equal(draw("cached", temperature, seed), draw("naive", temperature, seed)), (seed, temperature)
+    assert model.training
+
+
+def test_cached_sample_matches_naive_on_global_generator() -> None:
+    model = _model(layers=3, num_classes=2)
+    label = torch.tensor([0, 1, 1])
+    draws = []
+    for method in ("cached", "naive"):
+        torch.manual_seed(7)
+        draws.append(model.sample(3, 3, 4, label=label, method=method))
+        draws.append(torch.rand(2))  # the global stream advanced by the same amount
+    assert all(torch.equal(a, b) for a, b in zip(draws[:2], draws[2:]))
+
+
+def _known(n: int, h: int, w: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(K, (n, h, w), generator=g), torch.rand(n, h, w, generator=g) < 0.4
+
+
+@pytest.mark.parametrize("method", ["cached", "naive"])
+def test_known_codes_are_kept_and_condition_the_rest(method: str) -> None:
+    model = _model(layers=4, cond_channels=2, num_classes=3)
+    n, h, w = 5, 4, 5
+    extra = _conditioning(model, n, h, w)
+    codes, mask = _known(n, h, w, seed=3)
+
+    def draw(known: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        g = torch.Generator().manual_seed(0)
+        return model.sample(n, h, w, generator=g, known=known, method=method, **extra)
+
+    s, free = draw((codes, mask)), draw(None)
+    assert torch.equal(s[mask], codes[mask])
+    # Same random numbers at every position, so free codes that differ from the unconstrained
+    # draw differ because they are conditioned on the known codes.
+    assert not torch.equal(s[~mask], free[~mask])
+    # Greedy: every free code is the argmax of the logits given everything before it, known codes included.
+    greedy = model.sample(n, h, w, temperature=0.0, known=(codes, mask), method=method, **extra)
+    assert torch.equal(greedy[mask], codes[mask])
+    assert torch.equal(greedy[~mask], model(greedy, **extra).argmax(1)[~mask])
+
+
+def test_known_cached_equals_naive_and_keeps_the_generator_stream() -> None:
+    model = _model(layers=3, kernel_size=5, cond_channels=2)
+    n, h, w = 4, 5, 4
+    extra = _conditioning(model, n, h, w)
+    codes, mask = _known(n, h, w, seed=4)
+
+    def draw(method: str, known: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        return model.sample(n, h, w, generator=torch.Generator().manual_seed(1), known=known, method=method, **extra)
+
+    with_known = [draw(m, (codes, mask)) for m in ("cached", "naive")]
+    assert torch.equal(*with_known)
+    # Known codes equal to what the same seed draws anyway change nothing: a code is drawn
+    # (and the generator advanced) at every position whether it is known or not.
+    free = draw("cached")
+    assert torch.equal(draw("cached", (free, mask)), free)
+    assert torch.equal(draw("naive", (free, mask)), free)
+    everything = torch.ones_like(mask)
+    assert torch.equal(draw("cached", (codes, everything)), codes)
+
+
+def test_sample_arguments_are_checked() -> None:
+    model = _model(layers=2)
+    codes, mask = _known(2, 3, 3, seed=0)
+    with pytest.raises(ValueError, match="method"):
+        model.sample(2, 3, 3, method="fast")
+    with pytest.raises(ValueError, match="known codes must be"):
+        model.sample(2, 3, 3, known=(codes[:, :2], mask))
+    with pytest.raises(ValueError, match="known mask must be"):
+        model.sample(2, 3, 3, known=(codes, mask.long()))
+    with pytest.raises(ValueError, match="lie in"):
+        model.sample(2, 3, 3, known=(codes + K, mask | True))
+    # Out-of-range values where the mask is False are ignored (they are never used).
+    assert model.sample(2, 3, 3, known=(codes + K, torch.zeros_like(mask))).max() < K
+    with pytest.raises(ValueError, match="cond_channels=0"):
+        model.sample(2, 3, 3, cond=torch.zeros(2, 1, 3, 3, dtype=torch.float64))
