@@ -26,6 +26,7 @@ from .errors import ConfigError
 
 DATA_SOURCES = ("shapes", "mnist", "folder", "array")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("fp32", "bf16")
 #: Side of generated shapes images when ``data.size`` is not set, and the smallest side they can have.
 SHAPES_DEFAULT_SIZE = 32
 SHAPES_MIN_SIZE = 8
@@ -57,6 +58,9 @@ class TrainConfig:
     log_every: int = 50  # scalars to TensorBoard
     eval_every: int = 500  # held-out metrics and images
     checkpoint_every: int = 500
+    # bf16: forward and backward under bfloat16 autocast (AMX / tensor cores); the
+    # quantiser's distances and codebook statistics and every likelihood stay fp32
+    precision: str = "fp32"
 
 
 @dataclass
@@ -271,6 +275,7 @@ def _validate_train(cfg: TrainConfig, where: str) -> None:
     _check(0 <= cfg.min_lr_ratio <= 1, f"{where}.min_lr_ratio", cfg.min_lr_ratio, "in [0, 1]")
     _check(cfg.weight_decay >= 0, f"{where}.weight_decay", cfg.weight_decay, ">= 0")
     _check(cfg.grad_clip >= 0, f"{where}.grad_clip", cfg.grad_clip, ">= 0")
+    _check(cfg.precision in PRECISIONS, f"{where}.precision", cfg.precision, "one of " + ", ".join(PRECISIONS))
 
 
 def _validate_weights(cfg: LevelConfig | PriorConfig, where: str) -> None:

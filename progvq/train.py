@@ -223,6 +223,9 @@ def fit(
     if order.batch_size % ctx.world:
         raise RunError(f"stages.{stage.name}.batch_size: {order.batch_size} does not split evenly over {ctx.world} processes")
     ddp = _wrap(model, ctx)
+    # bf16 autocast covers the forward pass (and so the backward); parameters, optimiser
+    # state and the quantiser's statistics stay fp32
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     ckpt_path = stage_dir / "checkpoint.pt"
     metrics: dict[str, float] = {}
 
@@ -306,7 +309,8 @@ def fit(
                 model.train()
                 stage.model = ddp  # the loss runs through DDP's forward, which syncs gradients
                 try:
-                    parts, batch_metrics = stage.loss(batch)
+                    with autocast:
+                        parts, batch_metrics = stage.loss(batch)
                 finally:
                     stage.model = model
                 total = sum(weights[name] * value for name, value in parts.items())

@@ -90,3 +90,29 @@ def test_truncated_and_foreign_checkpoints_are_refused(tmp_path: Path) -> None:
         load_checkpoint(other)
     with pytest.raises(RunError, match="checkpoint not found"):
         load_checkpoint(tmp_path / "none.pt")
+
+
+@pytest.mark.parametrize("stage_name", ["1", "2", "prior"])
+def test_bf16_autocast_runs_the_nets_in_bf16_and_keeps_state_fp32(stage_name: str, tiny_run: Path, tmp_path: Path) -> None:
+    from progvq.config import load_config
+    from progvq.train import fit
+    from stages import build_stage
+
+    from .conftest import TINY
+
+    cfg = load_config(TINY, [f"stages.{stage_name}.precision=bf16", f"stages.{stage_name}.steps=3"])
+    torch.manual_seed(0)
+    stage = build_stage(cfg, stage_name, tiny_run, torch.device("cpu"))
+    seen: set[torch.dtype] = set()
+    convs = [m for m in stage.model.modules() if isinstance(m, torch.nn.Conv2d)]
+    # training forwards only (with gradients); held-out evaluation runs in fp32 under no_grad
+    hooks = [m.register_forward_hook(lambda mod, inp, out: seen.add(out.dtype) if torch.is_grad_enabled() else None) for m in convs]
+    result = fit(stage, cfg, tmp_path / "s", progress=False, log=lambda m: None)
+    for h in hooks:
+        h.remove()
+    assert seen == {torch.bfloat16}  # every convolution ran in bf16
+    assert result.step == 3
+    ckpt = load_checkpoint(tmp_path / "s" / "checkpoint.pt")
+    floats = {k: v.dtype for k, v in ckpt["model"].items() if v.is_floating_point()}
+    assert set(floats.values()) == {torch.float32}, floats  # weights, codebook and its statistics
+    assert all(np.isfinite(v) for v in ckpt["metrics"].values())
