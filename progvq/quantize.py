@@ -69,13 +69,13 @@ def _histogram_stats(counts: Tensor) -> tuple[Tensor, Tensor]:
     return perplexity, (counts > 0).sum()
 
 
-def _gather_ranks(flat: Tensor) -> Tensor:
-    """(N, D) of this rank -> (world * N, D) of all ranks in rank order; ``flat`` itself in one process.
+def _gather_ranks(flat: Tensor) -> Tensor | None:
+    """(N, D) of this rank -> (world * N, D) of all ranks in rank order; None in one process.
 
     Every rank must pass the same N (the global batch is split evenly).
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flat
+        return None
     parts = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, flat.contiguous())
     return torch.cat(parts)
@@ -187,10 +187,10 @@ class VectorQuantizer(nn.Module):
         # EMA sums are too coarse.
         with torch.autocast(device_type=z.device.type, enabled=False):
             flat = rearrange(z.float(), "b d h w -> (b h w) d")  # (N, D)
-            # every rank's vectors (N * world, D), the same on all ranks; just ``flat`` in one process
-            everyone = _gather_ranks(flat.detach()) if self.training else flat
+            # every rank's vectors (N * world, D), the same on all ranks; None in one process
+            everyone = _gather_ranks(flat.detach()) if self.training else None
             if self.training and not bool(self.initialized):
-                self._init_from(everyone)
+                self._init_from(flat.detach() if everyone is None else everyone)
             idx = self._assign(flat.detach())  # (N,)
             # (N, D); carries a gradient to a learned codebook
             chosen = self.codebook[idx]
@@ -204,18 +204,15 @@ class VectorQuantizer(nn.Module):
             # (z + (e - z).detach() can be off by rounding); d/dz is still the identity.
             st = chosen.detach() + (flat - flat.detach())
 
-            # One-hot matmul rather than index_add_: deterministic on GPU too.
-            onehot = F.one_hot(idx, self.num_codes).type_as(flat)  # (N, K)
-            counts = onehot.sum(0)  # (K,)
+            counts, sums = self._counts_and_sums(idx, flat.detach(), with_sums=self.training)
             if self.training:
-                if everyone is not flat:
+                if everyone is not None:
                     # Recomputing the assignments of all ranks' vectors (cheap next to the
                     # encoder) rather than all-reducing counts and sums: every rank then
                     # does bit-identical arithmetic, so the codebooks never drift apart.
-                    all_onehot = F.one_hot(self._assign(everyone), self.num_codes).type_as(flat)
-                    self._update_state(everyone, all_onehot.sum(0), all_onehot.T @ everyone)
+                    self._update_state(everyone, *self._counts_and_sums(self._assign(everyone), everyone))
                 else:
-                    self._update_state(flat.detach(), counts, onehot.T @ flat.detach())
+                    self._update_state(flat.detach(), counts, sums)
             perplexity, codes_used = _histogram_stats(counts)
 
         quantized = rearrange(st, "(b h w) d -> b d h w", b=b, h=h, w=w).to(z.dtype)
@@ -251,9 +248,24 @@ class VectorQuantizer(nn.Module):
         """(N, D) float32 -> (N,) int64 index of the nearest code in squared L2."""
         cb = self.codebook.detach()
         # |z - e|^2 = |z|^2 - 2 z.e + |e|^2; |z|^2 is the same for every code,
-        # so the argmin can skip it.
-        dist = cb.pow(2).sum(1) - 2.0 * flat @ cb.T  # (N, K)
-        return dist.argmin(1)
+        # so the argmin can skip it. addmm fuses the rest into one pass, and
+        # min(1) is about 3x faster than argmin(1) on CPU (same first-minimum index).
+        dist = torch.addmm(cb.pow(2).sum(1), flat, cb.T, alpha=-2.0)  # (N, K)
+        return dist.min(1).indices
+
+    def _counts_and_sums(self, idx: Tensor, flat: Tensor, with_sums: bool = True) -> tuple[Tensor, Tensor | None]:
+        """Assignments per code (K,) float32 and the sum of the vectors assigned to each (K, D).
+
+        On CPU, bincount and index_add_ (sequential, so deterministic) are ~60x
+        faster than a one-hot matmul; on GPUs index_add_ uses atomics, whose
+        order varies, so the one-hot matmul keeps runs reproducible there.
+        """
+        if idx.device.type == "cpu":
+            counts = torch.bincount(idx, minlength=self.num_codes).to(flat.dtype)
+            sums = torch.zeros(self.num_codes, flat.shape[1], dtype=flat.dtype).index_add_(0, idx, flat) if with_sums else None
+            return counts, sums
+        onehot = F.one_hot(idx, self.num_codes).type_as(flat)  # (N, K)
+        return onehot.sum(0), onehot.T @ flat if with_sums else None
 
     @torch.no_grad()
     def _init_from(self, flat: Tensor) -> None:
