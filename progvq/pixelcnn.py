@@ -33,8 +33,9 @@ last ``r + 1`` rows of each layer's vertical input; then, column by column, the
 horizontal stacks, skips and head are evaluated at the single position
 ``(i, j)`` from a cache of the current row of each layer's horizontal input.
 Each layer output is computed once, so a whole sample costs about one forward
-pass of arithmetic. It uses the module's own weights, so checkpoints are the
-same for both.
+pass of arithmetic. It uses the module's own weights (no extra parameters), so
+checkpoints are the same for both. Both methods can keep given codes fixed
+(``known``, for inpainting) and condition the rest on them.
 """
 
 from __future__ import annotations
@@ -349,14 +350,16 @@ class GatedPixelCNN(nn.Module):
         ``choose(logits (n, num_codes), i, j) -> (n,) int64`` picks the codes at
         ``(i, j)``. Always eval-mode arithmetic (dropout is never applied).
 
-        Caches, all channels last so that a column or a window flattens to a
-        matmul operand without copying, for layer ``l`` with ``r = kernel_size // 2``:
+        Caches, all channels last so that a column or a window is a matmul
+        operand without copying, for layer ``l`` with ``r = kernel_size // 2``:
 
-        - ``v_ring[l]`` (n, r + 1, width + 2r, C): the ``r + 1`` rows of the layer's
-          vertical input that its next output row needs, zero-padded left and right.
-          Row ``q`` lives in slot ``q % (r + 1)``, and the kernel rows are rotated to
-          match, so no cached row is ever moved. Layer 0 holds the embedded codes of
-          rows ``i - 1 - r .. i - 1`` (type A), later layers their inputs ``i - r .. i``.
+        - ``v_cols[l]`` (n, width, r + 1, 2r + 1, C): the ``r + 1`` rows of the
+          layer's vertical input that its next output row needs, already unfolded
+          (im2col): entry ``(w, s, dx)`` is the input at column ``w + dx - r`` of the
+          row in slot ``s``, zero off the grid. Row ``q`` goes to slot ``q % (r + 1)``
+          (a ring, with the kernel rows rotated to match), so no cached row is ever
+          moved. Layer 0 holds the embedded codes of rows ``i - 1 - r .. i - 1``
+          (type A), later layers their input rows ``i - r .. i``.
         - ``h_row[l]`` (n, r + width, C): the layer's horizontal input along the
           current row, after ``r`` zero columns; layer 0's is the embedded codes.
         - ``vh[l]`` (n, width, 2C): for the current row, the part of the horizontal
@@ -364,13 +367,20 @@ class GatedPixelCNN(nn.Module):
           vertical pre-activation, conditioning, conv bias).
         - ``gates`` (n, L C): every layer's gated horizontal output at the current
           position; all the skip convolutions then run as one matmul.
+
+        The per-position loop dominates the Python overhead, so it only calls
+        kernels, writing into buffers and views that are all made up front.
         """
         blocks = list(self.blocks)
         num_layers = len(blocks)
         c = self.embed.weight.shape[1]
         r = blocks[0].h_conv.conv.weight.shape[-1] - 1
+        kw = 2 * r + 1
         embedding = self.embed.weight
-        dtype, device = embedding.dtype, embedding.device
+
+        def new(*shape: int) -> Tensor:
+            return torch.zeros(shape, dtype=embedding.dtype, device=embedding.device)
+
         prep = [_BlockWeights.of(block, cond=cond, label=label, height=height, width=width) for block in blocks]
         first = prep[0]
         # Transposed views, so that each linear map is x @ w (one addmm with the bias).
@@ -380,67 +390,86 @@ class GatedPixelCNN(nn.Module):
         head1, head2 = self.head[1], self.head[3]
         w1, b1, w2, b2 = head1.weight[:, :, 0, 0].t(), head1.bias, head2.weight[:, :, 0, 0].t(), head2.bias
 
-        v_ring = [torch.zeros(n, r + 1, width + 2 * r, c, dtype=dtype, device=device) for _ in range(num_layers)]
-        h_row = [torch.zeros(n, r + width, c, dtype=dtype, device=device) for _ in range(num_layers)]
+        v_cols = [new(n, width, r + 1, kw, c) for _ in range(num_layers)]
+        v_cols_2d = [t.view(n * width, -1) for t in v_cols]  # (n W, (r + 1)(2r + 1) C)
+        # A new row (n, W, C) is written 2r + 1 times, shifted by dx - r and clipped to the grid.
+        shifts = [
+            (dx, slice(max(0, r - dx), min(width, width + r - dx)), slice(max(0, dx - r), min(width, width + dx - r)))
+            for dx in range(kw)
+            if max(0, r - dx) < min(width, width + r - dx)
+        ]
+
+        def push_row(layer: int, slot: int, row: Tensor) -> None:
+            for dx, to, frm in shifts:
+                v_cols[layer][:, to, slot, dx] = row[:, frm]
+
+        h_row = [new(n, r + width, c) for _ in range(num_layers)]
         x_row = h_row[0]
-        gates = torch.empty(n, num_layers * c, dtype=dtype, device=device)
+        # Layer k's input window at column j, ((r + 1) C) flattened (strided views, BLAS-compatible),
+        # and its input column j. Type A (layer 0) reads code columns j-1-r .. j-1 instead.
+        h_win = [[h_row[k][:, j : j + r + 1].reshape(n, -1) for j in range(width)] for k in range(num_layers)]
+        h_win[0] = [x_row[:, max(j - 1, 0) : j + r].reshape(n, -1) for j in range(width)]  # entry 0 unused
+        h_col = [[h_row[k][:, r + j] for j in range(width)] for k in range(num_layers)]
+        vh = [new(n, width, 2 * c) for _ in range(num_layers)]
+        vh_2d = [t.view(n * width, 2 * c) for t in vh]
+        vh_col = [[t[:, j] for j in range(width)] for t in vh]
+        h_pre = new(n, 2 * c)
+        h_pre_a, h_pre_b = h_pre[:, :c], h_pre[:, c:]
+        vh0_a, vh0_b = vh[0][:, 0, :c], vh[0][:, 0, c:]  # layer 0, column 0: no conv term
+        tanh_a, sigmoid_b, h_new, skips, hidden = new(n, c), new(n, c), new(n, c), new(n, c), new(n, c)
+        gates = new(n, num_layers * c)
         g_cols = [gates[:, k * c : (k + 1) * c] for k in range(num_layers)]
-        zero_v = torch.zeros(n * width, 2 * c, dtype=dtype, device=device)
+        zero_v = new(n * width, 2 * c)
 
         for i in range(height):
             slot = i % (r + 1)
             # Vertical stacks of every layer for the whole of row i (rows < i are final).
-            vh: list[Tensor] = []
             for k, p in enumerate(prep):
                 if k == 0 and i == 0:  # type A, row 0: the shifted-in zero row, without the conv bias
                     v_pre = zero_v
                 else:
-                    # im2col of the window: (n, r+1, W+2r, C) -> (n, W, r+1, 2r+1, C) -> (n W, (r+1)(2r+1) C).
-                    cols = v_ring[k].unfold(2, 2 * r + 1, 1).permute(0, 2, 1, 4, 3).reshape(n * width, -1)
-                    # Ring slot s holds kernel row (s - phase) mod (r + 1): for type A the
-                    # window ends at row i - 1, otherwise at row i.
+                    # Slot s holds kernel row (s - phase) mod (r + 1): for type A the window
+                    # ends at row i - 1, otherwise at row i.
                     phase = slot if k == 0 else (i + 1) % (r + 1)
-                    v_pre = torch.addmm(p.v_bias, cols, p.v_weights[phase])  # (n W, 2C)
+                    v_pre = torch.addmm(p.v_bias, v_cols_2d[k], p.v_weights[phase])  # (n W, 2C)
                 if p.v_cond is not None:
                     v_pre = v_pre + p.v_cond[:, i].reshape(n * width, -1)
                 if k + 1 < num_layers:
-                    v_ring[k + 1][:, slot, r : r + width] = _gate_last(v_pre).view(n, width, c)
-                t = torch.addmm(p.v_to_h_bias, v_pre, p.v_to_h_weight).view(n, width, 2 * c)
+                    push_row(k + 1, slot, _gate_last(v_pre).view(n, width, c))
+                torch.addmm(p.v_to_h_bias, v_pre, p.v_to_h_weight, out=vh_2d[k])
                 if p.h_cond is not None:
-                    t = t + p.h_cond[:, i]
+                    vh[k] += p.h_cond[:, i]
                 if k > 0:
-                    t = t + p.h_bias
+                    vh[k] += p.h_bias
                 else:  # type A: column 0 is the shifted-in zero, without the conv bias
-                    t[:, 1:] += p.h_bias
-                vh.append(t)
+                    vh[k][:, 1:] += p.h_bias
 
             # Horizontal stacks, skips and head at the single position (i, j).
             for j in range(width):
-                # Layer 0 (type A): code columns j-1-r .. j-1; column 0 sees only the shifted-in zero.
                 if j > 0:
-                    h_pre = torch.addmm(vh[0][:, j], x_row[:, j - 1 : j + r].reshape(n, -1), first.h_weight)
+                    torch.addmm(vh_col[0][j], h_win[0][j], first.h_weight, out=h_pre)
+                    a, b = h_pre_a, h_pre_b
                 else:
-                    h_pre = vh[0][:, 0]
-                g = torch.mul(torch.tanh(h_pre[:, :c]), torch.sigmoid(h_pre[:, c:]), out=g_cols[0])  # (n, C)
+                    a, b = vh0_a, vh0_b
+                torch.mul(torch.tanh(a, out=tanh_a), torch.sigmoid(b, out=sigmoid_b), out=g_cols[0])
                 if num_layers > 1:  # type A has no residual
-                    torch.addmm(first.h_out_bias, g, first.h_out_weight, out=h_row[1][:, r + j])
+                    torch.addmm(first.h_out_bias, g_cols[0], first.h_out_weight, out=h_col[1][j])
                 for k in range(1, num_layers):
                     p = prep[k]
-                    # Input columns j-r .. j of this layer's horizontal stack (a strided view, no copy).
-                    h_pre = torch.addmm(vh[k][:, j], h_row[k][:, j : j + r + 1].reshape(n, -1), p.h_weight)
-                    g = torch.mul(torch.tanh(h_pre[:, :c]), torch.sigmoid(h_pre[:, c:]), out=g_cols[k])
+                    torch.addmm(vh_col[k][j], h_win[k][j], p.h_weight, out=h_pre)
+                    torch.mul(torch.tanh(h_pre_a, out=tanh_a), torch.sigmoid(h_pre_b, out=sigmoid_b), out=g_cols[k])
                     if k + 1 < num_layers:  # the last layer's horizontal output feeds nothing
-                        h_new = torch.addmm(p.h_out_bias, g, p.h_out_weight)
-                        torch.add(h_row[k][:, r + j], h_new, out=h_row[k + 1][:, r + j])
-                skips = torch.addmm(skip_b, gates, skip_w)  # (n, C)
-                hidden = torch.addmm(b1, skips.relu_(), w1).relu_()
-                logits = torch.addmm(b2, hidden, w2)  # (n, num_codes)
+                        torch.addmm(p.h_out_bias, g_cols[k], p.h_out_weight, out=h_new)
+                        torch.add(h_col[k][j], h_new, out=h_col[k + 1][j])
+                torch.addmm(skip_b, gates, skip_w, out=skips).relu_()
+                torch.addmm(b1, skips, w1, out=hidden).relu_()
+                logits = torch.addmm(b2, hidden, w2)  # (n, num_codes), fresh: choose may keep it
                 chosen = choose(logits, i, j)
                 codes[:, i, j] = chosen
-                x_row[:, r + j] = embedding[chosen]
+                torch.index_select(embedding, 0, chosen, out=h_col[0][j])
 
-            # Row i is final: it enters layer 0's vertical window.
-            v_ring[0][:, slot, r : r + width] = x_row[:, r:]
+            # Row i is final: it enters layer 0's vertical cache.
+            push_row(0, slot, x_row[:, r:])
 
 
 class _BlockWeights(NamedTuple):
@@ -473,7 +502,7 @@ class _BlockWeights(NamedTuple):
             bias = bias.expand(-1, -1, height, width).permute(0, 2, 3, 1)
             v_cond, h_cond = bias[..., : 2 * c], bias[..., 2 * c :]
         # Vertical kernel (2C, C, r+1, 2r+1) with its input index ordered (row, column, channel)
-        # to match the im2col of a channels-last window. The window is a ring buffer whose
+        # to match the sampler's unfolded channels-last cache. That cache is a ring whose
         # slot s holds kernel row (s - phase) mod (r + 1), so phase p uses the kernel rows
         # rolled by p: rotating r + 1 small weights once per call replaces moving cache rows.
         vw = block.v_conv.conv.weight.permute(0, 2, 3, 1)  # (2C, r+1, 2r+1, C)

@@ -247,6 +247,26 @@ def test_cached_logits_equal_forward(
         torch.testing.assert_close(got, expected, rtol=0, atol=tol)
 
 
+def test_cached_sampler_logits_are_the_forward_logits_of_its_sample() -> None:
+    """While drawing, every position's logits equal the full forward pass on the finished sample."""
+    model = _model(layers=3, kernel_size=5, cond_channels=2, num_classes=3)
+    n, h, w = 3, 4, 5
+    extra = _conditioning(model, n, h, w)
+    seen = torch.full((n, K, h, w), math.nan, dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+
+    def choose(logits: torch.Tensor, i: int, j: int) -> torch.Tensor:
+        seen[:, :, i, j] = logits
+        return torch.multinomial(logits.softmax(1), 1, generator=g).squeeze(1)
+
+    codes = torch.zeros(n, h, w, dtype=torch.long)
+    with torch.no_grad():
+        model._run_cached(n, h, w, extra["cond"], extra["label"], choose, codes)
+        expected = model(codes, **extra)
+    assert len(codes.unique()) > 1
+    torch.testing.assert_close(seen, expected, rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize(("kernel_size", "layers", "cond", "classes", "dropout"), SAMPLERS)
 def test_cached_sample_equals_naive(
