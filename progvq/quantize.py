@@ -247,11 +247,13 @@ class VectorQuantizer(nn.Module):
     def _assign(self, flat: Tensor) -> Tensor:
         """(N, D) float32 -> (N,) int64 index of the nearest code in squared L2."""
         cb = self.codebook.detach()
-        # |z - e|^2 = |z|^2 - 2 z.e + |e|^2; |z|^2 is the same for every code,
-        # so the argmin can skip it. addmm fuses the rest into one pass, and
-        # min(1) is about 3x faster than argmin(1) on CPU (same first-minimum index).
-        dist = torch.addmm(cb.pow(2).sum(1), flat, cb.T, alpha=-2.0)  # (N, K)
-        return dist.min(1).indices
+        # |z - e|^2 = |z|^2 - 2 z.e + |e|^2; |z|^2 is the same for every code, so the
+        # nearest code maximises z.e - |e|^2 / 2. Appending -1/2 to z and |e|^2 to e
+        # makes that one matmul with no (N, K) bias to add; max(1) is about 3x faster
+        # than argmax(1) on CPU and returns the same (first) index.
+        z = F.pad(flat, (0, 1), value=-0.5)  # (N, D + 1)
+        e = torch.cat([cb, cb.pow(2).sum(1, keepdim=True)], 1)  # (K, D + 1)
+        return (z @ e.T).max(1).indices
 
     def _counts_and_sums(self, idx: Tensor, flat: Tensor, with_sums: bool = True) -> tuple[Tensor, Tensor | None]:
         """Assignments per code (K,) float32 and the sum of the vectors assigned to each (K, D).
