@@ -51,7 +51,7 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="progvq-ddp-"))
     base = work / "base"
-    cli = [str(ROOT / "run_stage.py"), "train", args.config, "--no-progress"]
+    cli = [str(ROOT / "run_stage.py"), "train", args.config, "--no-progress", "--force"]  # --force: other step counts than the base run
     for stage in STAGES[:-1]:  # lower stages, briefly
         subprocess.run([sys.executable, *cli, "--stage", stage, "--run-dir", str(base), *overrides(args.steps, None)], check=True, capture_output=True)
     report = {"config": args.config, "steps": args.steps, "stages": {}}
