@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     import tempfile
 
     work = Path(args.work or tempfile.mkdtemp(prefix="progvq-crash-"))
-    steps = 12 * (args.kills + args.signals) + 20  # enough steps that every interruption lands before the end
+    steps = 25 * (args.kills + args.signals) + 20  # enough steps that every interruption lands before the end
     started = time.perf_counter()
     ref = reference(work, steps)
     reports = []
