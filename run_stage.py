@@ -2,7 +2,8 @@
 
     progvq train CONFIG --all                 train every stage not done yet
     progvq train CONFIG --stage 1|2|...|prior train (or resume) one stage
-    progvq sample RUN_DIR -n 64 --out samples.png
+    progvq sample RUN_DIR -n 64 --out samples.png [--label 3]
+    progvq inpaint RUN_DIR --image IN.png (--mask MASK.png | --box x0,y0,x1,y1) -n 16 --out OUT.png
     progvq eval RUN_DIR [--json]
     progvq status RUN_DIR
 
@@ -53,6 +54,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="samples.png", help="PNG grid; the images also go to the same name with .npz")
     p.add_argument("--nrow", type=int, default=None, help="images per row of the grid")
+    p.add_argument("--label", type=int, default=None, help="class of every sample (class-conditional prior only; default: the classes in turn)")
+    p.add_argument("--allow-stale", action="store_true", help="use the hierarchy even if a stage was trained on a lower stage since retrained")
+
+    p = sub.add_parser("inpaint", help="complete the masked part of an image")
+    p.add_argument("run_dir")
+    p.add_argument("--image", required=True, help="PNG (or JPEG) of the run's image size")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--mask", help="PNG of the same size: white (255) pixels are completed, black (0) ones kept")
+    where.add_argument("--box", metavar="x0,y0,x1,y1", help="complete the pixels x0 <= x < x1, y0 <= y < y1")
+    p.add_argument("-n", type=int, default=16, help="number of completions (default 16)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=1.0, help="prior temperature (default 1)")
+    p.add_argument("--code-temperature", type=float, default=None, help="temperature of the code decoders of levels >= 2 (default: the run's sample.code_temperature)")
+    p.add_argument("--candidates", type=int, default=1, help="top-level draws per completion, one kept by importance weight (default 1)")
+    p.add_argument("--label", type=int, default=None, help="class of the completions (class-conditional prior only; default: inferred)")
+    p.add_argument("--out", default="inpainted.png", help="PNG grid (original, masked input, completions); arrays to the same name with .npz")
+    p.add_argument("--nrow", type=int, default=None, help="images per row of the grid")
     p.add_argument("--allow-stale", action="store_true", help="use the hierarchy even if a stage was trained on a lower stage since retrained")
 
     p = sub.add_parser("eval", help="held-out figures: bits/dim by level, reconstruction, codebook usage")
@@ -89,12 +107,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_sample(args: argparse.Namespace) -> int:
-    from progvq.hierarchy import Hierarchy
-    from progvq.images import image_grid, save_npz, save_png
-
+def _check_sampling(args: argparse.Namespace) -> Path:
+    """The options ``sample`` and ``inpaint`` share; returns the PNG path of ``--out``."""
     _positive(args.n, "-n")
     _positive(args.temperature, "--temperature", 0)
+    if args.code_temperature is not None:
+        _positive(args.code_temperature, "--code-temperature", 0)
     if args.nrow is not None:
         _positive(args.nrow, "--nrow")
     if not 0 <= args.seed < 2**63:
@@ -102,13 +120,67 @@ def cmd_sample(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise ProgvqError(f"--out {out}: must end in .png (the arrays go beside it as .npz)")
+    return out
+
+
+def _check_label(label: int | None, classes: int, run_dir: str) -> None:
+    """Refuse ``--label`` for an unconditional prior, or out of its classes."""
+    if label is None:
+        return
+    if not classes:
+        raise ProgvqError(f"--label {label}: the prior of {run_dir} is not class-conditional (stages.prior.class_conditional: false)")
+    if not 0 <= label < classes:
+        raise ProgvqError(f"--label {label}: out of range; the prior of {run_dir} has classes 0..{classes - 1}")
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from progvq.hierarchy import Hierarchy
+    from progvq.images import image_grid, save_npz, save_png
+
+    out = _check_sampling(args)
     model = Hierarchy.load(args.run_dir, allow_stale=args.allow_stale)
+    _check_label(args.label, model.num_classes, args.run_dir)
     code_temperature = model.config.sample.code_temperature if args.code_temperature is None else args.code_temperature
     _positive(code_temperature, "--code-temperature", 0)
-    images = model.sample(args.n, temperature=args.temperature, code_temperature=code_temperature, seed=args.seed)
-    save_png(image_grid(images, nrow=args.nrow), out)
+    images = model.sample(args.n, temperature=args.temperature, code_temperature=code_temperature, seed=args.seed, label=args.label)
+    # a class-conditional prior cycles the classes: one class per column
+    nrow = args.nrow or (model.num_classes if model.num_classes and args.label is None else None)
+    save_png(image_grid(images, nrow=nrow), out)
     save_npz(images, out.with_suffix(".npz"))
     print(f"wrote {out} and {out.with_suffix('.npz')} ({args.n} images)")
+    return 0
+
+
+def cmd_inpaint(args: argparse.Namespace) -> int:
+    import torch
+
+    from progvq.hierarchy import Hierarchy
+    from progvq.images import image_grid, save_png
+    from progvq.inpaint import box_mask, complete, masked_view, parse_box, read_image, read_mask, save_inpainting
+
+    out = _check_sampling(args)
+    _positive(args.candidates, "--candidates")
+    box = parse_box(args.box) if args.box is not None else None
+    model = Hierarchy.load(args.run_dir, allow_stale=args.allow_stale)
+    _check_label(args.label, model.num_classes, args.run_dir)
+    c, h, w = model.image_shape
+    image = read_image(args.image, (c, h, w))
+    mask = box_mask(h, w, box) if box is not None else read_mask(args.mask, h, w)
+    done = complete(
+        model,
+        image,
+        mask,
+        args.n,
+        seed=args.seed,
+        temperature=args.temperature,
+        code_temperature=args.code_temperature,
+        candidates=args.candidates,
+        label=args.label,
+    )
+    shown = torch.cat([image[None], masked_view(image, mask)[None], done.images.cpu()])
+    save_png(image_grid(shown, nrow=args.nrow), out)
+    save_inpainting(out.with_suffix(".npz"), done, image, mask)
+    print(f"wrote {out} (original, masked input, {args.n} completions) and {out.with_suffix('.npz')}")
     return 0
 
 
@@ -119,7 +191,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model = Hierarchy.load(args.run_dir, allow_stale=args.allow_stale)
     data = load_dataset(model.config.data, total_downsample=model.config.total_downsample())
     images = data.heldout if args.split == "heldout" else data.train
-    report = model.evaluate(images)
+    labels = data.heldout_labels if args.split == "heldout" else data.train_labels
+    report = model.evaluate(images, labels=labels if model.num_classes else None)
     report["split"] = {"name": args.split, "images": len(images)}
     if args.json:
         print(json.dumps(report, indent=2))
@@ -131,7 +204,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         else:
             main = f"code accuracy {fig['accuracy']:.3f}, {fig['bits_per_code']:.3f} bits/code, PSNR through level {k} {fig['psnr_through']:.2f} dB"
         print(f"  level {k}: {main}; codes used {int(fig['codes_used'])} ({fig['usage']:.0%}), perplexity {fig['perplexity']:.1f}")
-    print(f"  prior: {report['prior']['bits_per_code']:.3f} bits/code")
+    prior = report["prior"]
+    given = f" ({prior['bits_per_code_given_label']:.3f} given the class)" if "bits_per_code_given_label" in prior else ""
+    print(f"  prior: {prior['bits_per_code']:.3f} bits/code{given}")
     bpd = report["bits_per_dim"]
     top = model.num_levels
     print(f"  NLL bound {bpd['total']:.4f} bits/dim, by level:")
@@ -150,7 +225,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "status": cmd_status}
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "inpaint": cmd_inpaint, "eval": cmd_eval, "status": cmd_status}
 
 
 def _one_line_warnings(

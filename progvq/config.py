@@ -25,8 +25,12 @@ import yaml
 from .errors import ConfigError
 
 DATA_SOURCES = ("shapes", "mnist", "folder", "array")
+#: Sources whose images can come with class labels (an idx labels file beside the images).
+LABELLED_SOURCES = ("mnist",)
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("fp32", "bf16")
+#: Decoders D_k of levels k >= 2 (level 1 always decodes pixels with its factorised logistic).
+DECODERS = ("factorised", "autoregressive")
 #: Side of generated shapes images when ``data.size`` is not set, and the smallest side they can have.
 SHAPES_DEFAULT_SIZE = 32
 SHAPES_MIN_SIZE = 8
@@ -64,6 +68,16 @@ class TrainConfig:
 
 
 @dataclass
+class PixelCNNConfig:
+    """An autoregressive decoder's gated PixelCNN over the level k-1 codes (see :mod:`progvq.pixelcnn`)."""
+
+    channels: int = 64  # width of both stacks; also the channels of the z_k conditioning map
+    layers: int = 4  # gated blocks; layers * (kernel_size // 2) must cover the level k-1 grid
+    kernel_size: int = 5
+    dropout: float = 0.0
+
+
+@dataclass
 class LevelConfig(TrainConfig):
     """Stage k: an encoder/decoder pair for level k under a uniform prior."""
 
@@ -73,6 +87,11 @@ class LevelConfig(TrainConfig):
     hidden: int = 128  # channels of the encoder and decoder trunks
     res_blocks: int = 2  # residual blocks at the code resolution, each side
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+    # levels >= 2: D_k(z_(k-1) | z_k). factorised: one categorical per level k-1 position, all
+    # independent given z_k. autoregressive: a gated PixelCNN over the level k-1 codes in raster
+    # order, conditioned on z_k upsampled to their grid (section `pixelcnn`)
+    decoder: str = "factorised"
+    pixelcnn: PixelCNNConfig = field(default_factory=PixelCNNConfig)
     # commit is the VQ-VAE beta; mse (level 1 only) adds squared error of the decoder's
     # point estimate in [-1, 1] to the pixel likelihood
     loss_weights: dict[str, float] = field(
@@ -88,6 +107,8 @@ class PriorConfig(TrainConfig):
     layers: int = 8
     kernel_size: int = 3
     dropout: float = 0.1
+    # condition the prior on the image's class (data with labels only: mnist with its labels file)
+    class_conditional: bool = False
     loss_weights: dict[str, float] = field(default_factory=lambda: {"nll": 1.0})
 
 
@@ -288,6 +309,29 @@ def _validate_weights(cfg: LevelConfig | PriorConfig, where: str) -> None:
     cfg.loss_weights = {**defaults, **cfg.loss_weights}
 
 
+def check_decoder_coverage(cfg: Config, height: int, width: int) -> None:
+    """Refuse an autoregressive decoder whose PixelCNN does not see every earlier code of its grid.
+
+    ``height`` x ``width`` is the image; level k's decoder models the level k-1 grid, the image
+    divided by the downsampling of levels 1..k-1. Raises :class:`ConfigError` naming the level.
+    """
+    from .pixelcnn import covers, layers_to_cover, reach_needed  # documented with the model
+
+    for k in range(2, cfg.num_levels + 1):
+        level = cfg.level(k)
+        height, width = height // cfg.level(k - 1).downsample, width // cfg.level(k - 1).downsample
+        if level.decoder != "autoregressive":
+            continue
+        p = level.pixelcnn
+        if not covers(height, width, p.layers, p.kernel_size):
+            need = layers_to_cover(height, width, p.kernel_size)
+            raise ConfigError(
+                f"stages.{k}.pixelcnn.layers: {p.layers} layers of kernel {p.kernel_size} do not reach every earlier code "
+                f"of level {k - 1}'s {height}x{width} grid; need layers * (kernel_size // 2) >= {reach_needed(height, width)}, "
+                f"e.g. {need} layers of kernel {p.kernel_size}"
+            )
+
+
 def _validate(cfg: Config) -> None:
     d = cfg.data
     _check(d.source in DATA_SOURCES, "data.source", d.source, "one of " + ", ".join(DATA_SOURCES))
@@ -334,6 +378,14 @@ def _validate(cfg: Config) -> None:
         _check(0 < q.decay < 1, f"{where}.quantizer.decay", q.decay, "in (0, 1)")
         _check(q.restart_every >= 1, f"{where}.quantizer.restart_every", q.restart_every, ">= 1")
         _check(q.restart_threshold >= 0, f"{where}.quantizer.restart_threshold", q.restart_threshold, ">= 0")
+        _check(level.decoder in DECODERS, f"{where}.decoder", level.decoder, "one of " + ", ".join(DECODERS))
+        if name == "1":
+            _check(level.decoder == "factorised", f"{where}.decoder", level.decoder, "'factorised' (level 1 decodes pixels)")
+        pc = level.pixelcnn
+        for key in ("channels", "layers"):
+            _check(getattr(pc, key) >= 1, f"{where}.pixelcnn.{key}", getattr(pc, key), ">= 1")
+        _check(pc.kernel_size >= 3 and pc.kernel_size % 2 == 1, f"{where}.pixelcnn.kernel_size", pc.kernel_size, "odd and >= 3")
+        _check(0 <= pc.dropout < 1, f"{where}.pixelcnn.dropout", pc.dropout, "in [0, 1)")
         _validate_weights(level, where)
         if name != "1":
             mse = level.loss_weights["mse"]
@@ -353,6 +405,16 @@ def _validate(cfg: Config) -> None:
     _check(p.kernel_size >= 3 and p.kernel_size % 2 == 1, "stages.prior.kernel_size", p.kernel_size, "odd and >= 3")
     _check(0 <= p.dropout < 1, "stages.prior.dropout", p.dropout, "in [0, 1)")
     _validate_weights(p, "stages.prior")
+    if p.class_conditional:
+        # only idx folders carry labels; an mnist folder without its labels file is refused when it is read
+        _check(
+            d.source in LABELLED_SOURCES,
+            "stages.prior.class_conditional",
+            p.class_conditional,
+            f"false for data source {d.source!r}, which has no labels (sources with labels: {', '.join(LABELLED_SOURCES)})",
+        )
+    if side is not None:
+        check_decoder_coverage(cfg, side, side)
 
 
 def config_from_dict(raw: Any) -> Config:

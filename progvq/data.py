@@ -597,6 +597,13 @@ class ImageData:
         c, h, w = self.train.shape[1:]
         return int(c), int(h), int(w)
 
+    @property
+    def num_classes(self) -> int:
+        """Classes 0..num_classes-1 of the labels (largest label of either split, plus one); 0 without labels."""
+        if self.train_labels is None or self.heldout_labels is None:
+            return 0
+        return int(torch.cat([self.train_labels, self.heldout_labels]).max()) + 1
+
 
 def load_dataset(cfg: DataConfig, total_downsample: int = 1) -> ImageData:
     """Read the configured source, pad, and split: the last ``cfg.heldout`` images are held out.

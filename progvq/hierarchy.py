@@ -5,6 +5,11 @@ its own checkpoint, so a run directory is all a user has to keep.
 
 Levels are numbered from the data up: ``levels[0]`` is level 1 (pixels <->
 z_1), ``levels[L-1]`` level L; the prior models z_L.
+
+A class-conditional prior (``stages.prior.class_conditional``) models
+p(z_L | y) for a class y of ``num_classes``; sampling takes the class, and the
+likelihood bound uses the marginal p(z_L) = mean_y p(z_L | y) (uniform over
+the classes), so its figures compare with an unconditional prior's.
 """
 
 from __future__ import annotations
@@ -30,8 +35,8 @@ from .run import check_not_stale, read_run_config
 LN2 = math.log(2.0)
 
 
-def build_prior(cfg: Config) -> GatedPixelCNN:
-    """The prior stage's model for config ``cfg``."""
+def build_prior(cfg: Config, num_classes: int = 0) -> GatedPixelCNN:
+    """The prior stage's model for config ``cfg``; ``num_classes`` > 0 for a class-conditional prior."""
     p = cfg.prior
     return GatedPixelCNN(
         cfg.level(cfg.num_levels).codes,
@@ -39,7 +44,26 @@ def build_prior(cfg: Config) -> GatedPixelCNN:
         layers=p.layers,
         kernel_size=p.kernel_size,
         dropout=p.dropout,
+        num_classes=num_classes if p.class_conditional else 0,
     )
+
+
+#: The state-dict entry whose rows are a class-conditional prior's classes.
+_LABEL_WEIGHT = "blocks.0.label_bias.weight"
+
+
+def _prior_classes(ckpt: dict[str, Any], cfg: Config, path: Path) -> int:
+    """How many classes a prior checkpoint was trained with (0: unconditional).
+
+    The count comes from the data (its labels), not the config, so it is read
+    back from the weights: the label embedding has one row per class.
+    """
+    if not cfg.prior.class_conditional:
+        return 0
+    weight = ckpt["model"].get(_LABEL_WEIGHT) if isinstance(ckpt.get("model"), dict) else None
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        raise RunError(f"{path}: weights do not fit its config (a class-conditional prior without {_LABEL_WEIGHT})")
+    return int(weight.shape[0])
 
 
 def _batches(x: Tensor, batch_size: int):
@@ -119,14 +143,44 @@ class Hierarchy(nn.Module):
         prior = None
         if with_prior:
             ckpt = _load(run_dir, "prior", device)
-            prior = build_prior(config_from_dict(ckpt["config"]))
-            _restore(prior, ckpt, checkpoint_path(run_dir, "prior"), device)
+            prior_cfg = config_from_dict(ckpt["config"])
+            path = checkpoint_path(run_dir, "prior")
+            prior = build_prior(prior_cfg, _prior_classes(ckpt, prior_cfg, path))
+            _restore(prior, ckpt, path, device)
         shape = tuple(ckpt["extra"]["image_shape"]) if ckpt is not None else (cfg.data.channels, 0, 0)
         return cls(cfg, levels, prior, shape)  # type: ignore[arg-type]
 
     @property
     def num_levels(self) -> int:
         return len(self.levels)
+
+    @property
+    def num_classes(self) -> int:
+        """Classes of a class-conditional prior; 0 when the prior is unconditional or absent."""
+        return self.prior.num_classes if self.prior is not None else 0
+
+    def labels_for(self, n: int, label: int | Tensor | None) -> Tensor | None:
+        """The (n,) int64 class labels the prior needs for ``n`` samples, or None for an unconditional prior.
+
+        ``label`` is one class for all, (n,) classes, or None: for a class-conditional prior
+        the classes then cycle 0, 1, ..., so a grid of ``num_classes`` columns shows one class
+        per column. Raises :class:`RunError` for a label the prior cannot take.
+        """
+        classes = self.num_classes
+        if not classes:
+            if label is not None:
+                raise RunError("a label was given but this run's prior is not class-conditional (stages.prior.class_conditional: false)")
+            return None
+        if label is None:
+            return torch.arange(n, device=self.device) % classes
+        labels = torch.as_tensor(label, dtype=torch.long, device=self.device)
+        labels = labels.expand(n).clone() if labels.dim() == 0 else labels
+        if labels.shape != (n,):
+            raise RunError(f"labels must be one class or {n} classes, got shape {tuple(labels.shape)}")
+        if labels.numel() and (labels.min() < 0 or labels.max() >= classes):
+            bad = int(labels[(labels < 0) | (labels >= classes)][0])
+            raise RunError(f"label {bad} is out of range: this run's prior has classes 0..{classes - 1}")
+        return labels
 
     @property
     def device(self) -> torch.device:
@@ -174,29 +228,44 @@ class Hierarchy(nn.Module):
         return self.decode(self.encode(images)[level - 1], level)
 
     @torch.no_grad()
-    def sample(self, n: int, *, temperature: float = 1.0, code_temperature: float = 1.0, seed: int = 0) -> Tensor:
+    def sample(
+        self,
+        n: int,
+        *,
+        temperature: float = 1.0,
+        code_temperature: float = 1.0,
+        seed: int = 0,
+        label: int | Tensor | None = None,
+    ) -> Tensor:
         """Draw ``n`` images (n, C, H, W) uint8 from the whole hierarchy.
 
         z_L from the prior at ``temperature``; z_(k-1) from D_k(z_k) at
-        ``code_temperature``; pixels from D_1(z_1) (its mean).
+        ``code_temperature``; pixels from D_1(z_1) (its mean). ``label``: the
+        class (one int, or (n,) ints) for a class-conditional prior; None
+        cycles through the classes (see :meth:`labels_for`).
         """
         if self.prior is None:
             raise RunError("this hierarchy has no trained prior; train stage prior first")
+        labels = self.labels_for(n, label)
         gen = torch.Generator(device=self.device).manual_seed(seed)
         h, w = self.grid_shape(self.num_levels)
-        top = self.prior.sample(n, h, w, temperature=temperature, generator=gen)
+        top = self.prior.sample(n, h, w, temperature=temperature, generator=gen, label=labels)
         return self.decode(top, self.num_levels, code_temperature=code_temperature, generator=gen)
 
     # ------------------------------------------------------------------ likelihood
 
     @torch.no_grad()
-    def nll(self, images: Tensor, codes: list[Tensor] | None = None) -> dict[str, Tensor]:
+    def nll(self, images: Tensor, codes: list[Tensor] | None = None, labels: Tensor | None = None) -> dict[str, Tensor]:
         """Per-image bound on -log2 p(x), in bits per dim of x, split by level.
 
         Keys ``"0"`` .. ``str(L)``: level 0 is -log D_1(x | z_1), level k in
         1..L-1 is -log D_(k+1)(z_k | z_(k+1)), level L is -log p(z_L) under the
         prior. ``"total"`` is their sum. Each value is (B,). ``codes`` are the
         encoder's codes of ``images`` when the caller already has them.
+
+        A class-conditional prior gives -log p(z_L | y) for ``labels`` (B,)
+        (a bound on -log p(x | y)) or, without labels, the marginal
+        -log mean_y p(z_L | y) (a bound on -log p(x)).
         """
         if self.prior is None:
             raise RunError("the likelihood bound needs the prior; train stage prior first")
@@ -206,20 +275,30 @@ class Hierarchy(nn.Module):
         out: dict[str, Tensor] = {"0": -self.levels[0].log_likelihood(x, codes[0])}
         for k in range(1, self.num_levels):
             out[str(k)] = -self.levels[k].log_likelihood(codes[k - 1], codes[k])
-        top = codes[-1]
-        logits = self.prior(top)
-        out[str(self.num_levels)] = F.cross_entropy(logits, top, reduction="none").flatten(1).sum(1)
+        out[str(self.num_levels)] = -prior_log_prob(self.prior, codes[-1], labels)
         out = {key: value / (dims * LN2) for key, value in out.items()}
         out["total"] = sum(out.values())  # type: ignore[assignment]
         return out
 
     @torch.no_grad()
-    def evaluate(self, images: Tensor, batch_size: int = 500) -> dict[str, Any]:
+    def inpaint(self, image: Tensor, mask: Tensor, n: int, **options: Any) -> Tensor:
+        """``n`` completions (n, C, H, W) uint8 of ``image`` (C, H, W) uint8 where ``mask`` (H, W) is True.
+
+        See :func:`progvq.inpaint.inpaint` for the method and the options.
+        """
+        from .inpaint import inpaint  # inpaint builds on this module
+
+        return inpaint(self, image, mask, n, **options)
+
+    @torch.no_grad()
+    def evaluate(self, images: Tensor, batch_size: int = 500, labels: Tensor | None = None) -> dict[str, Any]:
         """Every figure for a split of uint8 images (N, C, H, W).
 
         ``levels[k]``: level k's figures (see :func:`level_metrics`) plus the
         PSNR of images reconstructed through level k; ``prior``: bits per code
-        of the top codes; ``bits_per_dim``: the likelihood bound split by level.
+        of the top codes (see :func:`prior_metrics`; ``labels`` (N,) add the
+        class-conditional figure); ``bits_per_dim``: the likelihood bound split
+        by level (marginal over the classes for a class-conditional prior).
         """
         images = images.to(self.device)
         codes = self.encode_split(images, batch_size)
@@ -231,7 +310,7 @@ class Hierarchy(nn.Module):
             figures["psnr_through"] = psnr(images, recon)
             report["levels"][str(k)] = figures
         if self.prior is not None:
-            report["prior"] = prior_metrics(self.prior, codes[-1], batch_size)
+            report["prior"] = prior_metrics(self.prior, codes[-1], batch_size, labels)
             batched = zip(_batches(images, batch_size), *(_batches(z, batch_size) for z in codes), strict=True)
             parts = [self.nll(b, list(zs)) for b, *zs in batched]
             report["bits_per_dim"] = {key: float(torch.cat([p[key] for p in parts]).mean()) for key in parts[0]}
@@ -257,7 +336,8 @@ def level_metrics(level: Level, inputs: Tensor, batch_size: int = 500) -> dict[s
 
     Level 1 (``inputs``: uint8 images): ``psnr`` of the decoder mean and
     ``bits_per_dim`` of the pixels given z_1. Level k >= 2 (``inputs``: level
-    k-1 codes): ``accuracy`` of the decoder's most likely code and
+    k-1 codes): ``accuracy`` of the decoder's most likely code (for an
+    autoregressive decoder, given the true codes before it) and
     ``bits_per_code``. Both: ``codes_used`` (count), ``usage`` (fraction of
     the codebook) and ``perplexity`` of the level's codes on this split.
     """
@@ -274,7 +354,7 @@ def level_metrics(level: Level, inputs: Tensor, batch_size: int = 500) -> dict[s
             sq_err += (level.decode(codes).float() - batch.float()).pow(2).sum().item()
         else:
             codes = level.encode(batch)
-            logits = level.logits(codes)
+            logits = level.logits(codes, batch)  # an autoregressive decoder's are teacher-forced
             nll += F.cross_entropy(logits, batch, reduction="sum").item()
             hits += (logits.argmax(1) == batch).sum().item()
         total += batch[0].numel() * len(batch)
@@ -296,11 +376,46 @@ def level_metrics(level: Level, inputs: Tensor, batch_size: int = 500) -> dict[s
 
 
 @torch.no_grad()
-def prior_metrics(prior: GatedPixelCNN, codes: Tensor, batch_size: int = 500) -> dict[str, float]:
-    """``bits_per_code`` of top-level codes (N, h, w) under the prior (eval mode)."""
+def prior_log_prob(prior: GatedPixelCNN, codes: Tensor, labels: Tensor | None = None) -> Tensor:
+    """(B,) nats of top codes (B, h, w) under the prior, as it is (call in eval mode for figures).
+
+    A class-conditional prior gives log p(codes | labels) for labels (B,), or without
+    them the marginal log mean_y p(codes | y) over its classes (uniform p(y)).
+    """
+    if not prior.num_classes:
+        if labels is not None:
+            raise RunError("labels given but the prior is not class-conditional")
+        return -F.cross_entropy(prior(codes), codes, reduction="none").flatten(1).sum(1)
+    if labels is not None:
+        return -F.cross_entropy(prior(codes, label=labels), codes, reduction="none").flatten(1).sum(1)
+    per_class = torch.stack(
+        [prior_log_prob(prior, codes, torch.full((len(codes),), y, dtype=torch.long, device=codes.device)) for y in range(prior.num_classes)],
+        dim=1,
+    )  # (B, classes)
+    return torch.logsumexp(per_class, dim=1) - math.log(prior.num_classes)
+
+
+@torch.no_grad()
+def prior_metrics(prior: GatedPixelCNN, codes: Tensor, batch_size: int = 500, labels: Tensor | None = None) -> dict[str, float]:
+    """``bits_per_code`` of top-level codes (N, h, w) under the prior (eval mode).
+
+    For a class-conditional prior it is the marginal over the classes; with
+    ``labels`` (N,) ``bits_per_code_given_label`` adds the conditional figure.
+    """
     was_training = prior.training
     prior.eval()
     device = next(prior.parameters()).device
-    nll = sum(F.cross_entropy(prior(b.to(device)), b.to(device), reduction="sum").item() for b in _batches(codes, batch_size))
+
+    def bits(with_labels: bool) -> float:
+        total = 0.0
+        for i in range(0, len(codes), batch_size):
+            batch = codes[i : i + batch_size].to(device)
+            y = labels[i : i + batch_size].to(device) if with_labels and labels is not None else None
+            total -= prior_log_prob(prior, batch, y).sum().item()
+        return total / codes.numel() / LN2
+
+    out = {"bits_per_code": bits(False)}
+    if prior.num_classes and labels is not None:
+        out["bits_per_code_given_label"] = bits(True)
     prior.train(was_training)
-    return {"bits_per_code": nll / codes.numel() / LN2}
+    return out

@@ -3,7 +3,16 @@
 ``PixelLevel`` is level 1 (pixels <-> codes); its decoder is a discretised
 logistic per pixel, so its likelihood has a real number of bits.
 ``CodeLevel`` is level k >= 2 (level k-1 codes <-> level k codes); its decoder
-is a categorical over the K_(k-1) codes at every position of level k-1.
+is a categorical over the K_(k-1) codes at every position of level k-1, the
+positions independent given z_k (``decoder: factorised``, the default).
+``AutoregressiveCodeLevel`` (``decoder: autoregressive``) keeps the encoder
+and quantiser and makes D_k a gated PixelCNN over the level k-1 codes in
+raster order, conditioned on z_k: the codebook vectors of z_k go through the
+same upsampling trunk as the factorised decoder, which here ends in a map of
+conditioning features on the level k-1 grid instead of logits. Trained by
+teacher forcing, its cross-entropy is an exact log-likelihood, so the bound of
+:meth:`progvq.hierarchy.Hierarchy.nll` holds unchanged; it samples with the
+PixelCNN's cached sampler.
 
 Both share one interface, which the training stages and :mod:`progvq.hierarchy`
 rely on:
@@ -11,7 +20,8 @@ rely on:
 - ``forward(inputs) -> LevelOutput``: training pass (quantiser state may update)
 - ``encode(inputs) -> codes``: the deterministic encoder, no state change
 - ``log_likelihood(target, codes) -> (B,)`` nats of D_k(target | codes)
-- ``decode(codes, temperature, generator)``: a value of level k-1
+- ``decode(codes, temperature, generator)``: a value of level k-1; code levels
+  also take ``known=(codes, mask)`` to keep given level k-1 codes (inpainting)
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ from torch import Tensor, nn
 
 from .config import LevelConfig
 from .nets import Decoder, Encoder, discretized_logistic_logp, to_uint8
+from .pixelcnn import GatedPixelCNN
 from .quantize import QuantizerOutput, VectorQuantizer
 
 
@@ -36,6 +47,11 @@ class LevelOutput:
     nll: Tensor  # (B,) nats of the input under the decoder, summed over its dims
     dims: int  # how many dims of the input `nll` sums over (for per-dim figures)
     prediction: Tensor  # pixels: (B, C, H, W) point estimate in [-1, 1] (differentiable); codes: (B, h, w) argmax
+
+
+def _full(x: Tensor) -> Tensor:
+    """Logits for a likelihood: float32 at least (bf16 autocast outputs are too coarse), float64 kept."""
+    return x if x.dtype == torch.float64 else x.float()
 
 
 def _quantizer(cfg: LevelConfig) -> VectorQuantizer:
@@ -103,7 +119,9 @@ class PixelLevel(nn.Module):
 
 
 class CodeLevel(nn.Module):
-    """Level k >= 2: codes of level k-1 (B, h, w) <-> codes (B, h/f, w/f)."""
+    """Level k >= 2: codes of level k-1 (B, h, w) <-> codes (B, h/f, w/f); factorised decoder."""
+
+    autoregressive = False
 
     def __init__(self, cfg: LevelConfig, codes_below: int) -> None:
         super().__init__()
@@ -113,21 +131,33 @@ class CodeLevel(nn.Module):
         self.embed = nn.Embedding(codes_below, cfg.hidden)
         self.encoder = Encoder(cfg.hidden, cfg.hidden, cfg.code_dim, cfg.downsample, cfg.res_blocks)
         self.quantizer = _quantizer(cfg)
-        self.decoder = Decoder(cfg.code_dim, cfg.hidden, codes_below, cfg.downsample, cfg.res_blocks, head_kernel=1)
+        self.decoder = self._decoder_trunk(cfg, codes_below)
+
+    def _decoder_trunk(self, cfg: LevelConfig, codes_below: int) -> nn.Module:
+        """z_k vectors (B, code_dim, h', w') -> logits (B, K_(k-1), h, w)."""
+        return Decoder(cfg.code_dim, cfg.hidden, codes_below, cfg.downsample, cfg.res_blocks, head_kernel=1)
 
     def _embed(self, below: Tensor) -> Tensor:
         return rearrange(self.embed(below), "b h w c -> b c h w")  # (B, h, w) -> (B, hidden, h, w)
 
-    def logits(self, codes: Tensor) -> Tensor:
-        """Codes (B, h', w') -> logits (B, K_(k-1), h, w) over the level below."""
-        return self.decoder(self.quantizer.lookup(codes)).float()
+    def logits(self, codes: Tensor, below: Tensor | None = None) -> Tensor:
+        """Codes (B, h', w') -> logits (B, K_(k-1), h, w) over the level below.
+
+        ``below`` (B, h, w) is unused here: the positions are independent given ``codes``
+        (the autoregressive decoder needs it for teacher forcing).
+        """
+        return _full(self.decoder(self.quantizer.lookup(codes)))
 
     def forward(self, below: Tensor) -> LevelOutput:
         """below: level k-1 codes (B, h, w) int64."""
         quant = self.quantizer(self.encoder(self._embed(below)))
-        logits = self.decoder(quant.quantized).float()
+        logits = self._train_logits(quant.quantized, below)
         nll = F.cross_entropy(logits, below, reduction="none").flatten(1).sum(1)
         return LevelOutput(quant, nll, below[0].numel(), logits.argmax(1))
+
+    def _train_logits(self, vectors: Tensor, below: Tensor) -> Tensor:
+        """Straight-through z_k vectors (B, code_dim, h', w') -> logits (B, K_(k-1), h, w)."""
+        return _full(self.decoder(vectors))
 
     @torch.no_grad()
     def encode(self, below: Tensor) -> Tensor:
@@ -135,28 +165,102 @@ class CodeLevel(nn.Module):
         return self.quantizer.nearest(self.encoder(self._embed(below)))
 
     def log_likelihood(self, below: Tensor, codes: Tensor) -> Tensor:
-        """(B,) nats of the level k-1 codes given level k codes."""
-        logits = self.logits(codes)
+        """(B,) nats of the level k-1 codes (B, h, w) given level k codes (B, h', w')."""
+        logits = self.logits(codes, below)
         return -F.cross_entropy(logits, below, reduction="none").flatten(1).sum(1)
 
     @torch.no_grad()
-    def decode(self, codes: Tensor, temperature: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
+    def decode(
+        self,
+        codes: Tensor,
+        temperature: float = 1.0,
+        generator: torch.Generator | None = None,
+        known: tuple[Tensor, Tensor] | None = None,
+    ) -> Tensor:
         """Level k codes (B, h', w') -> level k-1 codes (B, h, w).
 
         Each position is drawn independently from softmax(logits / temperature);
-        temperature 0 takes the most likely code.
+        temperature 0 takes the most likely code. ``known`` = (codes (B, h, w)
+        int64, mask (B, h, w) bool) keeps the given codes where the mask is True.
+        A code is drawn at every position either way, so the generator advances
+        the same whatever is known.
         """
         logits = self.logits(codes)
         if temperature <= 0:
-            return logits.argmax(1)
-        b, _, h, w = logits.shape
-        probs = rearrange(F.softmax(logits / temperature, dim=1), "b k h w -> (b h w) k")
-        return torch.multinomial(probs, 1, generator=generator).view(b, h, w)
+            drawn = logits.argmax(1)
+        else:
+            b, _, h, w = logits.shape
+            probs = rearrange(F.softmax(logits / temperature, dim=1), "b k h w -> (b h w) k")
+            drawn = torch.multinomial(probs, 1, generator=generator).view(b, h, w)
+        if known is None:
+            return drawn
+        given, mask = known
+        return torch.where(mask, given, drawn)
+
+
+class AutoregressiveCodeLevel(CodeLevel):
+    """Level k >= 2 with D_k a gated PixelCNN over the level k-1 codes, conditioned on z_k.
+
+    p(z_(k-1) | z_k) = prod_ij p(z_(k-1)[i, j] | z_(k-1) before (i, j) in raster order, z_k).
+    The conditioning map (B, channels, h, w) comes from the factorised decoder's trunk
+    (z_k vectors upsampled to the level k-1 grid) and enters every gated block as a bias.
+    """
+
+    autoregressive = True
+
+    def _decoder_trunk(self, cfg: LevelConfig, codes_below: int) -> nn.Module:
+        p = cfg.pixelcnn
+        # the PixelCNN is built here so the module order (and state-dict order) is fixed
+        self.pixelcnn = GatedPixelCNN(
+            codes_below,
+            channels=p.channels,
+            layers=p.layers,
+            kernel_size=p.kernel_size,
+            dropout=p.dropout,
+            cond_channels=p.channels,
+        )
+        return Decoder(cfg.code_dim, cfg.hidden, p.channels, cfg.downsample, cfg.res_blocks, head_kernel=1)
+
+    def condition(self, codes: Tensor) -> Tensor:
+        """Level k codes (B, h', w') -> conditioning map (B, channels, h, w) on the level k-1 grid."""
+        return self.decoder(self.quantizer.lookup(codes))
+
+    def logits(self, codes: Tensor, below: Tensor | None = None) -> Tensor:
+        """Teacher-forced logits (B, K_(k-1), h, w): position (i, j) given ``below`` (B, h, w) before it and ``codes``."""
+        if below is None:
+            raise ValueError("an autoregressive decoder's logits need the level k-1 codes (teacher forcing)")
+        return _full(self.pixelcnn(below, self.condition(codes)))
+
+    def _train_logits(self, vectors: Tensor, below: Tensor) -> Tensor:
+        return _full(self.pixelcnn(below, self.decoder(vectors)))
+
+    @torch.no_grad()
+    def decode(
+        self,
+        codes: Tensor,
+        temperature: float = 1.0,
+        generator: torch.Generator | None = None,
+        known: tuple[Tensor, Tensor] | None = None,
+    ) -> Tensor:
+        """Level k codes (B, h', w') -> level k-1 codes (B, h, w), one position at a time.
+
+        The PixelCNN's cached sampler (:meth:`GatedPixelCNN.sample`) at ``temperature``
+        (0: the most likely code given the codes drawn before); ``known`` as in
+        :meth:`CodeLevel.decode`, and the free codes are conditioned on the known
+        ones before them in raster order.
+        """
+        cond = _full(self.condition(codes))  # the sampler runs in the weights' precision
+        b, _, h, w = cond.shape
+        return self.pixelcnn.sample(b, h, w, temperature=temperature, generator=generator, cond=cond, known=known)
 
 
 Level = PixelLevel | CodeLevel
 
 
 def build_level(cfg: LevelConfig, k: int, channels: int, codes_below: int) -> Level:
-    """The model of level ``k``: a :class:`PixelLevel` for k = 1, else a :class:`CodeLevel`."""
-    return PixelLevel(cfg, channels) if k == 1 else CodeLevel(cfg, codes_below)
+    """The model of level ``k``: a :class:`PixelLevel` for k = 1, else a code level with its config's decoder."""
+    if k == 1:
+        return PixelLevel(cfg, channels)
+    if cfg.decoder == "autoregressive":
+        return AutoregressiveCodeLevel(cfg, codes_below)
+    return CodeLevel(cfg, codes_below)

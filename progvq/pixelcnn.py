@@ -19,8 +19,12 @@ Receptive field with ``L`` layers and ``r = kernel_size // 2``: the output at
 them, and ``L * r + 1`` columns to the left in its own row. The binding limit
 is the reach to the right in the rows above, so an ``H x W`` grid is fully
 covered (every earlier code reaches every later position) once
-``L * r >= max(H - 2, W - 1)``; e.g. 4 layers of kernel 3, or 2 of kernel 5, on
-5x5; 7 layers of kernel 3, or 4 of kernel 5, on 8x8.
+``L * r >= max(H - 2, W - 1)`` (a single row: ``L * r >= W - 2``); e.g. 4 layers of kernel 3, or 2 of kernel 5, on
+5x5; 7 layers of kernel 3, or 4 of kernel 5, on 8x8 (:func:`covers`). A model
+that does not cover its grid is still causal, but a code then ignores the
+earlier codes beyond its reach; the autoregressive decoders of
+:mod:`progvq.levels` are refused in that case (the prior is not: its grid
+is small and its configs predate the check).
 
 Sampling (``GatedPixelCNN.sample``) has two interchangeable methods that
 return the same codes for the same generator state. ``"naive"`` runs the whole
@@ -47,6 +51,24 @@ from typing import Literal, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+def reach_needed(height: int, width: int) -> int:
+    """The ``layers * (kernel_size // 2)`` that a ``height x width`` grid needs to be covered (module docstring).
+
+    A single row has no rows above, so only its own row's reach of ``L r + 1`` columns counts.
+    """
+    return max(0, width - 2) if height == 1 else max(height - 2, width - 1)
+
+
+def covers(height: int, width: int, layers: int, kernel_size: int) -> bool:
+    """Whether every position of a ``height x width`` grid sees every earlier position."""
+    return layers * (kernel_size // 2) >= reach_needed(height, width)
+
+
+def layers_to_cover(height: int, width: int, kernel_size: int) -> int:
+    """The fewest layers of ``kernel_size`` that :func:`covers` a ``height x width`` grid (at least 1)."""
+    return max(1, math.ceil(reach_needed(height, width) / (kernel_size // 2)))
 
 
 def _shift_down(x: Tensor) -> Tensor:

@@ -12,23 +12,29 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from progvq.config import Config
+from progvq.config import Config, check_decoder_coverage
 from progvq.data import ImageData
 from progvq.hierarchy import Hierarchy, level_metrics, load_level, psnr
 from progvq.images import image_grid
-from progvq.levels import CodeLevel
+from progvq.levels import build_level
 
 from .common import pairs_grid, quantizer_metrics, uniform_rate
 
 
 class CodeStage:
-    """Trains E_k, C_k and D_k on the frozen level k-1 codes; loss: cross-entropy plus VQ terms."""
+    """Trains E_k, C_k and D_k on the frozen level k-1 codes; loss: cross-entropy plus VQ terms.
+
+    With ``decoder: autoregressive`` D_k is a PixelCNN trained by teacher forcing: its
+    cross-entropy given the true level k-1 codes is the exact -log D_k(z_(k-1) | z_k).
+    """
 
     def __init__(self, cfg: Config, k: int, run_dir: Path, data: ImageData, device: torch.device) -> None:
         self.name = str(k)
         self.settings = cfg.level(k)
+        # the config alone may not know the image side (folder, array): check the PixelCNN's reach now
+        check_decoder_coverage(cfg, *data.image_shape[1:])
         lower = [load_level(run_dir, j, device)[0] for j in range(1, k)]
-        self.model = CodeLevel(self.settings, cfg.level(k - 1).codes).to(device)
+        self.model = build_level(self.settings, k, data.channels, cfg.level(k - 1).codes).to(device)
         # the chain used to show reconstructions: frozen levels plus the one in training
         self.chain = Hierarchy(cfg, [*lower, self.model], None, data.image_shape)
         frozen = Hierarchy(cfg, lower, None, data.image_shape)

@@ -1,4 +1,4 @@
-"""The prior stage: a gated PixelCNN over the top level's codes."""
+"""The prior stage: a gated PixelCNN over the top level's codes, optionally given the class."""
 
 from __future__ import annotations
 
@@ -11,17 +11,30 @@ from torch import Tensor
 
 from progvq.config import Config
 from progvq.data import ImageData
+from progvq.errors import DataError
 from progvq.hierarchy import Hierarchy, build_prior, prior_metrics
 from progvq.images import image_grid
 
 
 class PriorStage:
-    """Fits p(z_L) by maximum likelihood on the frozen hierarchy's top codes."""
+    """Fits p(z_L), or p(z_L | y) with ``class_conditional``, by maximum likelihood on the frozen hierarchy's top codes."""
 
     def __init__(self, cfg: Config, run_dir: Path, data: ImageData, device: torch.device) -> None:
         self.name = "prior"
         self.settings = cfg.prior
-        self.model = build_prior(cfg).to(device)
+        self.train_labels: Tensor | None = None  # (N,) int64 when class-conditional
+        self.heldout_labels: Tensor | None = None
+        num_classes = 0
+        if cfg.prior.class_conditional:
+            if data.train_labels is None or data.heldout_labels is None:
+                # the config allows only labelled sources; an idx folder may still lack its labels file
+                raise DataError(
+                    f"{cfg.data.path}: no labels ({cfg.data.prefix}-labels-idx1-ubyte[.gz]) beside the images, "
+                    "but stages.prior.class_conditional is true"
+                )
+            num_classes = data.num_classes
+            self.train_labels, self.heldout_labels = data.train_labels.to(device), data.heldout_labels
+        self.model = build_prior(cfg, num_classes).to(device)
         self.hierarchy = Hierarchy.load(run_dir, with_prior=False, device=device)
         self.hierarchy.prior = self.model  # so samples use the prior being trained
         self.train_codes = self.hierarchy.encode_split(data.train)[-1]  # (N, h, w)
@@ -30,16 +43,20 @@ class PriorStage:
         self.num_train = len(self.train_codes)
         self.seed = cfg.seed
 
-    def batch(self, index: Tensor) -> Tensor:
-        return self.train_codes[index]
+    def batch(self, index: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Top codes (B, h, w) int64 and their classes (B,) int64 (None when unconditional)."""
+        return self.train_codes[index], None if self.train_labels is None else self.train_labels[index]
 
-    def loss(self, codes: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        nll = F.cross_entropy(self.model(codes), codes)  # nats per code
+    def loss(self, batch: tuple[Tensor, Tensor | None]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        codes, labels = batch
+        nll = F.cross_entropy(self.model(codes, label=labels), codes)  # nats per code
         return {"nll": nll}, {"bits_per_code": nll.detach() / math.log(2)}
 
     def evaluate(self) -> dict[str, float]:
-        return prior_metrics(self.model, self.heldout_codes)
+        return prior_metrics(self.model, self.heldout_codes, labels=self.heldout_labels)
 
     def images(self) -> dict[str, Tensor]:
-        samples = self.hierarchy.sample(32, seed=self.seed)  # its own generator: no global RNG drawn
-        return {"samples": image_grid(samples, nrow=8)}
+        # its own generator: no global RNG drawn; a class-conditional prior cycles the classes
+        samples = self.hierarchy.sample(32, seed=self.seed)
+        nrow = self.hierarchy.num_classes or 8  # one class per column
+        return {"samples": image_grid(samples, nrow=nrow)}

@@ -38,3 +38,17 @@ def tiny_copy(tiny_run: Path, tmp_path: Path) -> Path:
     dest = tmp_path / "run"
     shutil.copytree(tiny_run, dest)
     return dest
+
+
+TINY_CONDITIONAL = ROOT / "configs" / "tiny-conditional.yaml"
+
+
+@pytest.fixture(scope="session")
+def tiny_conditional_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """configs/tiny-conditional.yaml trained (MNIST, autoregressive level 2, class-conditional prior); read-only."""
+    if not MNIST_DIR.exists():
+        pytest.skip("no ../shared/data/mnist")
+    run = tmp_path_factory.mktemp("tiny_conditional") / "run"
+    args = ["train", str(TINY_CONDITIONAL), "--all", "--run-dir", str(run), "--no-progress", "--set", f"data.path={MNIST_DIR}"]
+    assert main(args) == 0
+    return run

@@ -1,0 +1,268 @@
+"""MNIST quality benchmark: factorised vs autoregressive decoders, class-conditional samples, inpainting.
+
+    python benchmarks/quality.py [--factorised-run runs/quality-factorised] [--ar-run runs/quality-ar]
+                                 [--docs docs] [--quick]
+
+Run from the project root (the configs read ../shared/data/mnist). What it does:
+
+1. Trains ``configs/mnist.yaml`` (factorised level-2 decoder, unconditional prior) and
+   ``configs/mnist-ar.yaml`` (autoregressive level-2 decoder, class-conditional prior). The
+   second reuses the first run's stage 1 (the configs' level 1 is the same): its folder is
+   copied, so only its stage 2 and prior are trained. To tell the decoder's part from the
+   prior's, each also gets the other kind of prior on the same codes (stages 1 and 2
+   copied, only the prior trained). Stages already done are not retrained (the JSON
+   says which), so a second call only evaluates.
+2. Held-out figures of both: the likelihood bound in bits/dim by level, PSNR, code accuracy.
+3. Sample grids to ``docs/``: 64 samples of each hierarchy, and the class-conditional prior's
+   samples with one class per column.
+4. A small CNN classifier trained on the 9,000 training digits (its held-out accuracy is
+   reported, also on the hierarchies' reconstructions); it classifies 100 class-conditional
+   samples per class (how often a sample shows the class it was asked for).
+5. Inpainting: every held-out digit with its bottom half, then its right half, masked is
+   completed 4 times by each hierarchy; the classifier says how often a completion is the
+   original digit (chance: 10%), beside its accuracy on the masked digit with the hole left
+   black (the baseline). Grids of some completions go to ``docs/``.
+
+Prints JSON with every figure and the run times (also written to ``docs/quality.json``).
+``--quick`` trains a few steps per stage and evaluates 100 held-out digits: a smoke test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from progvq.checkpoint import checkpoint_path
+from progvq.config import load_config
+from progvq.data import ImageData, load_dataset
+from progvq.hierarchy import Hierarchy
+from progvq.images import image_grid, save_png
+from progvq.inpaint import box_mask, inpaint_batch, masked_view
+from progvq.run import CONFIG_NAME, stage_state, write_run_config
+from stages import train_stage
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = [f"stages.{s}.{k}={v}" for s in ("1", "2", "prior") for k, v in (("steps", 20), ("eval_every", 20), ("warmup", 5))]
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def train(config: Path, run_dir: Path, overrides: list[str], reuse: Path | None = None, stages: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Train every stage not done yet (after copying ``stages`` from the run ``reuse``); seconds per stage."""
+    cfg = load_config(config, overrides)
+    for name in stages:
+        folder = checkpoint_path(run_dir, name).parent
+        if reuse is not None and not folder.exists():
+            shutil.copytree(checkpoint_path(reuse, name).parent, folder)
+    if stages and not (run_dir / CONFIG_NAME).exists():
+        # training writes the run's config when it starts a stage; copied stages start none
+        write_run_config(run_dir, cfg)
+    times: dict[str, Any] = {}
+    for name in cfg.stage_names():
+        before = stage_state(run_dir, name, cfg).state == "done"
+        start = time.perf_counter()
+        result = train_stage(cfg, name, run_dir, progress=False, log=log)
+        times[name] = {"seconds": round(time.perf_counter() - start, 1), "train_seconds": round(result.train_seconds, 1), "steps": result.step}
+        if before:
+            times[name]["trained_before"] = str(reuse) if name in stages else "in this run directory"
+    return times
+
+
+# --------------------------------------------------------------------------- classifier
+
+
+class Classifier(nn.Module):
+    """A small CNN for 32x32 grey digits: (B, 1, 32, 32) uint8 -> logits (B, 10)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 16x16
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 8x8
+            nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 4x4
+            nn.Flatten(), nn.Dropout(0.3), nn.Linear(64 * 16, 128), nn.ReLU(), nn.Linear(128, 10),
+        )  # fmt: skip
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.net(images.float() / 127.5 - 1.0)
+
+    @torch.no_grad()
+    def predict(self, images: Tensor, batch_size: int = 1000) -> Tensor:
+        """uint8 (N, 1, 32, 32) -> (N,) int64 classes."""
+        self.eval()
+        return torch.cat([self(images[i : i + batch_size]).argmax(1) for i in range(0, len(images), batch_size)])
+
+
+def train_classifier(data: ImageData, epochs: int, seed: int = 0) -> Classifier:
+    """Train on the training split with shifted copies (up to 2 pixels), so it judges shapes, not positions."""
+    assert data.train_labels is not None
+    torch.manual_seed(seed)
+    model = Classifier()
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    gen = torch.Generator().manual_seed(seed)
+    n = len(data.train)
+    steps = epochs * (n // 64)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
+    step = 0
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=gen)
+        for i in range(0, n - 63, 64):
+            index = order[i : i + 64]
+            dx, dy = (int(v) for v in torch.randint(-2, 3, (2,), generator=gen))
+            x = torch.roll(data.train[index], shifts=(dy, dx), dims=(2, 3))  # digits sit in a 2-pixel border
+            model.train()
+            loss = F.cross_entropy(model(x), data.train_labels[index])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+    return model
+
+
+def accuracy(pred: Tensor, labels: Tensor) -> float:
+    return round(float((pred == labels).float().mean()), 4)
+
+
+# --------------------------------------------------------------------------- inpainting
+
+
+MASKS = {"bottom": (0, 16, 32, 32), "right": (16, 0, 32, 32)}  # x0, y0, x1, y1 of the missing box
+
+
+def inpainting(
+    model: Hierarchy, classifier: Classifier, images: Tensor, labels: Tensor, mask: Tensor, n: int, candidates: int, chunk: int = 100
+) -> tuple[dict[str, Any], Tensor]:
+    """Complete every image n times; how often the classifier calls a completion the original digit."""
+    start = time.perf_counter()
+    done = torch.cat(
+        [inpaint_batch(model, images[i : i + chunk], mask, n, seed=i, candidates=candidates) for i in range(0, len(images), chunk)]
+    )  # (N, n, 1, 32, 32)
+    seconds = time.perf_counter() - start
+    pred = classifier.predict(done.flatten(0, 1)).view(len(images), n)
+    hits = pred == labels[:, None]
+    figures = {
+        "completions_classified_as_original": round(float(hits.float().mean()), 4),
+        "digits_with_a_correct_completion": round(float(hits.any(1).float().mean()), 4),
+        "candidates": candidates,
+        "seconds": round(seconds, 1),
+        "ms_per_completion": round(1000 * seconds / done[:, :, 0, 0, 0].numel(), 2),
+    }
+    return figures, done
+
+
+def inpainting_grid(images: Tensor, mask: Tensor, done: Tensor, path: Path, count: int = 10) -> None:
+    """Rows: original, masked input, then the completions of each of ``count`` digits (one per column)."""
+    columns = [torch.cat([images[i : i + 1], masked_view(images[i], mask)[None], done[i]]) for i in range(count)]
+    grid = torch.stack(columns, 1).flatten(0, 1)  # row-major: one row per kind, one column per digit
+    save_png(image_grid(grid, nrow=count), path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--factorised-run", default="runs/quality-factorised")
+    parser.add_argument("--ar-run", default="runs/quality-ar")
+    parser.add_argument("--docs", default=str(ROOT / "docs"))
+    parser.add_argument("--completions", type=int, default=4)
+    parser.add_argument("--classifier-epochs", type=int, default=6)
+    parser.add_argument("--quick", action="store_true", help="a few steps per stage, 100 held-out digits")
+    args = parser.parse_args()
+    overrides = QUICK if args.quick else []
+    docs = Path(args.docs)
+    docs.mkdir(parents=True, exist_ok=True)
+    fact, ar = Path(args.factorised_run), Path(args.ar_run)
+    mnist, mnist_ar = ROOT / "configs" / "mnist.yaml", ROOT / "configs" / "mnist-ar.yaml"
+    # name: (config, overrides, run directory, run to copy stages from, stages copied)
+    plan = {
+        "factorised": (mnist, [], fact, None, ()),
+        "autoregressive": (mnist_ar, [], ar, fact, ("1",)),
+        "factorised_class_conditional": (mnist, ["stages.prior.class_conditional=true"], fact.with_name(fact.name + "-cc"), fact, ("1", "2")),
+        "autoregressive_unconditional": (mnist_ar, ["stages.prior.class_conditional=false"], ar.with_name(ar.name + "-uncond"), ar, ("1", "2")),
+    }
+    figures: dict[str, Any] = {"threads": torch.get_num_threads(), "training": {}}
+    wall = time.perf_counter()
+
+    # 1. training, each run after the one it copies stages from
+    for name, (config, sets, run_dir, reuse, copied) in plan.items():
+        figures["training"][name] = train(config, run_dir, [*overrides, *sets], reuse, copied)
+
+    models = {name: Hierarchy.load(run_dir) for name, (_, _, run_dir, _, _) in plan.items()}
+    data = load_dataset(models["factorised"].config.data, models["factorised"].config.total_downsample())
+    assert data.train_labels is not None and data.heldout_labels is not None
+    heldout, heldout_labels = data.heldout, data.heldout_labels
+    if args.quick:
+        heldout, heldout_labels = heldout[:100], heldout_labels[:100]
+    # 2. held-out figures: bits/dim by level (for the class-conditional prior: the marginal over classes)
+    figures["heldout"] = {}
+    for kind, model in models.items():
+        start = time.perf_counter()
+        report = model.evaluate(heldout, labels=heldout_labels if model.num_classes else None)
+        report["eval_seconds"] = round(time.perf_counter() - start, 1)
+        figures["heldout"][kind] = report
+        log(f"{kind}: {json.dumps(report['bits_per_dim'])}")
+
+    # 3. samples
+    figures["sampling"] = {}
+    for kind in ("factorised", "autoregressive"):
+        model = models[kind]
+        start = time.perf_counter()
+        samples = model.sample(64, seed=0, label=torch.arange(64) % 8 if model.num_classes else None)
+        figures["sampling"][f"{kind}_64_seconds"] = round(time.perf_counter() - start, 2)
+        save_png(image_grid(samples, nrow=8), docs / f"quality_{kind}_samples.png")
+    per_class = models["autoregressive"].sample(80, seed=1)  # classes 0..9 in turn: one class per column
+    save_png(image_grid(per_class, nrow=10), docs / "quality_class_samples.png")
+
+    # 4. classifier
+    start = time.perf_counter()
+    classifier = train_classifier(data, args.classifier_epochs)
+    figures["classifier"] = {"seconds": round(time.perf_counter() - start, 1), "epochs": args.classifier_epochs}
+    figures["classifier"]["heldout_accuracy"] = accuracy(classifier.predict(data.heldout), data.heldout_labels)
+    for kind in ("factorised", "autoregressive"):
+        model = models[kind]
+        recon = torch.cat([model.reconstruct(heldout[i : i + 500], level=model.num_levels) for i in range(0, len(heldout), 500)])
+        figures["classifier"][f"accuracy_on_{kind}_reconstructions_through_level_2"] = accuracy(classifier.predict(recon), heldout_labels)
+    wanted = torch.arange(1000) % 10
+    figures["class_conditional_samples"] = {"samples": 1000}
+    for kind in ("autoregressive", "factorised_class_conditional"):
+        samples = torch.cat([models[kind].sample(200, seed=10 + i, label=wanted[i : i + 200]) for i in range(0, 1000, 200)])
+        figures["class_conditional_samples"][f"{kind}_classified_as_the_class_asked_for"] = accuracy(classifier.predict(samples), wanted)
+    for kind in ("factorised", "autoregressive_unconditional"):
+        counts = torch.bincount(classifier.predict(models[kind].sample(1000, seed=10)), minlength=10).tolist()
+        figures["class_conditional_samples"][f"{kind}_unconditional_samples_per_class"] = counts
+
+    # 5. inpainting
+    figures["inpainting"] = {"digits": len(heldout), "completions_per_digit": args.completions, "chance": 0.1}
+    # the unconditional priors with 1 and 10 candidates, the class-conditional ones with one per class
+    settings = [(kind, c) for kind in ("factorised", "autoregressive_unconditional") for c in (1, 10)]
+    settings += [("factorised_class_conditional", 10), ("autoregressive", 10)]
+    for name, box in MASKS.items():
+        mask = box_mask(32, 32, box)
+        baseline = heldout.masked_fill(mask, 0)  # the hole left black
+        part: dict[str, Any] = {"box_x0_y0_x1_y1": list(box), "baseline_masked_input_accuracy": accuracy(classifier.predict(baseline), heldout_labels)}
+        for kind, candidates in settings:
+            result, done = inpainting(models[kind], classifier, heldout, heldout_labels, mask, args.completions, candidates)
+            part[f"{kind}_candidates_{candidates}"] = result
+            log(f"inpainting {name} {kind} x{candidates}: {result}")
+            if (kind, candidates) in (("factorised", 1), ("autoregressive", 10)):
+                inpainting_grid(heldout, mask, done, docs / f"quality_inpaint_{name}_{kind}.png")
+        figures["inpainting"][name] = part
+
+    figures["total_minutes"] = round((time.perf_counter() - wall) / 60, 2)
+    text = json.dumps(figures, indent=2)
+    (docs / "quality.json").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,296 @@
+"""Autoregressive decoders for levels >= 2 and the class-conditional prior."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from progvq.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+from progvq.config import LevelConfig, PixelCNNConfig, QuantizerConfig, load_config
+from progvq.data import load_dataset
+from progvq.errors import ConfigError
+from progvq.hierarchy import Hierarchy
+from progvq.levels import AutoregressiveCodeLevel, CodeLevel, build_level
+from progvq.pixelcnn import GatedPixelCNN, covers
+from run_stage import main
+
+from .conftest import MNIST_DIR, TINY, TINY_CONDITIONAL
+
+
+def _ar_level(codes_below: int = 3, quantizer: QuantizerConfig | None = None, **pixelcnn) -> AutoregressiveCodeLevel:
+    """A small autoregressive level in float64 (exact comparisons), eval mode."""
+    torch.manual_seed(0)
+    pc = PixelCNNConfig(**{"channels": 8, "layers": 2, "kernel_size": 3, **pixelcnn})
+    cfg = LevelConfig(downsample=2, codes=4, code_dim=4, hidden=8, res_blocks=1, decoder="autoregressive", pixelcnn=pc)
+    cfg.quantizer = quantizer or cfg.quantizer
+    level = build_level(cfg, 2, 1, codes_below)
+    assert isinstance(level, AutoregressiveCodeLevel) and level.autoregressive
+    return level.double().eval()
+
+
+# --------------------------------------------------------------------------- autoregressive decoder
+
+
+def test_autoregressive_decoder_is_a_normalised_distribution() -> None:
+    """Summed over all 3^4 grids of 2x2 level-1 codes, D_2(z_1 | z_2) is 1: the bits are a real likelihood."""
+    level = _ar_level(codes_below=3)
+    grids = torch.tensor(list(itertools.product(range(3), repeat=4))).view(-1, 2, 2)  # (81, 2, 2)
+    for top in (0, 3):
+        codes = torch.full((len(grids), 1, 1), top)
+        total = torch.logsumexp(level.log_likelihood(grids, codes), 0).exp().item()
+        assert total == pytest.approx(1.0, abs=1e-12)
+
+
+def test_teacher_forced_likelihood_is_the_sum_of_the_samplers_per_position_log_probs() -> None:
+    level = _ar_level(codes_below=5, layers=3)
+    g = torch.Generator().manual_seed(1)
+    below = torch.randint(5, (3, 4, 6), generator=g)
+    codes = torch.randint(4, (3, 2, 3), generator=g)
+    cond = level.condition(codes)
+    # the logits the cached sampler computes position by position, given the true codes before
+    logits = level.pixelcnn._cached_logits(below, cond)
+    per_position = torch.log_softmax(logits, 1).gather(1, below[:, None])[:, 0]  # (3, 4, 6)
+    torch.testing.assert_close(level.log_likelihood(below, codes), per_position.flatten(1).sum(1), rtol=0, atol=1e-10)
+    # and the training pass (float32: the quantiser's) reports the same negative log-likelihood
+    frozen = QuantizerConfig(ema=False, init_from_data=False, restart=False)  # the codebook stays as it is
+    level = _ar_level(codes_below=5, layers=3, quantizer=frozen).float()
+    out = level.train()(below)
+    level.eval()
+    torch.testing.assert_close(out.nll, -level.log_likelihood(below, out.quant.indices), rtol=1e-5, atol=1e-4)
+    assert out.dims == 24 and out.prediction.shape == below.shape
+
+
+def test_autoregressive_decode_is_the_cached_sampler_and_equals_naive() -> None:
+    level = _ar_level(codes_below=5, layers=3)
+    codes = torch.randint(4, (4, 2, 2), generator=torch.Generator().manual_seed(2))
+    cond = level.condition(codes)
+    for seed, temperature in itertools.product(range(3), (1.0, 0.5)):
+        drawn = level.decode(codes, temperature, torch.Generator().manual_seed(seed))
+        assert drawn.shape == (4, 4, 4)
+        naive = level.pixelcnn.sample(4, 4, 4, temperature=temperature, cond=cond, generator=torch.Generator().manual_seed(seed), method="naive")
+        assert torch.equal(drawn, naive)
+    # temperature 0: every code is the most likely one given the codes before it
+    greedy = level.decode(codes, 0.0)
+    assert torch.equal(greedy, level.logits(codes, greedy).argmax(1))
+    # known codes are kept, the rest conditioned on them
+    known = torch.randint(5, (4, 4, 4), generator=torch.Generator().manual_seed(3))
+    mask = torch.zeros(4, 4, 4, dtype=torch.bool)
+    mask[:, :2] = True
+    kept = level.decode(codes, 1.0, torch.Generator().manual_seed(0), known=(known, mask))
+    assert torch.equal(kept[mask], known[mask])
+
+
+def test_factorised_decode_keeps_known_codes_without_changing_the_stream() -> None:
+    torch.manual_seed(0)
+    level = CodeLevel(LevelConfig(downsample=2, codes=4, code_dim=4, hidden=8, res_blocks=1), codes_below=6).eval()
+    codes = torch.randint(4, (3, 2, 2))
+    free = level.decode(codes, 1.0, torch.Generator().manual_seed(0))
+    known = torch.randint(6, (3, 4, 4))
+    mask = torch.rand(3, 4, 4) < 0.5
+    kept = level.decode(codes, 1.0, torch.Generator().manual_seed(0), known=(known, mask))
+    assert torch.equal(kept[mask], known[mask]) and torch.equal(kept[~mask], free[~mask])
+
+
+@pytest.mark.parametrize(("h", "w", "layers", "kernel_size"), [(4, 4, 2, 3), (4, 4, 3, 3), (3, 5, 2, 5), (1, 5, 1, 5), (1, 5, 1, 3), (5, 2, 1, 7)])
+def test_covers_matches_the_gradient_support(h: int, w: int, layers: int, kernel_size: int) -> None:
+    """covers() says whether the last position sees every earlier one, as the gradients do."""
+    torch.manual_seed(0)
+    model = GatedPixelCNN(4, channels=16, layers=layers, kernel_size=kernel_size).double().eval()
+    x = model.embed(torch.randint(4, (1, h, w))).permute(0, 3, 1, 2).detach().requires_grad_()
+    logits = model.forward_embedded(x)
+    sees_all = True
+    for i, j in itertools.product(range(h), range(w)):
+        (grad,) = torch.autograd.grad(logits[0, :, i, j].sum(), x, retain_graph=True)
+        seen = grad[0].abs().sum(0).flatten() > 0
+        sees_all &= bool(seen[: i * w + j].all())
+    assert sees_all == covers(h, w, layers, kernel_size)
+
+
+@pytest.mark.parametrize(
+    ("sets", "needle"),
+    [
+        (["stages.1.decoder=autoregressive"], "stages.1.decoder: must be 'factorised' (level 1 decodes pixels), got 'autoregressive'"),
+        (["stages.2.decoder=pixelcnn"], "stages.2.decoder: must be one of factorised, autoregressive, got 'pixelcnn'"),
+        (["stages.2.pixelcnn.kernel_size=4"], "stages.2.pixelcnn.kernel_size: must be odd and >= 3, got 4"),
+        (["stages.2.pixelcnn.dropout=1"], "stages.2.pixelcnn.dropout: must be in [0, 1), got 1.0"),
+        (["stages.2.pixelcnn.colour=1"], "stages.2.pixelcnn.colour: unknown key"),
+        (
+            ["stages.2.decoder=autoregressive", "stages.2.pixelcnn.layers=1"],
+            (
+                "stages.2.pixelcnn.layers: 1 layers of kernel 5 do not reach every earlier code of level 1's 4x4 grid; "
+                "need layers * (kernel_size // 2) >= 3, e.g. 2 layers of kernel 5"
+            ),
+        ),
+        (["stages.prior.class_conditional=true"], "stages.prior.class_conditional: must be false for data source 'shapes', which has no labels"),
+    ],
+)
+def test_config_refusals(sets: list[str], needle: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(TINY, sets)
+    assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+def test_coverage_is_checked_when_only_the_data_knows_the_image_side(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An array source without data.size: the level-2 decoder's reach is checked once the images are read."""
+    from progvq.data import make_shapes
+
+    path = tmp_path / "images.npz"
+    np.savez(path, images=make_shapes(40, size=32, seed=0)[:, 0].numpy())  # 32x32 -> level 1 is 8x8
+    sets = ["data.source=array", f"data.path={path}", "data.size=null", "data.heldout=8", "stages.1.steps=1"]
+    sets += ["stages.2.decoder=autoregressive", "stages.2.pixelcnn.layers=2"]
+    run = tmp_path / "r"
+    args = ["train", str(TINY), "--run-dir", str(run), "--no-progress", *[x for s in sets for x in ("--set", s)]]
+    assert main([*args, "--stage", "1"]) == 0  # level 1 does not care
+    capsys.readouterr()
+    assert main([*args, "--stage", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "stages.2.pixelcnn.layers: 2 layers of kernel 5 do not reach every earlier code of level 1's 8x8 grid" in err
+    assert err.count("\n") == 1
+    assert not (run / "stage-2").exists()
+
+
+# --------------------------------------------------------------------------- the trained conditional run
+
+
+def test_conditional_run_is_what_its_config_says(tiny_conditional_run: Path) -> None:
+    model = Hierarchy.load(tiny_conditional_run)
+    assert model.image_shape == (1, 32, 32) and model.num_levels == 2
+    assert isinstance(model.levels[1], AutoregressiveCodeLevel) and model.num_classes == 10
+    assert model.grid_shape(1) == (8, 8) and model.grid_shape(2) == (4, 4)
+
+
+def test_samples_follow_the_label(tiny_conditional_run: Path, tmp_path: Path) -> None:
+    model = Hierarchy.load(tiny_conditional_run)
+    three = model.sample(8, seed=0, label=3)
+    assert torch.equal(three, model.sample(8, seed=0, label=3))
+    # the same seed (the same random numbers) gives other images for other classes; the tiny
+    # run's decoders depend on their codes only a little, so not every pair of classes differs
+    per_class = {model.sample(16, seed=0, label=y).numpy().tobytes() for y in range(10)}
+    assert len(per_class) > 1
+    # the top codes the prior draws depend on the class
+    h, w = model.grid_shape(2)
+    prior = model.prior
+    assert prior is not None
+    tops = [prior.sample(16, h, w, label=torch.full((16,), y), generator=torch.Generator().manual_seed(0)) for y in range(10)]
+    assert len({tuple(t.flatten().tolist()) for t in tops}) == 10
+    # the command line: --label, and the default cycles the classes
+    out = tmp_path / "s.png"
+    assert main(["sample", str(tiny_conditional_run), "-n", "8", "--label", "3", "--out", str(out)]) == 0
+    assert np.array_equal(np.load(out.with_suffix(".npz"))["images"], three[:, 0].numpy())
+    assert torch.equal(model.labels_for(12, None), torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]))
+
+
+@pytest.mark.parametrize(
+    ("run", "label", "needle"),
+    [
+        ("tiny_conditional_run", "10", "--label 10: out of range; the prior of {run} has classes 0..9"),
+        ("tiny_conditional_run", "-1", "--label -1: out of range"),
+        ("tiny_run", "3", "--label 3: the prior of {run} is not class-conditional (stages.prior.class_conditional: false)"),
+    ],
+)
+def test_label_refusals(run: str, label: str, needle: str, request: pytest.FixtureRequest, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = request.getfixturevalue(run)
+    capsys.readouterr()
+    assert main(["sample", str(run_dir), f"--label={label}", "--out", str(tmp_path / "s.png")]) == 2
+    err = capsys.readouterr().err
+    assert needle.format(run=run_dir) in err and err.count("\n") == 1
+    assert not (tmp_path / "s.png").exists()
+
+
+def test_eval_of_the_conditional_run(tiny_conditional_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    capsys.readouterr()
+    assert main(["eval", str(tiny_conditional_run), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    bpd, prior = report["bits_per_dim"], report["prior"]
+    assert bpd["total"] == pytest.approx(bpd["0"] + bpd["1"] + bpd["2"], rel=1e-6)
+    # 16 top codes per 1024 pixel dims; the level-2 term is the autoregressive decoder's, 64 codes per image
+    assert bpd["2"] == pytest.approx(prior["bits_per_code"] * 16 / 1024, rel=1e-5)
+    assert bpd["1"] == pytest.approx(report["levels"]["2"]["bits_per_code"] * 64 / 1024, rel=1e-4)
+    # the marginal over 10 equally likely classes costs at most log2(10) bits per image more than the best class
+    assert "bits_per_code_given_label" in prior
+    # by hand: log p(z) = logsumexp_y log p(z | y) - log 10
+    model = Hierarchy.load(tiny_conditional_run)
+    data = load_dataset(model.config.data, model.config.total_downsample())
+    top = model.encode(data.heldout)[-1]
+    assert model.prior is not None
+    per_class = torch.stack(
+        [-torch.nn.functional.cross_entropy(model.prior(top, label=torch.full((len(top),), y)), top, reduction="none").sum((1, 2)) for y in range(10)], 1
+    )
+    marginal = (torch.logsumexp(per_class, 1) - math.log(10)).mean().item()
+    assert -marginal / 16 / math.log(2) == pytest.approx(prior["bits_per_code"], rel=1e-5)
+    given = per_class.gather(1, data.heldout_labels[:, None]).mean().item()
+    assert -given / 16 / math.log(2) == pytest.approx(prior["bits_per_code_given_label"], rel=1e-5)
+
+
+def test_prior_batches_carry_the_images_labels(tiny_conditional_run: Path) -> None:
+    from stages.prior import PriorStage
+
+    cfg = load_config(TINY_CONDITIONAL, [f"data.path={MNIST_DIR}"])
+    data = load_dataset(cfg.data, cfg.total_downsample())
+    stage = PriorStage(cfg, tiny_conditional_run, data, torch.device("cpu"))
+    index = torch.tensor([5, 0, 17])
+    codes, labels = stage.batch(index)
+    assert data.train_labels is not None and torch.equal(labels, data.train_labels[index])
+    assert torch.equal(codes, Hierarchy.load(tiny_conditional_run).encode(data.train[index])[-1])
+    assert stage.model.num_classes == 10 == data.num_classes
+
+
+def test_class_conditional_prior_needs_a_labels_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An idx folder without its labels file: the prior stage is refused in one line, nothing written for it."""
+    folder = tmp_path / "mnist"
+    folder.mkdir()
+    shutil.copy(MNIST_DIR / "t10k-images-idx3-ubyte.gz", folder)
+    if not (folder / "t10k-images-idx3-ubyte.gz").exists():
+        pytest.skip("no MNIST images")
+    run = tmp_path / "r"
+    args = ["train", str(TINY_CONDITIONAL), "--run-dir", str(run), "--no-progress", "--set", f"data.path={folder}"]
+    assert main([*args, "--stage", "1"]) == 0 and main([*args, "--stage", "2"]) == 0
+    capsys.readouterr()
+    assert main([*args, "--stage", "prior"]) == 2
+    err = capsys.readouterr().err
+    assert f"{folder}: no labels (t10k-labels-idx1-ubyte[.gz]) beside the images, but stages.prior.class_conditional is true" in err
+    assert not (run / "prior").exists()
+
+
+@pytest.mark.parametrize("stage", ["2", "prior"])
+def test_resume_equals_uninterrupted(stage: str, tiny_conditional_run: Path, tmp_path: Path) -> None:
+    """The autoregressive level and the class-conditional prior resume bit for bit (dropout draws included)."""
+    dirs = []
+    for name in ("straight", "resumed"):
+        dest = tmp_path / name
+        shutil.copytree(tiny_conditional_run, dest)
+        for above in ("2", "prior") if stage == "2" else ("prior",):
+            shutil.rmtree(checkpoint_path(dest, above).parent)
+        dirs.append(dest)
+    args = ["train", str(TINY_CONDITIONAL), "--no-progress", "--stage", stage, "--set", f"data.path={MNIST_DIR}"]
+    straight, resumed = dirs
+    assert main([*args, "--run-dir", str(straight)]) == 0
+    assert main([*args, "--run-dir", str(resumed), "--until", "4"]) == 0
+    assert main([*args, "--run-dir", str(resumed)]) == 0
+    a, b = load_checkpoint(checkpoint_path(straight, stage)), load_checkpoint(checkpoint_path(resumed, stage))
+    assert a["step"] == b["step"] == a["steps"] > 4 and a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
+
+
+def test_checkpoints_from_before_these_options_still_load(tiny_copy: Path) -> None:
+    """Configs saved without decoder, pixelcnn and class_conditional read as the factorised, unconditional model."""
+    before = Hierarchy.load(tiny_copy).sample(4, seed=0)
+    for stage in ("1", "2", "prior"):
+        path = checkpoint_path(tiny_copy, stage)
+        ckpt = load_checkpoint(path)
+        for section in ckpt["config"]["stages"].values():
+            for key in ("decoder", "pixelcnn", "class_conditional"):
+                section.pop(key, None)
+        save_checkpoint(ckpt, path)
+    model = Hierarchy.load(tiny_copy, allow_stale=True)  # new digests: the stages above stage 1 read as retrained
+    assert type(model.levels[1]) is CodeLevel and model.num_classes == 0
+    assert torch.equal(model.sample(4, seed=0), before)
