@@ -167,14 +167,17 @@ def _wrap(model: nn.Module, ctx: Context) -> nn.Module:
 
     # Buffers (the quantiser's codebook and statistics) are kept identical by the
     # quantiser itself, so DDP need not sync them on every forward.
-    # find_unused_parameters: some parameters never get a gradient (the last PixelCNN
-    # block's horizontal output feeds nothing), and the levels return dataclasses,
-    # which DDP's static-graph mode cannot look into (its gradients went unsynced).
+    # find_unused_parameters where some parameters never get a gradient (the last PixelCNN
+    # block's horizontal output feeds nothing); not static_graph, which cannot look into
+    # the levels' dataclass outputs (their gradients went unsynced).
     ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     # channels_last weights make DDP copy their gradients into its buckets (it says so
     # once per process); the copy is cheap next to the all-reduce, so the note is noise
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-    return DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False, find_unused_parameters=True)
+    from .pixelcnn import GatedPixelCNN
+
+    unused = any(isinstance(m, GatedPixelCNN) for m in model.modules())  # only PixelCNNs have them
+    return DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False, find_unused_parameters=unused)
 
 
 def _scalar(x: Tensor | float) -> float:

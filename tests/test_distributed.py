@@ -80,3 +80,16 @@ def test_global_batch_is_split_in_contiguous_slices() -> None:
     parts = [local_slice(index, Context(rank=r, world=3)) for r in range(3)]
     assert torch.equal(torch.cat(parts), index)
     assert torch.equal(local_slice(index, Context()), index)
+
+
+def test_a_stage_resumes_with_another_number_of_processes(tmp_path: Path) -> None:
+    if shutil.which("torchrun") is None:
+        pytest.skip("torchrun is not on PATH")
+    run = tmp_path / "run"
+    cli = [str(ROOT / "run_stage.py"), "train", str(TINY), "--stage", "1", "--run-dir", str(run), "--no-progress"]
+    subprocess.run([sys.executable, *cli, "--until", "3"], env=ENV, cwd=ROOT, check=True, capture_output=True, timeout=300)
+    assert load_checkpoint(checkpoint_path(run, "1"))["step"] == 3
+    done = subprocess.run(["torchrun", "--standalone", "--nproc_per_node", "2", *cli], env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming at step 3 of 6" in done.stdout
+    assert load_checkpoint(checkpoint_path(run, "1"))["step"] == 6
