@@ -162,6 +162,17 @@ def safe_dump(raw: Any) -> str:
 # --------------------------------------------------------------------------- malformed configs
 
 
+def check_file(path: Path, workdir: Path) -> None:
+    """A config file loads to a valid Config, or is refused in one line by both the loader and the CLI."""
+    try:
+        load_config(path)
+    except ConfigError as err:
+        assert "\n" not in str(err) and str(err).startswith(f"{path}: ")
+        check_cli_refuses(path, workdir, str(err))
+        return
+    check_result(lambda: load_config(path))
+
+
 @FAST
 @given(raw=mutated())
 def test_mutated_dict_gives_config_or_one_line_error(raw: dict[str, Any]) -> None:
@@ -179,13 +190,7 @@ def test_any_junk_gives_config_or_one_line_error(raw: Any) -> None:
 def test_mutated_file_gives_config_or_one_line_error_and_the_cli_agrees(raw: dict[str, Any], workdir: Path) -> None:
     path = workdir / "mutated.yaml"
     path.write_text(safe_dump(raw))
-    try:
-        load_config(path)
-    except ConfigError as err:
-        assert "\n" not in str(err) and str(err).startswith(f"{path}: ")
-        check_cli_refuses(path, workdir, str(err))
-        return
-    check_result(lambda: load_config(path))
+    check_file(path, workdir)
 
 
 @st.composite
@@ -212,13 +217,7 @@ def edited_text(draw: st.DrawFn) -> str:
 def test_edited_or_random_text_gives_config_or_one_line_error_and_the_cli_agrees(text: str, workdir: Path) -> None:
     path = workdir / "text.yaml"
     path.write_bytes(text.encode("utf-8", "surrogatepass"))
-    try:
-        load_config(path)
-    except ConfigError as err:
-        assert "\n" not in str(err) and str(err).startswith(f"{path}: ")
-        check_cli_refuses(path, workdir, str(err))
-        return
-    check_result(lambda: load_config(path))
+    check_file(path, workdir)
 
 
 @FAST
