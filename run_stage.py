@@ -186,6 +186,7 @@ def cmd_inpaint(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from progvq.data import load_dataset
+    from progvq.hardware import describe
     from progvq.hierarchy import Hierarchy
 
     model = Hierarchy.load(args.run_dir, allow_stale=args.allow_stale)
@@ -194,10 +195,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     labels = data.heldout_labels if args.split == "heldout" else data.train_labels
     report = model.evaluate(images, labels=labels if model.num_classes else None)
     report["split"] = {"name": args.split, "images": len(images)}
+    canvas = model.canvas
+    report["pixels"] = {"original_shape": list(canvas.shape), "padded_shape": list(canvas.padded), "dims": canvas.dims}
+    report["trained_with"] = model.trained_with
+    report["evaluated_on"] = {"precision": "fp32", "hardware": describe(model.device)}
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    print(f"{args.run_dir}: {args.split} split, {len(images)} images")
+    c, h, w = canvas.shape
+    padded = f" (padded to {canvas.padded[1]}x{canvas.padded[2]} for the model; the padding's bits stay in the bound)" if canvas.is_padded else ""
+    print(f"{args.run_dir}: {args.split} split, {len(images)} images; figures over the data's own {c}x{h}x{w} pixels{padded}")
+    trained = ", ".join(f"{'prior' if n == 'prior' else 'stage ' + n} {info.get('precision', '?')}" for n, info in model.trained_with.items())
+    places = sorted({str(info.get("hardware", "?")) for info in model.trained_with.values()})
+    if trained:
+        print(f"  trained in {trained}, on {'; '.join(places)}")
+    print(f"  evaluated in fp32 on {report['evaluated_on']['hardware']}")
     for k, fig in report["levels"].items():
         if "psnr" in fig:
             main = f"PSNR {fig['psnr']:.2f} dB, {fig['bits_per_dim']:.4f} bits/dim"
@@ -209,7 +221,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"  prior: {prior['bits_per_code']:.3f} bits/code{given}")
     bpd = report["bits_per_dim"]
     top = model.num_levels
-    print(f"  NLL bound {bpd['total']:.4f} bits/dim, by level:")
+    print(f"  NLL bound {bpd['total']:.4f} bits per dim of the {c}x{h}x{w} image, by level:")
     for k in range(top + 1):
         what = "pixels | z1" if k == 0 else (f"z{k} under the prior" if k == top else f"z{k} | z{k + 1}")
         print(f"    level {k} ({what}): {bpd[str(k)]:.4f}")

@@ -28,7 +28,8 @@ DATA_SOURCES = ("shapes", "mnist", "folder", "array")
 #: Sources whose images can come with class labels (an idx labels file beside the images).
 LABELLED_SOURCES = ("mnist",)
 DEVICES = ("auto", "cpu", "cuda", "mps")
-PRECISIONS = ("fp32", "bf16")
+#: auto: bf16 where the hardware runs it natively (AMX or AVX-512 BF16, bf16 tensor cores), else fp32
+PRECISIONS = ("auto", "fp32", "bf16")
 #: Decoders D_k of levels k >= 2 (level 1 always decodes pixels with its factorised logistic).
 DECODERS = ("factorised", "autoregressive")
 #: Side of generated shapes images when ``data.size`` is not set, and the smallest side they can have.
@@ -62,9 +63,10 @@ class TrainConfig:
     log_every: int = 50  # scalars to TensorBoard
     eval_every: int = 500  # held-out metrics and images
     checkpoint_every: int = 500
-    # bf16: forward and backward under bfloat16 autocast (AMX / tensor cores); the
-    # quantiser's distances and codebook statistics and every likelihood stay fp32
-    precision: str = "fp32"
+    # bf16: forward and backward under bfloat16 autocast; the quantiser's distances and
+    # codebook statistics and every likelihood stay fp32. auto: bf16 only where the
+    # hardware runs it natively (AMX or AVX-512 BF16 CPUs, bf16 tensor cores), else fp32
+    precision: str = "auto"
 
 
 @dataclass

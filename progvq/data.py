@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from progvq.canvas import Canvas
 from progvq.config import SHAPES_DEFAULT_SIZE, DataConfig
 from progvq.errors import DataError
 
@@ -569,10 +570,8 @@ def pad_to(images: Tensor, size: int) -> Tensor:
         raise DataError(
             f"pad_to: cannot pad {h}x{w} images to {size}x{size} (size smaller than the image)"
         )
-    top, left = (size - h) // 2, (size - w) // 2
-    out = images.new_zeros((images.shape[0], images.shape[1], size, size))
-    out[:, :, top : top + h, left : left + w] = images
-    return out
+    c = int(images.shape[1])
+    return Canvas((c, h, w), (c, size, size)).pad(images)
 
 
 # --------------------------------------------------------------------------- splits
@@ -580,12 +579,22 @@ def pad_to(images: Tensor, size: int) -> Tensor:
 
 @dataclass
 class ImageData:
-    """A data set split in two; images are uint8 (N, C, H, W), labels int64 (N,) or None."""
+    """A data set split in two, at the data's own size.
+
+    Images are uint8 (N, C, H, W) as the source has them; labels int64 (N,) or
+    None. ``canvas`` says where the models place them (``data.size`` pads them,
+    centred, for the convolutions); every figure is over the original pixels.
+    """
 
     train: Tensor
     heldout: Tensor
     train_labels: Tensor | None = None
     heldout_labels: Tensor | None = None
+    canvas: Canvas | None = None  # None: the images are not padded
+
+    def __post_init__(self) -> None:
+        if self.canvas is None:
+            self.canvas = Canvas.unpadded(self.image_shape)
 
     @property
     def channels(self) -> int:
@@ -593,7 +602,7 @@ class ImageData:
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        """(C, H, W) of every image."""
+        """(C, H, W) of every image, at the data's own size."""
         c, h, w = self.train.shape[1:]
         return int(c), int(h), int(w)
 
@@ -606,10 +615,12 @@ class ImageData:
 
 
 def load_dataset(cfg: DataConfig, total_downsample: int = 1) -> ImageData:
-    """Read the configured source, pad, and split: the last ``cfg.heldout`` images are held out.
+    """Read the configured source and split it: the last ``cfg.heldout`` images are held out.
 
-    ``total_downsample`` is the hierarchy's overall factor: the image sides
-    must be divisible by it, or the top grid would not be whole.
+    The images keep their own size; ``data.size`` sets the canvas they are
+    centred on for the models. ``total_downsample`` is the hierarchy's overall
+    factor: the canvas sides must be divisible by it, or the top grid would
+    not be whole.
     """
     labels: Tensor | None = None
     where = cfg.path
@@ -627,15 +638,16 @@ def load_dataset(cfg: DataConfig, total_downsample: int = 1) -> ImageData:
     if cfg.limit is not None:
         images = images[: cfg.limit]
         labels = None if labels is None else labels[: cfg.limit]
+    c, h, w = (int(v) for v in images.shape[1:])
+    canvas = Canvas.unpadded((c, h, w))
     if cfg.size is not None and cfg.source != "shapes":
-        h, w = images.shape[2:]
         if h > cfg.size or w > cfg.size:
             raise DataError(f"{where}: images are {h}x{w}, larger than data.size ({cfg.size}); data.size only pads, it never crops")
-        images = pad_to(images, cfg.size)
-    h, w = images.shape[2:]
-    if h % total_downsample or w % total_downsample:
+        canvas = Canvas((c, h, w), (c, cfg.size, cfg.size))
+    _, ph, pw = canvas.padded
+    if ph % total_downsample or pw % total_downsample:
         raise DataError(
-            f"{where}: images are {h}x{w}, not divisible by the levels' total downsampling {total_downsample}; "
+            f"{where}: images are {ph}x{pw}, not divisible by the levels' total downsampling {total_downsample}; "
             "set data.size to pad them"
         )
     if len(images) <= cfg.heldout:
@@ -646,4 +658,5 @@ def load_dataset(cfg: DataConfig, total_downsample: int = 1) -> ImageData:
         images[cut:].contiguous(),
         None if labels is None else labels[:cut],
         None if labels is None else labels[cut:],
+        canvas,
     )

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .canvas import Canvas
 from .checkpoint import checkpoint_path, load_latest
 from .config import Config, config_from_dict
 from .errors import RunError
@@ -95,6 +96,20 @@ def _restore(model: nn.Module, ckpt: dict[str, Any], path: Path, device: str | t
     model.to(device).eval().requires_grad_(False)
 
 
+def canvas_of(ckpt: dict[str, Any], where: str | Path) -> Canvas:
+    """The canvas a checkpoint's stage was trained on (its ``extra``: the original and the padded shape).
+
+    Checkpoints written before the original shape was recorded hold the padded one
+    alone; their figures are then over the padded image, and a warning says so.
+    """
+    extra = ckpt.get("extra", {})
+    padded = tuple(int(v) for v in extra["image_shape"])
+    if "original_shape" not in extra:
+        warnings.warn(f"{where}: its checkpoints predate the recording of the data's own size; figures are over the padded image", stacklevel=3)
+        return Canvas.unpadded(padded)  # type: ignore[arg-type]
+    return Canvas(tuple(int(v) for v in extra["original_shape"]), padded)  # type: ignore[arg-type]
+
+
 def load_level(run_dir: str | Path, k: int, device: str | torch.device = "cpu") -> tuple[Level, dict[str, Any]]:
     """Level ``k``'s trained model (eval mode, frozen) and its checkpoint."""
     ckpt = _load(Path(run_dir), str(k), device)
@@ -108,12 +123,20 @@ def load_level(run_dir: str | Path, k: int, device: str | torch.device = "cpu") 
 class Hierarchy(nn.Module):
     """Levels 1..L (and, when trained, the prior) of one run."""
 
-    def __init__(self, config: Config, levels: list[Level], prior: GatedPixelCNN | None, image_shape: tuple[int, int, int]) -> None:
+    def __init__(self, config: Config, levels: list[Level], prior: GatedPixelCNN | None, canvas: Canvas) -> None:
         super().__init__()
         self.config = config
         self.levels = nn.ModuleList(levels)
         self.prior = prior
-        self.image_shape = image_shape  # (C, H, W)
+        # images in and out are at the data's own size; the levels see them on this canvas
+        self.canvas = canvas
+        # stage -> {"precision", "hardware"} it was trained with (checkpoints that record it)
+        self.trained_with: dict[str, dict[str, str]] = {}
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the data's own images: what :meth:`encode` takes and :meth:`sample` gives."""
+        return self.canvas.shape
 
     # ------------------------------------------------------------------ loading
 
@@ -136,10 +159,11 @@ class Hierarchy(nn.Module):
         cfg = read_run_config(run_dir)
         num_levels = cfg.num_levels if num_levels is None else num_levels
         check_not_stale(run_dir, allow_stale=allow_stale, upto="prior" if with_prior else str(num_levels))
-        levels, ckpt = [], None
+        levels, ckpt, trained_with = [], None, {}
         for k in range(1, num_levels + 1):
             level, ckpt = load_level(run_dir, k, device)
             levels.append(level)
+            trained_with[str(k)] = ckpt.get("trained_with")
         prior = None
         if with_prior:
             ckpt = _load(run_dir, "prior", device)
@@ -147,8 +171,11 @@ class Hierarchy(nn.Module):
             path = checkpoint_path(run_dir, "prior")
             prior = build_prior(prior_cfg, _prior_classes(ckpt, prior_cfg, path))
             _restore(prior, ckpt, path, device)
-        shape = tuple(ckpt["extra"]["image_shape"]) if ckpt is not None else (cfg.data.channels, 0, 0)
-        return cls(cfg, levels, prior, shape)  # type: ignore[arg-type]
+            trained_with["prior"] = ckpt.get("trained_with")
+        canvas = canvas_of(ckpt, run_dir) if ckpt is not None else Canvas.unpadded((cfg.data.channels, 0, 0))
+        model = cls(cfg, levels, prior, canvas)
+        model.trained_with = {name: dict(info) for name, info in trained_with.items() if isinstance(info, dict)}
+        return model
 
     @property
     def num_levels(self) -> int:
@@ -187,8 +214,8 @@ class Hierarchy(nn.Module):
         return next(self.levels[0].parameters()).device
 
     def grid_shape(self, k: int) -> tuple[int, int]:
-        """(h, w) of level ``k``'s code grid (level 0 is the image)."""
-        _, h, w = self.image_shape
+        """(h, w) of level ``k``'s code grid (level 0 is the padded image)."""
+        _, h, w = self.canvas.padded
         for level in self.levels[:k]:
             h, w = h // level.factor, w // level.factor
         return h, w
@@ -197,8 +224,8 @@ class Hierarchy(nn.Module):
 
     @torch.no_grad()
     def encode(self, images: Tensor) -> list[Tensor]:
-        """uint8 images (B, C, H, W) -> codes [z_1 (B, h1, w1), ..., z_L]."""
-        x = to_unit(images.to(self.device))
+        """uint8 images (B, C, H, W) of the data's own size -> codes [z_1 (B, h1, w1), ..., z_L]."""
+        x = to_unit(self.canvas.pad(images.to(self.device)))
         codes = [self.levels[0].encode(x)]
         for level in self.levels[1:]:
             codes.append(level.encode(codes[-1]))
@@ -212,7 +239,7 @@ class Hierarchy(nn.Module):
 
     @torch.no_grad()
     def decode(self, codes: Tensor, level: int, *, code_temperature: float = 0.0, generator: torch.Generator | None = None) -> Tensor:
-        """Codes of level ``level`` (B, h, w) -> uint8 images (B, C, H, W).
+        """Codes of level ``level`` (B, h, w) -> uint8 images (B, C, H, W) of the data's own size.
 
         Levels below are drawn from their decoders at ``code_temperature``
         (0: the most likely code at every position); pixels are the decoder's mean.
@@ -220,7 +247,7 @@ class Hierarchy(nn.Module):
         z = codes.to(self.device)
         for k in range(level, 1, -1):
             z = self.levels[k - 1].decode(z, code_temperature, generator)
-        return self.levels[0].decode(z, 0.0)
+        return self.canvas.crop(self.levels[0].decode(z, 0.0))
 
     @torch.no_grad()
     def reconstruct(self, images: Tensor, level: int = 1) -> Tensor:
@@ -258,7 +285,9 @@ class Hierarchy(nn.Module):
     def nll(self, images: Tensor, codes: list[Tensor] | None = None, labels: Tensor | None = None) -> dict[str, Tensor]:
         """Per-image bound on -log2 p(x), in bits per dim of x, split by level.
 
-        Keys ``"0"`` .. ``str(L)``: level 0 is -log D_1(x | z_1), level k in
+        ``images`` (B, C, H, W) uint8 are at the data's own size. The bits include
+        the padding's (so the total bounds -log2 p(x) of the original image) and are
+        divided by the original C x H x W, never the padded one. Keys ``"0"`` .. ``str(L)``: level 0 is -log D_1(x | z_1), level k in
         1..L-1 is -log D_(k+1)(z_k | z_(k+1)), level L is -log p(z_L) under the
         prior. ``"total"`` is their sum. Each value is (B,). ``codes`` are the
         encoder's codes of ``images`` when the caller already has them.
@@ -269,9 +298,9 @@ class Hierarchy(nn.Module):
         """
         if self.prior is None:
             raise RunError("the likelihood bound needs the prior; train stage prior first")
-        x = to_unit(images.to(self.device))
+        x = to_unit(self.canvas.pad(images.to(self.device)))
         codes = self.encode(images) if codes is None else [z.to(self.device) for z in codes]
-        dims = images[0].numel()
+        dims = self.canvas.dims
         out: dict[str, Tensor] = {"0": -self.levels[0].log_likelihood(x, codes[0])}
         for k in range(1, self.num_levels):
             out[str(k)] = -self.levels[k].log_likelihood(codes[k - 1], codes[k])
@@ -305,7 +334,7 @@ class Hierarchy(nn.Module):
         report: dict[str, Any] = {"levels": {}}
         for k in range(1, self.num_levels + 1):
             inputs = images if k == 1 else codes[k - 2]
-            figures = level_metrics(self.levels[k - 1], inputs, batch_size)
+            figures = level_metrics(self.levels[k - 1], inputs, batch_size, canvas=self.canvas)
             recon = torch.cat([self.decode(z, k) for z in _batches(codes[k - 1], batch_size)])
             figures["psnr_through"] = psnr(images, recon)
             report["levels"][str(k)] = figures
@@ -331,11 +360,13 @@ def psnr(images: Tensor, recon: Tensor) -> float:
 
 
 @torch.no_grad()
-def level_metrics(level: Level, inputs: Tensor, batch_size: int = 500) -> dict[str, float]:
+def level_metrics(level: Level, inputs: Tensor, batch_size: int = 500, *, canvas: Canvas | None = None) -> dict[str, float]:
     """Held-out figures of one level.
 
-    Level 1 (``inputs``: uint8 images): ``psnr`` of the decoder mean and
-    ``bits_per_dim`` of the pixels given z_1. Level k >= 2 (``inputs``: level
+    Level 1 (``inputs``: uint8 images (N, C, H, W) of the data's own size, placed on
+    ``canvas`` for the level; None: unpadded): ``psnr`` of the decoder mean over the
+    original region and ``bits_per_dim`` of the pixels given z_1, the padding's bits
+    included, per original dim. Level k >= 2 (``inputs``: level
     k-1 codes): ``accuracy`` of the decoder's most likely code (for an
     autoregressive decoder, given the true codes before it) and
     ``bits_per_code``. Both: ``codes_used`` (count), ``usage`` (fraction of
@@ -348,16 +379,17 @@ def level_metrics(level: Level, inputs: Tensor, batch_size: int = 500) -> dict[s
     for batch in _batches(inputs, batch_size):
         batch = batch.to(device)
         if isinstance(level, PixelLevel):
-            x = to_unit(batch)
+            place = canvas or Canvas.unpadded(tuple(batch.shape[1:]))  # type: ignore[arg-type]
+            x = to_unit(place.pad(batch))
             codes = level.encode(x)
             nll -= level.log_likelihood(x, codes).sum().item()
-            sq_err += (level.decode(codes).float() - batch.float()).pow(2).sum().item()
+            sq_err += (place.crop(level.decode(codes)).float() - batch.float()).pow(2).sum().item()
         else:
             codes = level.encode(batch)
             logits = level.logits(codes, batch)  # an autoregressive decoder's are teacher-forced
             nll += F.cross_entropy(logits, batch, reduction="sum").item()
             hits += (logits.argmax(1) == batch).sum().item()
-        total += batch[0].numel() * len(batch)
+        total += batch[0].numel() * len(batch)  # the original pixels (or codes) of the batch
         all_codes.append(codes)
     level.train(was_training)
     perplexity, used = code_usage(torch.cat(all_codes), level.quantizer.num_codes)

@@ -97,9 +97,12 @@ class Completion:
 def level_masks(model: Hierarchy, mask: Tensor) -> list[Tensor]:
     """Pixel mask (..., H, W) bool (True: missing) -> per level k = 1..L, (..., h_k, w_k) bool.
 
-    A code is missing as soon as one pixel of its patch is: max-pooling by the
-    level's cumulative downsampling factor. Leading dims (a batch) are kept.
+    The mask is at the data's own size; on the padded canvas the padding is known
+    (always zero). A code is missing as soon as one pixel of its patch is:
+    max-pooling by the level's cumulative downsampling factor. Leading dims (a
+    batch) are kept.
     """
+    mask = model.canvas.pad_mask(mask)
     lead, (h, w) = mask.shape[:-2], mask.shape[-2:]
     flat = mask.reshape(-1, 1, h, w).float()  # (B, 1, H, W)
     out, factor = [], 1
@@ -262,7 +265,7 @@ def _complete(model: Hierarchy, images: Tensor, masks: Tensor, n: int, opt: _Opt
         known = (known_codes[k - 2].repeat_interleave(n, 0), (~missing[k - 2]).repeat_interleave(n, 0))
         z = model.levels[k - 1].decode(z, opt.code_temperature, gen, known=known)
         codes.insert(0, z)
-    pixels = model.levels[0].decode(z, 0.0)  # (B n, C, H, W) uint8, the decoder's mean
+    pixels = model.canvas.crop(model.levels[0].decode(z, 0.0))  # (B n, C, H, W) uint8, the decoder's mean
     out = torch.where(masks.repeat_interleave(n, 0)[:, None], pixels, images.repeat_interleave(n, 0))
     return Completion(out, codes, missing, labels)
 

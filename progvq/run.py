@@ -2,7 +2,8 @@
 
 Layout::
 
-    RUN_DIR/config.yaml           the resolved config the run was created with
+    RUN_DIR/config.yaml           the resolved config the run was created with, and (under
+                                  ``recorded``) the data's own image shape and the padded one
     RUN_DIR/stage-1/checkpoint.pt level 1 (and its TensorBoard events)
     RUN_DIR/stage-2/checkpoint.pt ...
     RUN_DIR/prior/checkpoint.pt   the PixelCNN prior
@@ -22,12 +23,15 @@ from pathlib import Path
 
 import yaml
 
+from .canvas import Canvas
 from .checkpoint import checkpoint_path, load_latest
 from .config import Config, config_from_dict, dump_config
 from .errors import ConfigError, RunError
 from .fileio import atomic_write
 
 CONFIG_NAME = "config.yaml"
+#: The run config's section of facts found in the data (its image shapes); not a setting.
+RECORDED_KEY = "recorded"
 
 
 def read_run_config(run_dir: str | Path) -> Config:
@@ -38,7 +42,10 @@ def read_run_config(run_dir: str | Path) -> Config:
     if not path.exists():
         raise RunError(f"{path}: missing; {run_dir} is not a progvq run directory")
     try:
-        return config_from_dict(yaml.safe_load(path.read_bytes().decode("utf-8")))
+        raw = yaml.safe_load(path.read_bytes().decode("utf-8"))
+        if isinstance(raw, dict):
+            raw.pop(RECORDED_KEY, None)  # facts about the data, not settings
+        return config_from_dict(raw)
     except UnicodeDecodeError:
         raise RunError(f"{path}: unreadable run config (not UTF-8 text)") from None
     except (ConfigError, yaml.YAMLError) as err:
@@ -46,8 +53,16 @@ def read_run_config(run_dir: str | Path) -> Config:
         raise RunError(f"{path}: unreadable run config ({first})") from None
 
 
-def write_run_config(run_dir: str | Path, cfg: Config) -> None:
-    text = dump_config(cfg).encode()
+def write_run_config(run_dir: str | Path, cfg: Config, canvas: Canvas | None = None) -> None:
+    """Write ``RUN_DIR/config.yaml``: the resolved config, and what the data turned out to be.
+
+    ``canvas`` records the data's own (C, H, W) and the padded shape the models take
+    under ``recorded``, which is not part of the config (reading the file drops it).
+    """
+    text = dump_config(cfg)
+    if canvas is not None:
+        text += yaml.safe_dump({RECORDED_KEY: canvas.to_list()}, sort_keys=False, default_flow_style=None)
+    text = text.encode()
     atomic_write(Path(run_dir) / CONFIG_NAME, lambda f: f.write(text))
 
 

@@ -115,9 +115,9 @@ def train_stage(
     def record_config() -> None:
         # only now: a checkpoint that does not fit the new config must leave the old one in place
         if new_config and ctx.main:
-            write_run_config(run_dir, cfg)
+            write_run_config(run_dir, cfg, stage.canvas)
 
-    extra = {"image_shape": list(stage.image_shape)}
+    extra = stage.canvas.to_list()  # the padded shape the models take, and the data's own
     result = fit(stage, cfg, stage_dir, parents=parents, until=until, progress=progress, log=log, extra=extra, ctx=ctx, on_ready=record_config)
     barrier(ctx)  # the next stage on any rank reads the checkpoint rank 0 has just written
     if not result.done:

@@ -32,18 +32,18 @@ class CodeStage:
         self.name = str(k)
         self.settings = cfg.level(k)
         # the config alone may not know the image side (folder, array): check the PixelCNN's reach now
-        check_decoder_coverage(cfg, *data.image_shape[1:])
+        self.canvas = data.canvas
+        check_decoder_coverage(cfg, *self.canvas.padded[1:])
         lower = [load_level(run_dir, j, device)[0] for j in range(1, k)]
         self.model = build_level(self.settings, k, data.channels, cfg.level(k - 1).codes).to(device)
         # the chain used to show reconstructions: frozen levels plus the one in training
-        self.chain = Hierarchy(cfg, [*lower, self.model], None, data.image_shape)
-        frozen = Hierarchy(cfg, lower, None, data.image_shape)
+        self.chain = Hierarchy(cfg, [*lower, self.model], None, self.canvas)
+        frozen = Hierarchy(cfg, lower, None, self.canvas)
         self.train_codes = frozen.encode_split(data.train)[-1]  # (N, h, w) level k-1 codes
         self.heldout_codes = frozen.encode_split(data.heldout)[-1]
-        self.image_shape = data.image_shape  # (C, H, W)
         self.num_train = len(self.train_codes)
-        self.preview = data.heldout[:32].to(device)
-        self.rate = uniform_rate(self.chain.grid_shape(k), self.settings.codes, data.image_shape)
+        self.preview = data.heldout[:32].to(device)  # (32, C, H, W) at the data's own size
+        self.rate = uniform_rate(self.chain.grid_shape(k), self.settings.codes, self.canvas.shape)
 
     def batch(self, index: Tensor) -> Tensor:
         return self.train_codes[index]  # (B, h, w) int64

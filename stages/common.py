@@ -24,5 +24,8 @@ def pairs_grid(originals: Tensor, recon: Tensor, per_row: int = 8) -> Tensor:
 
 
 def uniform_rate(grid: tuple[int, int], codes: int, image_shape: tuple[int, int, int]) -> float:
-    """Bits/dim of an image spent on a (h, w) grid of codes under the fixed uniform prior: log2 K per position."""
+    """Bits/dim of an image spent on a (h, w) grid of codes under the fixed uniform prior: log2 K per position.
+
+    ``image_shape`` is the data's own (C, H, W), not the padded one: figures are per original dim.
+    """
     return grid[0] * grid[1] * math.log2(codes) / math.prod(image_shape)

@@ -26,21 +26,24 @@ class PixelStage:
         self.settings = cfg.level(1)
         # channels_last: oneDNN's convolutions run 15-20% faster on CPU in that layout
         self.model = PixelLevel(self.settings, data.channels).to(device, memory_format=torch.channels_last)
-        self.train_images = data.train.to(device)  # (N, C, H, W) uint8, served by indexing
-        self.heldout = data.heldout
-        self.image_shape = data.image_shape  # (C, H, W)
+        self.canvas = data.canvas
+        # padded once here, so a batch is a single gather: (N, C, H', W') uint8
+        self.train_images = self.canvas.pad(data.train.to(device))
+        self.heldout = data.heldout  # (N, C, H, W) at the data's own size
         self.num_train = len(data.train)
         self.preview = data.heldout[:32].to(device)
-        _, h, w = data.image_shape
+        _, h, w = self.canvas.padded
         grid = (h // self.settings.downsample, w // self.settings.downsample)
-        self.rate = uniform_rate(grid, self.settings.codes, data.image_shape)
+        self.rate = uniform_rate(grid, self.settings.codes, self.canvas.shape)
 
     def batch(self, index: Tensor) -> Tensor:
         return to_unit(self.train_images[index]).contiguous(memory_format=torch.channels_last)  # (B, C, H, W) in [-1, 1]
 
     def loss(self, x: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         out = self.model(x)
-        recon = out.nll.mean() / out.dims  # nats per pixel dim
+        # the objective is per padded dim (its scale sets the balance with the VQ terms);
+        # the reported figure is per dim of the data's own image
+        recon = out.nll.mean() / out.dims
         parts = {
             "recon": recon,
             "codebook": out.quant.codebook_loss,
@@ -49,13 +52,14 @@ class PixelStage:
             # stroke edges); squared error there pulls it towards the mean, which PSNR rewards
             "mse": F.mse_loss(out.prediction.float(), x.float()),
         }
-        metrics = {"bits_per_dim": recon.detach() / math.log(2), "rate_bits_per_dim": torch.tensor(self.rate)}
+        bits = out.nll.detach().mean() / (self.canvas.dims * math.log(2))
+        metrics = {"bits_per_dim": bits, "rate_bits_per_dim": torch.tensor(self.rate)}
         return parts, metrics | quantizer_metrics(out.quant)
 
     def evaluate(self) -> dict[str, float]:
-        return level_metrics(self.model, self.heldout)
+        return level_metrics(self.model, self.heldout, canvas=self.canvas)
 
     @torch.no_grad()
     def images(self) -> dict[str, Tensor]:
-        recon = self.model.decode(self.model.encode(to_unit(self.preview)))
+        recon = self.canvas.crop(self.model.decode(self.model.encode(to_unit(self.canvas.pad(self.preview)))))
         return {"reconstructions": image_grid(pairs_grid(self.preview, recon), nrow=8)}

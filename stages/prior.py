@@ -39,7 +39,7 @@ class PriorStage:
         self.hierarchy.prior = self.model  # so samples use the prior being trained
         self.train_codes = self.hierarchy.encode_split(data.train)[-1]  # (N, h, w)
         self.heldout_codes = self.hierarchy.encode_split(data.heldout)[-1]
-        self.image_shape = data.image_shape  # (C, H, W)
+        self.canvas = data.canvas
         self.num_train = len(self.train_codes)
         self.seed = cfg.seed
 

@@ -577,12 +577,17 @@ def test_load_dataset_mnist_convention_and_padding() -> None:
     if not MNIST_DIR.exists():
         pytest.skip("no ../shared/data/mnist")
     data = load_dataset(_cfg(source="mnist", path=str(MNIST_DIR), size=32, heldout=1000), total_downsample=8)
-    assert data.train.shape == (9000, 1, 32, 32) and data.heldout.shape == (1000, 1, 32, 32)
+    # the images keep their own 28x28; the canvas centres them on 32x32 for the models
+    assert data.train.shape == (9000, 1, 28, 28) and data.heldout.shape == (1000, 1, 28, 28)
+    assert data.canvas.shape == (1, 28, 28) and data.canvas.padded == (1, 32, 32) and data.canvas.dims == 784
     assert data.train_labels is not None and data.train_labels[:3].tolist() == [7, 2, 1]
     raw, labels = load_mnist(MNIST_DIR)
-    assert torch.equal(data.heldout[:, :, 2:30, 2:30], raw[9000:])
+    assert torch.equal(data.heldout, raw[9000:])
     assert torch.equal(data.heldout_labels, labels[9000:])
-    assert data.train[:, :, :2].sum() == 0  # the padding is black
+    padded = data.canvas.pad(data.train)
+    assert padded.shape == (9000, 1, 32, 32) and torch.equal(padded[:, :, 2:30, 2:30], data.train)
+    assert padded[:, :, :2].sum() == 0 and padded[:, :, 30:].sum() == 0  # the padding is black
+    assert torch.equal(data.canvas.crop(padded), data.train)
 
 
 def test_load_dataset_refusals(tmp_path: Path) -> None:
@@ -594,6 +599,7 @@ def test_load_dataset_refusals(tmp_path: Path) -> None:
         load_dataset(_cfg(source="array", path=str(arr), heldout=5))
     with pytest.raises(DataError, match=r"images are 12x12, not divisible by the levels' total downsampling 8"):
         load_dataset(_cfg(source="array", path=str(arr), channels=3, heldout=5), total_downsample=8)
-    assert load_dataset(_cfg(source="array", path=str(arr), channels=3, heldout=5, size=16), 8).train.shape == (15, 3, 16, 16)
+    padded = load_dataset(_cfg(source="array", path=str(arr), channels=3, heldout=5, size=16), 8)
+    assert padded.train.shape == (15, 3, 12, 12) and padded.canvas.padded == (3, 16, 16)
     with pytest.raises(DataError, match=r"20 images, need more than data.heldout \(20\)"):
         load_dataset(_cfg(source="array", path=str(arr), channels=3, heldout=20))
