@@ -21,6 +21,7 @@ import torch
 
 from progvq.config import load_config
 from progvq.data import load_dataset
+from progvq.hardware import describe
 from progvq.hierarchy import Hierarchy
 from progvq.images import image_grid, save_npz, save_png
 from stages import train_stage
@@ -58,7 +59,8 @@ def main() -> None:
 
     cfg = load_config(args.config, args.overrides)
     run_dir = Path(args.run_dir)
-    figures: dict = {"threads": torch.get_num_threads(), "stages": {}}
+    # where the figures come from: the CPU, and (below) the precision each stage trained in
+    figures: dict = {"hardware": describe(torch.device("cpu")), "threads": torch.get_num_threads(), "stages": {}}
     for name in cfg.stage_names():
         start = time.perf_counter()
         result = train_stage(cfg, name, run_dir, progress=False, log=lambda s: print(s, file=sys.stderr))
@@ -76,6 +78,8 @@ def main() -> None:
     model = Hierarchy.load(run_dir)
     data = load_dataset(model.config.data, model.config.total_downsample())
     start = time.perf_counter()
+    figures["trained_with"] = model.trained_with
+    figures["pixels"] = f"per dim of the data's own {'x'.join(map(str, model.image_shape))} images; the padding's bits stay in the bound"
     figures["heldout"] = model.evaluate(data.heldout)
     figures["eval_seconds"] = round(time.perf_counter() - start, 1)
     start = time.perf_counter()

@@ -31,6 +31,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from progvq.hardware import describe  # after the path is set
+
 
 def train(config: str, precision: str, steps: int) -> dict:
     from progvq.config import load_config
@@ -85,6 +87,7 @@ def main() -> None:
     equal_time = train(args.config, "bf16", round(args.steps * speedup))
     print(json.dumps(equal_time), file=sys.stderr, flush=True)
     report = {
+        "hardware": describe(torch.device("cpu")),
         "speedup_each_round": ratios,
         "speedup": speedup,
         "fp32": fp32,

@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from progvq.checkpoint import checkpoint_path
 from progvq.config import load_config
 from progvq.data import ImageData, load_dataset
+from progvq.hardware import describe
 from progvq.hierarchy import Hierarchy
 from progvq.images import image_grid, save_png
 from progvq.inpaint import box_mask, inpaint_batch, masked_view
@@ -83,15 +84,15 @@ def train(config: Path, run_dir: Path, overrides: list[str], reuse: Path | None 
 
 
 class Classifier(nn.Module):
-    """A small CNN for 32x32 grey digits: (B, 1, 32, 32) uint8 -> logits (B, 10)."""
+    """A small CNN for 28x28 grey digits: (B, 1, 28, 28) uint8 -> logits (B, 10)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 16x16
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 8x8
-            nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 4x4
-            nn.Flatten(), nn.Dropout(0.3), nn.Linear(64 * 16, 128), nn.ReLU(), nn.Linear(128, 10),
+            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 14x14
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 7x7
+            nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 3x3
+            nn.Flatten(), nn.Dropout(0.3), nn.Linear(64 * 9, 128), nn.ReLU(), nn.Linear(128, 10),
         )  # fmt: skip
 
     def forward(self, images: Tensor) -> Tensor:
@@ -99,7 +100,7 @@ class Classifier(nn.Module):
 
     @torch.no_grad()
     def predict(self, images: Tensor, batch_size: int = 1000) -> Tensor:
-        """uint8 (N, 1, 32, 32) -> (N,) int64 classes."""
+        """uint8 (N, 1, 28, 28) -> (N,) int64 classes."""
         self.eval()
         return torch.cat([self(images[i : i + batch_size]).argmax(1) for i in range(0, len(images), batch_size)])
 
@@ -120,7 +121,7 @@ def train_classifier(data: ImageData, epochs: int, seed: int = 0) -> Classifier:
         for i in range(0, n - 63, 64):
             index = order[i : i + 64]
             dx, dy = (int(v) for v in torch.randint(-2, 3, (2,), generator=gen))
-            x = torch.roll(data.train[index], shifts=(dy, dx), dims=(2, 3))  # digits sit in a 2-pixel border
+            x = torch.roll(data.train[index], shifts=(dy, dx), dims=(2, 3))  # digits sit in a 4-pixel border
             model.train()
             loss = F.cross_entropy(model(x), data.train_labels[index])
             opt.zero_grad()
@@ -138,7 +139,7 @@ def accuracy(pred: Tensor, labels: Tensor) -> float:
 # --------------------------------------------------------------------------- inpainting
 
 
-MASKS = {"bottom": (0, 16, 32, 32), "right": (16, 0, 32, 32)}  # x0, y0, x1, y1 of the missing box
+MASKS = {"bottom": (0, 14, 28, 28), "right": (14, 0, 28, 28)}  # x0, y0, x1, y1 of the missing box, on the 28x28 digit
 
 
 def inpainting(
@@ -148,7 +149,7 @@ def inpainting(
     start = time.perf_counter()
     done = torch.cat(
         [inpaint_batch(model, images[i : i + chunk], mask, n, seed=i, candidates=candidates) for i in range(0, len(images), chunk)]
-    )  # (N, n, 1, 32, 32)
+    )  # (N, n, 1, 28, 28)
     seconds = time.perf_counter() - start
     pred = classifier.predict(done.flatten(0, 1)).view(len(images), n)
     hits = pred == labels[:, None]
@@ -190,7 +191,7 @@ def main() -> None:
         "factorised_class_conditional": (mnist, ["stages.prior.class_conditional=true"], fact.with_name(fact.name + "-cc"), fact, ("1", "2")),
         "autoregressive_unconditional": (mnist_ar, ["stages.prior.class_conditional=false"], ar.with_name(ar.name + "-uncond"), ar, ("1", "2")),
     }
-    figures: dict[str, Any] = {"threads": torch.get_num_threads(), "training": {}}
+    figures: dict[str, Any] = {"hardware": describe(torch.device("cpu")), "threads": torch.get_num_threads(), "training": {}}
     wall = time.perf_counter()
 
     # 1. training, each run after the one it copies stages from
@@ -198,6 +199,8 @@ def main() -> None:
         figures["training"][name] = train(config, run_dir, [*overrides, *sets], reuse, copied)
 
     models = {name: Hierarchy.load(run_dir) for name, (_, _, run_dir, _, _) in plan.items()}
+    figures["trained_with"] = {name: model.trained_with for name, model in models.items()}
+    figures["pixels"] = "per dim of the data's own 28x28 digit; the padding's bits stay in the bound"
     data = load_dataset(models["factorised"].config.data, models["factorised"].config.total_downsample())
     assert data.train_labels is not None and data.heldout_labels is not None
     heldout, heldout_labels = data.heldout, data.heldout_labels
@@ -247,7 +250,7 @@ def main() -> None:
     settings = [(kind, c) for kind in ("factorised", "autoregressive_unconditional") for c in (1, 10)]
     settings += [("factorised_class_conditional", 10), ("autoregressive", 10)]
     for name, box in MASKS.items():
-        mask = box_mask(32, 32, box)
+        mask = box_mask(28, 28, box)
         baseline = heldout.masked_fill(mask, 0)  # the hole left black
         part: dict[str, Any] = {"box_x0_y0_x1_y1": list(box), "baseline_masked_input_accuracy": accuracy(classifier.predict(baseline), heldout_labels)}
         for kind, candidates in settings:

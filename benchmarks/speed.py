@@ -38,6 +38,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from progvq.hardware import describe  # after the path is set
+
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 2.0) -> float:
     """GFLOP/s of an n x n x n matmul in ``dtype`` (median of repeated timings)."""
@@ -173,7 +175,7 @@ def main() -> None:
     from progvq.config import load_config
     from stages import train_all
 
-    report: dict = {"torch": torch.__version__, "threads": torch.get_num_threads()}
+    report: dict = {"torch": torch.__version__, "hardware": describe(torch.device("cpu")), "threads": torch.get_num_threads()}
     report["matmul"] = {"fp32_gflop_s": round(matmul_peak(torch.float32), 1), "bf16_gflop_s": round(matmul_peak(torch.bfloat16), 1)}
     peak = report["matmul"]["fp32_gflop_s"]
 

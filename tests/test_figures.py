@@ -272,3 +272,30 @@ def test_eval_reports_figures_of_the_original_pixels_and_the_heldout_codes(tmp_p
     assert np.load(out.with_suffix(".npz"))["images"].shape == (5, 12, 12)
     recorded = yaml.safe_load((run / "config.yaml").read_text())["recorded"]
     assert recorded == {"original_shape": [1, 12, 12], "image_shape": [1, 16, 16]}
+
+
+@pytest.mark.trains
+def test_a_padded_run_samples_and_inpaints_at_the_data_size(tiny_conditional_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """MNIST digits are 28x28 on a 32x32 canvas: every image in or out of the command line is 28x28."""
+    from PIL import Image
+
+    model = Hierarchy.load(tiny_conditional_run)
+    assert model.image_shape == (1, 28, 28) and model.canvas.padded == (1, 32, 32)
+    data = load_dataset(model.config.data, model.config.total_downsample())
+    digit = data.heldout[0]  # (1, 28, 28)
+    Image.fromarray(digit[0].numpy()).save(tmp_path / "digit.png")
+    out = tmp_path / "done.png"
+    assert main(["inpaint", str(tiny_conditional_run), "--image", str(tmp_path / "digit.png"), "--box", "0,14,28,28", "-n", "3", "--out", str(out)]) == 0
+    saved = np.load(out.with_suffix(".npz"))
+    assert saved["images"].shape == (3, 28, 28) and saved["mask"].shape == (28, 28)
+    known = ~saved["mask"]
+    assert (saved["images"][:, known] == digit[0].numpy()[known]).all()  # the known pixels, exactly
+    assert main(["sample", str(tiny_conditional_run), "-n", "4", "--out", str(tmp_path / "s.png")]) == 0
+    assert np.load(tmp_path / "s.npz")["images"].shape == (4, 28, 28)
+    grid = np.asarray(Image.open(tmp_path / "s.png"))
+    assert grid.shape == (2 + 1 * 30, 2 + 10 * 30)  # one row of ten 28x28 cells (a class per column) with 2-pixel gaps
+    # a padded-size image is refused: the canvas is the model's business, not the user's
+    Image.fromarray(model.canvas.pad(digit)[0].numpy()).save(tmp_path / "padded.png")
+    capsys.readouterr()
+    assert main(["inpaint", str(tiny_conditional_run), "--image", str(tmp_path / "padded.png"), "--box", "0,0,4,4", "--out", str(tmp_path / "x.png")]) == 2
+    assert "the run's images are 28x28" in capsys.readouterr().err
