@@ -7,8 +7,10 @@ the run where it repeatedly
 - kills the training process with SIGKILL, either while a checkpoint is being
   written (a temporary file beside ``checkpoint.pt`` is open) or at a random
   moment between checkpoints,
-- sometimes damages the newest checkpoint after the kill (truncates it or flips
-  a byte), which the next start must notice and step over to the previous one,
+- damages the newest checkpoint after every third kill (truncates it or flips
+  a byte), which the next start must notice and step over to the previous one;
+  such a kill waits for a moment when both the newest and the previous
+  checkpoint are complete on disk, so every planned damage happens,
 - sometimes stops it with SIGTERM or SIGINT instead, which must checkpoint the
   current step and exit with status 128 + signal number and a resume line,
 
@@ -79,6 +81,7 @@ class Report:
     kills_mid_write: int = 0  # of them, while a checkpoint was being written
     signals: int = 0  # SIGTERM/SIGINT stops
     damaged: int = 0  # checkpoints damaged on purpose
+    damage_planned: int = 0  # kills planned to be followed by damage (every one of them must happen)
     fallbacks: int = 0  # starts that reported a damaged checkpoint and used the previous one
     restarts: int = 0  # processes started in all
     identical: bool = False  # final checkpoint digest equals the reference's
@@ -109,6 +112,31 @@ def _wait_for_write(proc: subprocess.Popen, stage_dir: Path, timeout: float) -> 
             return True
         time.sleep(0.0005)
     return False
+
+
+def _kill_with_both_checkpoints(proc: subprocess.Popen, stage_dir: Path, rng: random.Random, timeout: float) -> bool:
+    """SIGKILL ``proc`` at a moment when ``checkpoint.pt`` and its previous one are both complete; False if it ended first.
+
+    The process is frozen with SIGSTOP before the files are looked at, so what is
+    seen is what the kill leaves: no write in progress (a write renames the newest
+    checkpoint to the previous name before the new one lands, leaving a moment with
+    only the previous one) and both files in place.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        proc.send_signal(signal.SIGSTOP)
+        ready = not unfinished_writes(stage_dir) and (stage_dir / "checkpoint.pt").exists() and (stage_dir / PREVIOUS_NAME).exists()
+        if ready:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return True
+        proc.send_signal(signal.SIGCONT)
+        time.sleep(rng.uniform(0.0, 0.05))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    raise AssertionError(f"{stage_dir}: no moment with two complete checkpoints in {timeout} s")
 
 
 def _damage(path: Path, how: str, rng: random.Random) -> None:
@@ -146,10 +174,12 @@ def interrupt_stage(ref: Path, work: Path, stage: str, steps: int, *, kills: int
     shutil.copytree(ref, run)
     stage_dir = checkpoint_path(run, stage).parent
     shutil.rmtree(stage_dir)  # this stage starts from nothing; the lower ones are the reference's
-    report = Report(stage)
-    plan = ["kill"] * kills + ["signal"] * signals
+    # Every third kill is followed by damage to the newest checkpoint: at least one whenever
+    # there are three kills, so the fallback to the previous checkpoint is always exercised.
+    damages = kills // 3
+    report = Report(stage, damage_planned=damages)
+    plan = ["kill-damage"] * damages + ["kill"] * (kills - damages) + ["signal"] * signals
     rng.shuffle(plan)
-    damage_due = False
     logs = work / f"log-{stage}.txt"
     with open(logs, "w") as out:
         for what in plan:
@@ -157,7 +187,18 @@ def interrupt_stage(ref: Path, work: Path, stage: str, steps: int, *, kills: int
             report.restarts += 1
             if not _wait_for_write(proc, stage_dir, timeout=300):
                 break  # the stage finished before this interruption: the plan was too long for the steps
-            if what == "kill":
+            if what == "kill-damage":
+                # a random moment among the next steps at which there is a previous checkpoint to fall back on
+                time.sleep(rng.uniform(0.0, 0.3))
+                if not _kill_with_both_checkpoints(proc, stage_dir, rng, timeout=300):
+                    break  # the stage finished first: the plan was too long for the steps
+                report.kills += 1
+                event = Event("kill-damage", -1, False, returncode=proc.returncode)
+                event.damaged = rng.choice(["truncate", "flip"])
+                _damage(stage_dir / "checkpoint.pt", event.damaged, rng)
+                report.damaged += 1
+                event.step = _newest_step(stage_dir)
+            elif what == "kill":
                 mode = rng.choice(["kill-write", "kill-step"])
                 if mode == "kill-step":
                     # let the write finish, then kill at a random moment among the next steps
@@ -170,14 +211,6 @@ def interrupt_stage(ref: Path, work: Path, stage: str, steps: int, *, kills: int
                 report.kills += 1
                 report.kills_mid_write += left
                 event = Event(mode, _newest_step(stage_dir), left, returncode=proc.returncode)
-                # From every third kill on, damage the newest checkpoint too, as soon as there is a
-                # previous one to fall back on (a kill mid-write leaves only the previous one).
-                damage_due = damage_due or report.kills % 3 == 0
-                if damage_due and (stage_dir / "checkpoint.pt").exists() and (stage_dir / PREVIOUS_NAME).exists():
-                    damage_due = False
-                    event.damaged = rng.choice(["truncate", "flip"])
-                    _damage(stage_dir / "checkpoint.pt", event.damaged, rng)
-                    report.damaged += 1
             else:
                 sig = rng.choice([signal.SIGTERM, signal.SIGINT])
                 time.sleep(rng.uniform(0.0, 0.3))
@@ -224,7 +257,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{report.damaged} damaged, {report.fallbacks} fallbacks, identical: {report.identical}", flush=True)
     summary = {"steps": steps, "seconds": round(time.perf_counter() - started, 1), "stages": [asdict(r) for r in reports]}
     print(json.dumps(summary, indent=1))
-    ok = all(r.identical and r.kills >= args.kills and r.signals >= args.signals for r in reports)
+    ok = all(
+        r.identical and r.kills >= args.kills and r.signals >= args.signals and r.damaged == r.damage_planned == r.fallbacks
+        for r in reports
+    )
     return 0 if ok else 1
 
 

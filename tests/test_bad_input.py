@@ -61,6 +61,12 @@ class Ctx:
 Setup = Callable[[Ctx], list[str]]
 
 
+def trains(setup: Callable[..., Any]) -> Callable[..., Any]:
+    """Flag a setup (or a run it prepares) that trains a model, so its row carries the ``trains`` marker."""
+    setup.trains = True  # type: ignore[attr-defined]
+    return setup
+
+
 @dataclass
 class Case:
     """One row: a kind, what goes wrong, how to set it up and what the error line must name."""
@@ -72,6 +78,11 @@ class Case:
     skip_if_root: bool = False
     new_files_ok: bool = False  # the command may create files (never change or remove old ones)
     marks: list[Any] = field(default_factory=list)
+
+    @property
+    def trains(self) -> bool:
+        """Whether the row's setup trains a model (see :func:`trains`)."""
+        return getattr(self.setup, "trains", False)
 
 
 def snapshot(root: Path) -> dict[str, bytes | None]:
@@ -191,6 +202,7 @@ def truncate(path: Path, keep: int = 1000) -> None:
 def damage_checkpoints(stage: str, damage: Callable[[Path], None]) -> Callable[[Ctx], Path]:
     """Damage every checkpoint file of ``stage`` in the run copy (the newest and any kept previous one)."""
 
+    @trains
     def prepare(ctx: Ctx) -> Path:
         run = ctx.run()
         for path in sorted(checkpoint_path(run, stage).parent.glob("checkpoint*.pt")):
@@ -210,9 +222,10 @@ def on_run(verb: str, prepare: Callable[[Ctx], Path], *args: str) -> Setup:
         extra = ["--out", str(ctx.tmp / "s.png")] if verb == "sample" and "--out" not in args else []
         return [verb, str(run), *[a.format(tmp=ctx.tmp) for a in args], *extra]
 
-    return setup
+    return trains(setup) if getattr(prepare, "trains", False) else setup
 
 
+@trains
 def trained(ctx: Ctx) -> Path:
     return ctx.run()
 
@@ -229,6 +242,7 @@ def missing_dir(ctx: Ctx) -> Path:
 
 
 def run_config(content: bytes) -> Callable[[Ctx], Path]:
+    @trains
     def prepare(ctx: Ctx) -> Path:
         run = ctx.run()
         (run / "config.yaml").write_bytes(content)
@@ -249,6 +263,7 @@ def set_key(*path_and_value: Any) -> Callable[[dict[str, Any]], None]:
     return change
 
 
+@trains
 def other_architecture_resume(ctx: Ctx) -> list[str]:
     """Stage 1 trained to step 3 of 6, then resumed with another width and --force."""
     run = ctx.tmp / "r"
@@ -272,6 +287,7 @@ def config_is_a_directory(ctx: Ctx) -> list[str]:
     return train_args(ctx, ctx.tmp / "cfgdir.yaml")
 
 
+@trains
 def out_under_a_file(ctx: Ctx) -> list[str]:
     blocker = ctx.write("blocker", "a file where a folder should be")
     return ["sample", str(ctx.run()), "-n", "2", "--out", str(blocker / "s.png")]
@@ -426,6 +442,8 @@ def _params() -> list[Any]:
     params = []
     for case in CASES:
         marks = list(case.marks)
+        if case.trains:
+            marks.append(pytest.mark.trains)
         if case.skip_if_root:
             marks.append(pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads any file"))
         params.append(pytest.param(case, id=f"{case.kind}-{case.name}", marks=marks))
@@ -486,6 +504,7 @@ def _disk_full_while_saving(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cap
     return code, capsys.readouterr().err, run, old
 
 
+@pytest.mark.trains
 def test_disk_full_while_saving_a_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     code, err, run, old = _disk_full_while_saving(tmp_path, monkeypatch, capsys)
     assert code == 2
@@ -502,6 +521,7 @@ def test_disk_full_while_saving_a_checkpoint(tmp_path: Path, monkeypatch: pytest
     assert capsys.readouterr().out.splitlines()[0].startswith("stage 1: partial (step 3 of 6)")
 
 
+@pytest.mark.trains
 def test_disk_full_message_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     code, err, run, _ = _disk_full_while_saving(tmp_path, monkeypatch, capsys)
     assert code == 2

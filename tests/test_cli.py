@@ -28,11 +28,13 @@ def train(run_dir: Path, *args: str) -> int:
     return run("train", str(TINY), "--run-dir", str(run_dir), "--no-progress", *args)
 
 
+@pytest.mark.trains
 def test_status_of_trained_run(tiny_run: Path, capsys: pytest.CaptureFixture) -> None:
     assert run("status", str(tiny_run)) == 0
     assert capsys.readouterr().out.splitlines() == ["stage 1: done (6 steps)", "stage 2: done (6 steps)", "prior: done (6 steps)"]
 
 
+@pytest.mark.trains
 def test_status_partial_and_missing(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert train(tmp_path / "r", "--stage", "1", "--until", "3") == 0
     capsys.readouterr()
@@ -40,6 +42,7 @@ def test_status_partial_and_missing(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert capsys.readouterr().out.splitlines() == ["stage 1: partial (step 3 of 6)", "stage 2: missing", "prior: missing"]
 
 
+@pytest.mark.trains
 def test_sample_writes_png_and_uint8_npz(tiny_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "grid.png"
     assert run("sample", str(tiny_run), "-n", "10", "--seed", "3", "--out", str(out)) == 0
@@ -56,6 +59,7 @@ def test_sample_writes_png_and_uint8_npz(tiny_run: Path, tmp_path: Path) -> None
     assert not np.array_equal(np.load(other.with_suffix(".npz"))["images"], images)
 
 
+@pytest.mark.trains
 def test_eval_json_figures(tiny_run: Path, capsys: pytest.CaptureFixture) -> None:
     assert run("eval", str(tiny_run), "--json") == 0
     report = json.loads(capsys.readouterr().out)
@@ -72,18 +76,22 @@ def test_eval_json_figures(tiny_run: Path, capsys: pytest.CaptureFixture) -> Non
     assert report["prior"]["bits_per_code"] * 4 / 256 == pytest.approx(bpd["2"], rel=1e-4)
 
 
+@pytest.mark.trains
 def test_eval_table(tiny_run: Path, capsys: pytest.CaptureFixture) -> None:
     assert run("eval", str(tiny_run)) == 0
     out = capsys.readouterr().out
     assert "level 1: PSNR" in out and "NLL bound" in out and "level 2 (z2 under the prior)" in out
 
 
-def test_python_api_matches_cli(tiny_run: Path) -> None:
+@pytest.mark.trains
+def test_python_api_matches_cli(tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The command line (``main``, argument parsing included) gives what the Python API gives for the same run."""
+    from progvq.data import load_dataset
+    from progvq.run import run_status
+
     model = Hierarchy.load(tiny_run)
     assert model.num_levels == 2 and model.image_shape == (1, 16, 16)
     assert model.grid_shape(1) == (4, 4) and model.grid_shape(2) == (2, 2)
-    from progvq.data import load_dataset
-
     data = load_dataset(model.config.data, model.config.total_downsample())
     codes = model.encode(data.heldout[:5])
     assert [tuple(c.shape) for c in codes] == [(5, 4, 4), (5, 2, 2)]
@@ -91,9 +99,34 @@ def test_python_api_matches_cli(tiny_run: Path) -> None:
     assert recon.shape == (5, 1, 16, 16) and recon.dtype == torch.uint8
     nll = model.nll(data.heldout[:5])
     assert torch.allclose(nll["total"], nll["0"] + nll["1"] + nll["2"])
-    samples = model.sample(3, seed=1)
-    assert samples.shape == (3, 1, 16, 16)
-    assert torch.equal(samples, model.sample(3, seed=1))
+    # sample: the arrays beside the PNG are Hierarchy.sample's for the same seed and temperatures
+    # (grey images: N x H x W); without --code-temperature the run's sample.code_temperature applies
+    for flags, temperatures in (
+        ([], {"temperature": 1.0, "code_temperature": model.config.sample.code_temperature}),
+        (["--temperature", "0.5", "--code-temperature", "0"], {"temperature": 0.5, "code_temperature": 0.0}),
+    ):
+        out = tmp_path / "s.png"
+        assert run("sample", str(tiny_run), "-n", "6", "--seed", "1", *flags, "--out", str(out)) == 0
+        samples = model.sample(6, seed=1, **temperatures)
+        assert samples.shape == (6, 1, 16, 16)
+        assert np.array_equal(np.load(out.with_suffix(".npz"))["images"], samples[:, 0].numpy()), flags
+    # eval --json: Hierarchy.evaluate's figures of the split (beside them the split's name and size,
+    # and descriptions of the run that the API keeps elsewhere)
+    for split in ("heldout", "train"):
+        capsys.readouterr()
+        assert run("eval", str(tiny_run), "--json", "--split", split) == 0
+        cli = json.loads(capsys.readouterr().out)
+        images = data.heldout if split == "heldout" else data.train
+        assert cli["split"] == {"name": split, "images": len(images)}
+        api = json.loads(json.dumps(model.evaluate(images)))
+        assert {"levels", "prior", "bits_per_dim"} <= set(api)
+        assert {key: cli[key] for key in api} == api
+    # status: one line per stage of progvq.run.run_status
+    capsys.readouterr()
+    assert run("status", str(tiny_run)) == 0
+    states = run_status(tiny_run)
+    wanted = [f"{'prior' if s.name == 'prior' else f'stage {s.name}'}: {s.describe()}" for s in states]
+    assert capsys.readouterr().out.splitlines() == wanted
 
 
 def test_train_refuses_stage_whose_lower_level_is_missing(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -102,6 +135,7 @@ def test_train_refuses_stage_whose_lower_level_is_missing(tmp_path: Path, capsys
     assert err == "progvq: error: stage 2 needs stage 1, which is missing; train stage 1 first (--stage 1)"
 
 
+@pytest.mark.trains
 def test_done_stage_is_not_retrained_and_restart_keeps_the_old(tiny_copy: Path, capsys: pytest.CaptureFixture) -> None:
     before = file_sha256(checkpoint_path(tiny_copy, "1"))
     assert train(tiny_copy, "--stage", "1") == 0
@@ -111,6 +145,7 @@ def test_done_stage_is_not_retrained_and_restart_keeps_the_old(tiny_copy: Path, 
     assert file_sha256(tiny_copy / "stage-1.old-1" / "checkpoint.pt") == before
 
 
+@pytest.mark.trains
 def test_run_dir_with_other_config_is_refused(tiny_copy: Path, capsys: pytest.CaptureFixture) -> None:
     before = (tiny_copy / "config.yaml").read_text()
     assert train(tiny_copy, "--stage", "1", "--set", "stages.1.codes=32") == 2
@@ -139,6 +174,7 @@ def test_user_errors_are_one_line_with_status_2(args: list[str], needle: str, tm
     assert needle in err and err.count("\n") == 1 and "Traceback" not in err
 
 
+@pytest.mark.trains
 def test_sample_of_unfinished_run_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert train(tmp_path / "r", "--stage", "1", "--until", "3") == 0
     capsys.readouterr()
@@ -156,6 +192,7 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("stage", ["1", "2", "prior"])
+@pytest.mark.trains
 def test_resume_equals_uninterrupted(stage: str, tiny_run: Path, tmp_path: Path) -> None:
     """6 steps straight == 3 steps, stop, resume for 3 more: parameter for parameter, bit for bit."""
     dirs = []
@@ -181,6 +218,7 @@ def test_resume_equals_uninterrupted(stage: str, tiny_run: Path, tmp_path: Path)
     assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
 
 
+@pytest.mark.trains
 def test_checkpoint_contents(tiny_run: Path) -> None:
     ckpt = load_checkpoint(checkpoint_path(tiny_run, "2"))
     assert ckpt["stage"] == "2" and ckpt["step"] == ckpt["steps"] == 6
@@ -193,6 +231,7 @@ def test_checkpoint_contents(tiny_run: Path) -> None:
     assert ckpt["extra"]["image_shape"] == [1, 16, 16]
 
 
+@pytest.mark.trains
 def test_run_stage_script_and_console_command(tiny_run: Path, tmp_path: Path) -> None:
     """``python run_stage.py`` and the installed ``progvq`` are one program."""
     script = subprocess.run([sys.executable, str(ROOT / "run_stage.py"), "status", str(tiny_run)], capture_output=True, text=True, check=False)
@@ -215,6 +254,7 @@ def test_bad_data_path_leaves_nothing_behind(tmp_path: Path, capsys: pytest.Capt
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.trains
 def test_train_stage_reports_what_it_trained(tmp_path: Path) -> None:
     from progvq.config import load_config
     from stages import train_stage
@@ -229,6 +269,7 @@ def test_train_stage_reports_what_it_trained(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("stage", ["1", "prior"])
+@pytest.mark.trains
 def test_checkpoint_whose_weights_do_not_fit_is_refused(stage: str, tiny_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from progvq.checkpoint import save_checkpoint
 
@@ -244,6 +285,7 @@ def test_checkpoint_whose_weights_do_not_fit_is_refused(stage: str, tiny_copy: P
 
 
 @pytest.mark.parametrize("source", ["mnist", "folder", "array"])
+@pytest.mark.trains
 def test_every_data_source_trains_from_the_command_line(source: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from progvq.data import make_shapes
 

@@ -16,7 +16,7 @@ from progvq.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from progvq.config import LevelConfig, PixelCNNConfig, QuantizerConfig, load_config
 from progvq.data import load_dataset
 from progvq.errors import ConfigError
-from progvq.hierarchy import Hierarchy
+from progvq.hierarchy import Hierarchy, prior_log_prob
 from progvq.levels import AutoregressiveCodeLevel, CodeLevel, build_level
 from progvq.pixelcnn import GatedPixelCNN, covers
 from run_stage import main
@@ -33,6 +33,31 @@ def _ar_level(codes_below: int = 3, quantizer: QuantizerConfig | None = None, **
     level = build_level(cfg, 2, 1, codes_below)
     assert isinstance(level, AutoregressiveCodeLevel) and level.autoregressive
     return level.double().eval()
+
+
+def _force_label(prior: GatedPixelCNN, scale: float = 50.0) -> GatedPixelCNN:
+    """Set a class-conditional prior's weights so that class y draws code y % K at every position.
+
+    Every weight is zeroed but one path from the label to the logits: the last block's label
+    bias opens gate channel y % K for class y (tanh(20) * sigmoid(20) is 1 in float32), its
+    skip and the head carry that channel to the logit of code y % K, ``scale`` above every
+    other logit (p(another code) < K e^-scale). The codes before a position play no part.
+    """
+    k, c = prior.num_codes, prior.embed.embedding_dim
+    assert prior.num_classes and c >= k
+    with torch.no_grad():
+        for p in prior.parameters():
+            p.zero_()
+        block = prior.blocks[-1]
+        # label-bias channels: [0, 2C) the vertical stack; [2C, 3C) and [3C, 4C) the tanh and sigmoid
+        # halves of the horizontal stack's gate, whose output is the block's skip
+        for y in range(prior.num_classes):
+            block.label_bias.weight[y, 2 * c + y % k] = 20.0
+            block.label_bias.weight[y, 3 * c :] = 20.0
+        block.skip.weight.copy_(torch.eye(c)[:, :, None, None])
+        prior.head[1].weight.copy_(torch.eye(c)[:, :, None, None])
+        prior.head[3].weight[:, :k, 0, 0] = scale * torch.eye(k)
+    return prior.eval()
 
 
 # --------------------------------------------------------------------------- autoregressive decoder
@@ -137,6 +162,7 @@ def test_config_refusals(sets: list[str], needle: str) -> None:
     assert needle in str(info.value) and "\n" not in str(info.value)
 
 
+@pytest.mark.trains
 def test_coverage_is_checked_when_only_the_data_knows_the_image_side(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """An array source without data.size: the level-2 decoder's reach is checked once the images are read."""
     from progvq.data import make_shapes
@@ -159,6 +185,7 @@ def test_coverage_is_checked_when_only_the_data_knows_the_image_side(tmp_path: P
 # --------------------------------------------------------------------------- the trained conditional run
 
 
+@pytest.mark.trains
 def test_conditional_run_is_what_its_config_says(tiny_conditional_run: Path) -> None:
     model = Hierarchy.load(tiny_conditional_run)
     assert model.image_shape == (1, 32, 32) and model.num_levels == 2
@@ -166,25 +193,87 @@ def test_conditional_run_is_what_its_config_says(tiny_conditional_run: Path) -> 
     assert model.grid_shape(1) == (8, 8) and model.grid_shape(2) == (4, 4)
 
 
-def test_samples_follow_the_label(tiny_conditional_run: Path, tmp_path: Path) -> None:
+def test_prior_logits_depend_on_the_label() -> None:
+    """Any two classes give other distributions at every position, the first one (which sees only the label) included."""
+    torch.manual_seed(0)
+    prior = GatedPixelCNN(8, channels=16, layers=3, num_classes=10).double().eval()
+    codes = torch.randint(8, (2, 4, 4))
+    log_probs = torch.stack([torch.log_softmax(prior(codes, label=torch.full((2,), y)), 1) for y in range(10)])  # (10, 2, 8, 4, 4)
+    for a, b in itertools.combinations(range(10), 2):
+        gap = (log_probs[a] - log_probs[b]).abs().amax(dim=1)  # (2, 4, 4): the largest difference at each position
+        assert (gap > 1e-6).all(), (a, b)
+
+
+@pytest.mark.parametrize("method", ["cached", "naive"])
+def test_the_sampler_passes_the_label_to_every_position(method: str) -> None:
+    """A prior built so that class y means code y % 8 draws exactly that, for a batch of mixed labels."""
+    prior = _force_label(GatedPixelCNN(8, channels=16, layers=3, num_classes=10))
+    labels = torch.arange(20) % 10
+    wanted = (labels % 8).view(-1, 1, 1).expand(-1, 4, 4)
+    # the property built in: given class y, code y % 8 is certain whatever the codes before it
+    any_codes = torch.randint(8, (20, 4, 4), generator=torch.Generator().manual_seed(0))
+    p = torch.softmax(prior(any_codes, label=labels), 1).gather(1, wanted[:, None]).squeeze(1)
+    assert (p > 1 - 1e-6).all()
+    drawn = prior.sample(20, 4, 4, label=labels, generator=torch.Generator().manual_seed(0), method=method)
+    assert torch.equal(drawn, wanted)
+
+
+@pytest.mark.trains
+def test_samples_follow_the_label(tiny_conditional_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hierarchy.sample and ``progvq sample`` hand the class to the prior: with a prior set so that
+    class y draws code y % 8, the top codes drawn are exactly those of the classes asked for."""
     model = Hierarchy.load(tiny_conditional_run)
-    three = model.sample(8, seed=0, label=3)
-    assert torch.equal(three, model.sample(8, seed=0, label=3))
-    # the same seed (the same random numbers) gives other images for other classes; the tiny
-    # run's decoders depend on their codes only a little, so not every pair of classes differs
-    per_class = {model.sample(16, seed=0, label=y).numpy().tobytes() for y in range(10)}
-    assert len(per_class) > 1
-    # the top codes the prior draws depend on the class
-    h, w = model.grid_shape(2)
-    prior = model.prior
-    assert prior is not None
-    tops = [prior.sample(16, h, w, label=torch.full((16,), y), generator=torch.Generator().manual_seed(0)) for y in range(10)]
-    assert len({tuple(t.flatten().tolist()) for t in tops}) == 10
-    # the command line: --label, and the default cycles the classes
+    assert model.prior is not None and model.num_classes == 10
+    model.prior.eval()  # no dropout: the differences come from the class alone
+    # the trained prior's distributions depend on the class (it loaded its label weights)
+    codes = torch.randint(model.prior.num_codes, (2, *model.grid_shape(2)), generator=torch.Generator().manual_seed(0))
+    log_probs = [torch.log_softmax(model.prior(codes, label=torch.full((2,), y)), 1) for y in range(10)]
+    assert all(not torch.equal(log_probs[a], log_probs[b]) for a, b in itertools.combinations(range(10), 2))
+    # the same run with the label-forcing prior in its checkpoint
+    run = tmp_path / "run"
+    shutil.copytree(tiny_conditional_run, run)
+    path = checkpoint_path(run, "prior")
+    ckpt = load_checkpoint(path)
+    ckpt["model"] = {key: value.clone() for key, value in _force_label(model.prior).state_dict().items()}
+    save_checkpoint(ckpt, path)
+    # record what every class-conditional draw of the prior returns (the level-2 decoder's draws take no label)
+    drawn: list[tuple[torch.Tensor, torch.Tensor]] = []
+    sample = GatedPixelCNN.sample
+
+    def recording(self: GatedPixelCNN, *args: object, **kwargs: object) -> torch.Tensor:
+        codes = sample(self, *args, **kwargs)
+        if kwargs.get("label") is not None:
+            drawn.append((kwargs["label"].clone(), codes.clone()))  # type: ignore[union-attr]
+        return codes
+
+    monkeypatch.setattr(GatedPixelCNN, "sample", recording)
+    forced = Hierarchy.load(run)
+    h, w = forced.grid_shape(2)
+
+    def last_draw(n: int, labels: list[int]) -> None:
+        assert len(drawn) == 1, "one draw of the top codes per call"
+        got_labels, top = drawn.pop()
+        assert got_labels.tolist() == labels
+        assert torch.equal(top, (got_labels % 8).view(n, 1, 1).expand(n, h, w))
+
+    code_temperature = forced.config.sample.code_temperature  # what the command line uses by default
+    three = forced.sample(8, seed=0, label=3, code_temperature=code_temperature)
+    last_draw(8, [3] * 8)
+    assert torch.equal(three, forced.sample(8, seed=0, label=3, code_temperature=code_temperature))
+    last_draw(8, [3] * 8)
+    forced.sample(12, seed=0, label=torch.tensor([9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 5, 5]))
+    last_draw(12, [9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 5, 5])
+    # without a label the classes come in turn
+    assert torch.equal(forced.labels_for(12, None), torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]))
+    forced.sample(12, seed=0)
+    last_draw(12, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1])
+    # the command line: --label reaches the prior, and its images are the API's for the same seed
     out = tmp_path / "s.png"
-    assert main(["sample", str(tiny_conditional_run), "-n", "8", "--label", "3", "--out", str(out)]) == 0
+    assert main(["sample", str(run), "-n", "8", "--label", "3", "--out", str(out)]) == 0
+    last_draw(8, [3] * 8)
     assert np.array_equal(np.load(out.with_suffix(".npz"))["images"], three[:, 0].numpy())
-    assert torch.equal(model.labels_for(12, None), torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]))
+    assert main(["sample", str(run), "-n", "12", "--out", str(out)]) == 0
+    last_draw(12, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1])
 
 
 @pytest.mark.parametrize(
@@ -195,6 +284,7 @@ def test_samples_follow_the_label(tiny_conditional_run: Path, tmp_path: Path) ->
         ("tiny_run", "3", "--label 3: the prior of {run} is not class-conditional (stages.prior.class_conditional: false)"),
     ],
 )
+@pytest.mark.trains
 def test_label_refusals(run: str, label: str, needle: str, request: pytest.FixtureRequest, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run_dir = request.getfixturevalue(run)
     capsys.readouterr()
@@ -204,6 +294,7 @@ def test_label_refusals(run: str, label: str, needle: str, request: pytest.Fixtu
     assert not (tmp_path / "s.png").exists()
 
 
+@pytest.mark.trains
 def test_eval_of_the_conditional_run(tiny_conditional_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
     capsys.readouterr()
     assert main(["eval", str(tiny_conditional_run), "--json"]) == 0
@@ -213,22 +304,63 @@ def test_eval_of_the_conditional_run(tiny_conditional_run: Path, capsys: pytest.
     # 16 top codes per 1024 pixel dims; the level-2 term is the autoregressive decoder's, 64 codes per image
     assert bpd["2"] == pytest.approx(prior["bits_per_code"] * 16 / 1024, rel=1e-5)
     assert bpd["1"] == pytest.approx(report["levels"]["2"]["bits_per_code"] * 64 / 1024, rel=1e-4)
-    # the marginal over 10 equally likely classes costs at most log2(10) bits per image more than the best class
     assert "bits_per_code_given_label" in prior
     # by hand: log p(z) = logsumexp_y log p(z | y) - log 10
     model = Hierarchy.load(tiny_conditional_run)
     data = load_dataset(model.config.data, model.config.total_downsample())
+    labels = data.heldout_labels
+    assert model.prior is not None and labels is not None
     top = model.encode(data.heldout)[-1]
-    assert model.prior is not None
     per_class = torch.stack(
         [-torch.nn.functional.cross_entropy(model.prior(top, label=torch.full((len(top),), y)), top, reduction="none").sum((1, 2)) for y in range(10)], 1
     )
     marginal = (torch.logsumexp(per_class, 1) - math.log(10)).mean().item()
     assert -marginal / 16 / math.log(2) == pytest.approx(prior["bits_per_code"], rel=1e-5)
-    given = per_class.gather(1, data.heldout_labels[:, None]).mean().item()
+    given = per_class.gather(1, labels[:, None]).mean().item()
     assert -given / 16 / math.log(2) == pytest.approx(prior["bits_per_code_given_label"], rel=1e-5)
+    # Per image, in bits: since mean_y p(z | y) >= p(z | y_true) / 10, the marginal costs at most
+    # log2(10) bits more than the true class; as a mean over the classes it lies between the best
+    # and the worst class.
+    class_bits = -per_class / math.log(2)  # (N, 10)
+    true_bits = class_bits.gather(1, labels[:, None])[:, 0]
+    marginal_bits = -prior_log_prob(model.prior, top) / math.log(2)  # (N,)
+    slack = 1e-4  # float32 rounding of about 50 bits per image
+    assert (marginal_bits <= true_bits + math.log2(10) + slack).all()
+    assert (marginal_bits >= class_bits.min(1).values - slack).all()
+    assert (marginal_bits <= class_bits.max(1).values + slack).all()
+    # Hierarchy.nll's top term is the marginal without labels and the true class's with them, per
+    # dim of the image; the levels below do not depend on the class
+    dims = data.heldout[0].numel()
+    unlabelled, labelled = model.nll(data.heldout), model.nll(data.heldout, labels=labels)
+    torch.testing.assert_close(unlabelled["2"] * dims, marginal_bits, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(labelled["2"] * dims, true_bits, rtol=1e-5, atol=1e-4)
+    assert torch.equal(unlabelled["0"], labelled["0"]) and torch.equal(unlabelled["1"], labelled["1"])
+    assert ((unlabelled["total"] - labelled["total"]) * dims <= math.log2(10) + slack).all()
 
 
+def test_the_marginal_reaches_both_ends_of_its_bound() -> None:
+    """-log2 mean_y p(z | y) is the true class's bits + log2(10) where only the true class explains
+    z, and every class's bits where the class plays no part: both ends of the bound, by construction."""
+    prior = _force_label(GatedPixelCNN(10, channels=10, layers=2, num_classes=10))
+    labels = torch.arange(10)
+    top = labels.view(-1, 1, 1).expand(-1, 4, 4).contiguous()  # each class's own codes
+    true_bits = -prior_log_prob(prior, top, labels) / math.log(2)
+    marginal_bits = -prior_log_prob(prior, top) / math.log(2)
+    assert true_bits.abs().max() < 1e-6  # certain given the class
+    torch.testing.assert_close(marginal_bits, true_bits + math.log2(10), rtol=0, atol=1e-5)
+    # a prior blind to the class: every class gives the same numbers, and so does the marginal
+    torch.manual_seed(0)
+    blind = GatedPixelCNN(10, channels=16, layers=2, num_classes=10).eval()
+    with torch.no_grad():
+        for block in blind.blocks:
+            block.label_bias.weight.zero_()
+    codes = torch.randint(10, (6, 4, 4))
+    per_class = torch.stack([prior_log_prob(blind, codes, torch.full((6,), y)) for y in range(10)], 1)
+    assert torch.equal(per_class, per_class[:, :1].expand(-1, 10))
+    torch.testing.assert_close(prior_log_prob(blind, codes), per_class[:, 0], rtol=0, atol=1e-5)
+
+
+@pytest.mark.trains
 def test_prior_batches_carry_the_images_labels(tiny_conditional_run: Path) -> None:
     from stages.prior import PriorStage
 
@@ -242,6 +374,7 @@ def test_prior_batches_carry_the_images_labels(tiny_conditional_run: Path) -> No
     assert stage.model.num_classes == 10 == data.num_classes
 
 
+@pytest.mark.trains
 def test_class_conditional_prior_needs_a_labels_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """An idx folder without its labels file: the prior stage is refused in one line, nothing written for it."""
     folder = tmp_path / "mnist"
@@ -260,6 +393,7 @@ def test_class_conditional_prior_needs_a_labels_file(tmp_path: Path, capsys: pyt
 
 
 @pytest.mark.parametrize("stage", ["2", "prior"])
+@pytest.mark.trains
 def test_resume_equals_uninterrupted(stage: str, tiny_conditional_run: Path, tmp_path: Path) -> None:
     """The autoregressive level and the class-conditional prior resume bit for bit (dropout draws included)."""
     dirs = []
@@ -281,6 +415,7 @@ def test_resume_equals_uninterrupted(stage: str, tiny_conditional_run: Path, tmp
     assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
 
 
+@pytest.mark.trains
 def test_checkpoints_from_before_these_options_still_load(tiny_copy: Path) -> None:
     """Configs saved without decoder, pixelcnn and class_conditional read as the factorised, unconditional model."""
     before = Hierarchy.load(tiny_copy).sample(4, seed=0)

@@ -52,16 +52,20 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
 
 
 @pytest.mark.parametrize("stage", crash_harness.STAGES)
+@pytest.mark.trains
 def test_killed_and_signalled_runs_end_bit_identical(stage: str, reference: tuple[Path, int], tmp_path: Path) -> None:
     """The short harness: 3 SIGKILLs and one SIGTERM/SIGINT per stage kind (the full one runs 10+)."""
     ref, steps = reference
     report = crash_harness.interrupt_stage(ref, tmp_path, stage, steps, kills=3, signals=1, seed=1)
     assert report.kills == 3 and report.signals == 1, report
+    # one of the three kills damages the newest checkpoint: the fallback is exercised every time, never vacuously
+    assert report.damage_planned == 1 and report.damaged == 1, report
     assert report.fallbacks == report.damaged, report  # every damaged checkpoint was noticed and stepped over
     assert report.identical, report
     assert not list(checkpoint_path(tmp_path / f"interrupted-{stage}", stage).parent.glob(".checkpoint*.tmp"))
 
 
+@pytest.mark.trains
 def test_sigterm_checkpoints_the_current_step_and_says_how_to_resume(tmp_path: Path) -> None:
     run = tmp_path / "run"
     command = crash_harness.train_command(run, "1", 400)
@@ -97,6 +101,7 @@ def _damage(path: Path, how: str) -> None:
 
 
 @pytest.mark.parametrize("how", ["truncate", "flip", "empty", "garbage"])
+@pytest.mark.trains
 def test_damaged_checkpoint_is_set_aside_and_the_previous_used(how: str, tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     run = tmp_path / "run"
     assert train(run, "--stage", "1") == 0  # checkpoints at steps 3 (previous) and 6 (newest)
@@ -119,6 +124,7 @@ def test_damaged_checkpoint_is_set_aside_and_the_previous_used(how: str, tiny_ru
     assert load_checkpoint(latest)["digest"] == load_checkpoint(checkpoint_path(tiny_run, "1"))["digest"]
 
 
+@pytest.mark.trains
 def test_flipped_byte_is_caught_by_the_digest(tiny_run: Path, tmp_path: Path) -> None:
     path = tmp_path / "c.pt"
     ckpt = load_checkpoint(checkpoint_path(tiny_run, "1"))
@@ -130,6 +136,7 @@ def test_flipped_byte_is_caught_by_the_digest(tiny_run: Path, tmp_path: Path) ->
     assert payload_digest(ckpt) != ckpt["digest"]
 
 
+@pytest.mark.trains
 def test_both_checkpoints_damaged_is_refused_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     run = tmp_path / "run"
     assert train(run, "--stage", "1") == 0
@@ -141,6 +148,7 @@ def test_both_checkpoints_damaged_is_refused_in_one_line(tmp_path: Path, capsys:
     assert "checkpoint.pt" in one_error_line(capsys)
 
 
+@pytest.mark.trains
 def test_leftover_temporary_file_of_a_cut_write_is_removed(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     run = tmp_path / "run"
     assert train(run, "--stage", "1", "--until", "3") == 0
@@ -154,6 +162,7 @@ def test_leftover_temporary_file_of_a_cut_write_is_removed(tmp_path: Path, capsy
 # ---------------------------------------------------------------------------- provenance
 
 
+@pytest.mark.trains
 def test_retraining_a_lower_stage_makes_the_stages_above_stale(tiny_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     run = tiny_copy
     out = str(tmp_path / "s.png")
@@ -189,6 +198,7 @@ def test_retraining_a_lower_stage_makes_the_stages_above_stale(tiny_copy: Path, 
     assert main(["sample", str(run), "-n", "4", "--out", out]) == 0
 
 
+@pytest.mark.trains
 def test_retraining_identically_is_not_stale(tiny_copy: Path, capsys: pytest.CaptureFixture) -> None:
     """The same config and seed give the same stage 1 content, so nothing above it goes stale."""
     assert train(tiny_copy, "--stage", "1", "--restart") == 0
@@ -197,6 +207,7 @@ def test_retraining_identically_is_not_stale(tiny_copy: Path, capsys: pytest.Cap
     assert "STALE" not in capsys.readouterr().out
 
 
+@pytest.mark.trains
 def test_removed_lower_stage_makes_the_stages_above_stale(tiny_copy: Path, capsys: pytest.CaptureFixture) -> None:
     shutil.rmtree(checkpoint_path(tiny_copy, "2").parent)
     assert main(["status", str(tiny_copy)]) == 0
@@ -217,6 +228,7 @@ class _Payload:
 
 
 @pytest.mark.parametrize("kind", ["torch", "pickle", "inside"])
+@pytest.mark.trains
 def test_checkpoint_that_runs_code_when_unpickled_is_refused(kind: str, tiny_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     marker = tmp_path / "pwned"
     path = checkpoint_path(tiny_copy, "prior")
@@ -252,6 +264,7 @@ def test_pickle_that_torch_cannot_read_is_refused(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------- determinism
 
 
+@pytest.mark.trains
 def test_two_fresh_processes_write_identical_checkpoints(tmp_path: Path) -> None:
     for name in ("a", "b"):
         subprocess.run(

@@ -31,6 +31,7 @@ def _bottom_half(model: Hierarchy) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name", RUNS)
+@pytest.mark.trains
 def test_known_pixels_and_codes_are_kept_at_every_level(name: str, request: pytest.FixtureRequest) -> None:
     model, image = _setup(request, name)
     mask = _bottom_half(model)
@@ -55,6 +56,7 @@ def test_known_pixels_and_codes_are_kept_at_every_level(name: str, request: pyte
 
 
 @pytest.mark.parametrize("name", RUNS)
+@pytest.mark.trains
 def test_seeds_repeat_and_differ(name: str, request: pytest.FixtureRequest) -> None:
     model, image = _setup(request, name)
     mask = _bottom_half(model)
@@ -68,6 +70,7 @@ def test_seeds_repeat_and_differ(name: str, request: pytest.FixtureRequest) -> N
 
 
 @pytest.mark.parametrize("name", RUNS)
+@pytest.mark.trains
 def test_batch_keeps_every_images_known_pixels(name: str, request: pytest.FixtureRequest) -> None:
     model = Hierarchy.load(request.getfixturevalue(name))
     data = load_dataset(model.config.data, model.config.total_downsample())
@@ -83,6 +86,7 @@ def test_batch_keeps_every_images_known_pixels(name: str, request: pytest.Fixtur
         inpaint_batch(model, images, torch.cat([masks[:2], torch.zeros_like(masks[:1])]), 2)
 
 
+@pytest.mark.trains
 def test_hidden_pixels_do_not_reach_the_completions(tiny_run: Path) -> None:
     """Whatever the image holds under the mask, the completions are the same: only the known pixels count."""
     model = Hierarchy.load(tiny_run)
@@ -94,6 +98,7 @@ def test_hidden_pixels_do_not_reach_the_completions(tiny_run: Path) -> None:
     assert torch.equal(inpaint(model, image, mask, 4, seed=0), inpaint(model, swapped, mask, 4, seed=0))
 
 
+@pytest.mark.trains
 def test_level_masks_are_conservative(tiny_run: Path) -> None:
     """One missing pixel makes its code missing at every level, and no other code."""
     model = Hierarchy.load(tiny_run)  # 16x16 -> 4x4 (factor 4) -> 2x2 (factor 8)
@@ -108,6 +113,7 @@ def test_level_masks_are_conservative(tiny_run: Path) -> None:
     assert level_masks(model, box_mask(16, 16, (4, 0, 8, 16)))[0].sum() == 4
 
 
+@pytest.mark.trains
 def test_the_whole_image_missing_is_sampling(tiny_run: Path) -> None:
     model = Hierarchy.load(tiny_run)
     data = load_dataset(model.config.data, model.config.total_downsample())
@@ -116,6 +122,7 @@ def test_the_whole_image_missing_is_sampling(tiny_run: Path) -> None:
     assert done.images.shape == (3, 1, 16, 16)
 
 
+@pytest.mark.trains
 def test_importance_resampling_favours_draws_that_fit_the_later_known_codes(tiny_run: Path) -> None:
     """Top half missing: the known bottom codes come after the drawn ones, which the draw cannot see.
 
@@ -140,6 +147,7 @@ def test_importance_resampling_favours_draws_that_fit_the_later_known_codes(tiny
     assert eight > one + 0.05, (one, eight)
 
 
+@pytest.mark.trains
 def test_api_refuses_what_it_cannot_use(tiny_run: Path) -> None:
     model = Hierarchy.load(tiny_run)
     image = torch.zeros(1, 16, 16, dtype=torch.uint8)
@@ -173,6 +181,7 @@ def _files(tmp_path: Path, model: Hierarchy, image: torch.Tensor) -> tuple[Path,
 
 
 @pytest.mark.parametrize("name", RUNS)
+@pytest.mark.trains
 def test_cli_writes_grid_and_arrays_like_the_api(name: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
     model, image = _setup(request, name)
     png, mask_png = _files(tmp_path, model, image)
@@ -221,6 +230,7 @@ BAD = [
 
 
 @pytest.mark.parametrize(("name", "args", "needle"), BAD, ids=[b[0] for b in BAD])
+@pytest.mark.trains
 def test_cli_refusals_are_one_line_status_2_and_write_nothing(
     name: str, args: list[str], needle: str, tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -251,6 +261,7 @@ def test_cli_refusals_are_one_line_status_2_and_write_nothing(
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no grid, no arrays
 
 
+@pytest.mark.trains
 def test_cli_needs_a_mask_or_a_box_but_not_both(tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     png = _write(tmp_path / "in.png", np.zeros((16, 16), dtype=np.uint8))
     for extra in ([], ["--box", "0,0,4,4", "--mask", str(png)]):
@@ -261,6 +272,7 @@ def test_cli_needs_a_mask_or_a_box_but_not_both(tiny_run: Path, tmp_path: Path, 
     assert "one of the arguments --mask --box is required" in err and "not allowed with argument" in err
 
 
+@pytest.mark.trains
 def test_cli_respects_stale_stages(tiny_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Like sample and eval: a stale hierarchy is refused unless --allow-stale."""
     from progvq.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint

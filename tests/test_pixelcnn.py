@@ -164,6 +164,7 @@ def test_sample_uses_eval_mode_and_restores_it() -> None:
         model.sample(1, 2, 2, temperature=-1.0)
 
 
+@pytest.mark.trains
 def test_fits_copy_left_distribution() -> None:
     """Codes on a 1x6 grid: first uniform over 4, each later one copies its left neighbour.
 

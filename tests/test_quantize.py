@@ -159,6 +159,7 @@ def restart_batches(n: int) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("ema", [True, False])
+@pytest.mark.trains
 def test_dead_codes_restart_from_recent(ema: bool) -> None:
     # Codes 2 and 3 are far from all data and can never be chosen.
     cb = [[0.0, 0.0], [1.0, 1.0], [100.0, 100.0], [-100.0, 100.0]]
@@ -217,6 +218,7 @@ def train_steps(vq: VectorQuantizer, batches: list[torch.Tensor]) -> None:
 
 
 @pytest.mark.parametrize("ema", [True, False])
+@pytest.mark.trains
 def test_state_dict_round_trip(ema: bool) -> None:
     torch.manual_seed(0)
     batches = [torch.randn(2, 4, 4, 4) for _ in range(5)]
@@ -259,6 +261,7 @@ def seeded_run(seed: int, batches: list[torch.Tensor], resume_at: int | None = N
     return snapshot(resumed)
 
 
+@pytest.mark.trains
 def test_same_seed_is_bit_identical_and_resume_is_exact() -> None:
     g = torch.Generator().manual_seed(123)
     # 32 vectors per batch > buffer_size 16, so the random-subset path runs;

@@ -93,6 +93,7 @@ def test_truncated_and_foreign_checkpoints_are_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("stage_name", ["1", "2", "prior"])
+@pytest.mark.trains
 def test_bf16_autocast_runs_the_nets_in_bf16_and_keeps_state_fp32(stage_name: str, tiny_run: Path, tmp_path: Path) -> None:
     from progvq.config import load_config
     from progvq.train import fit
