@@ -188,7 +188,7 @@ def test_coverage_is_checked_when_only_the_data_knows_the_image_side(tmp_path: P
 @pytest.mark.trains
 def test_conditional_run_is_what_its_config_says(tiny_conditional_run: Path) -> None:
     model = Hierarchy.load(tiny_conditional_run)
-    assert model.image_shape == (1, 32, 32) and model.num_levels == 2
+    assert model.image_shape == (1, 28, 28) and model.canvas.padded == (1, 32, 32) and model.num_levels == 2
     assert isinstance(model.levels[1], AutoregressiveCodeLevel) and model.num_classes == 10
     assert model.grid_shape(1) == (8, 8) and model.grid_shape(2) == (4, 4)
 
@@ -301,9 +301,10 @@ def test_eval_of_the_conditional_run(tiny_conditional_run: Path, capsys: pytest.
     report = json.loads(capsys.readouterr().out)
     bpd, prior = report["bits_per_dim"], report["prior"]
     assert bpd["total"] == pytest.approx(bpd["0"] + bpd["1"] + bpd["2"], rel=1e-6)
-    # 16 top codes per 1024 pixel dims; the level-2 term is the autoregressive decoder's, 64 codes per image
-    assert bpd["2"] == pytest.approx(prior["bits_per_code"] * 16 / 1024, rel=1e-5)
-    assert bpd["1"] == pytest.approx(report["levels"]["2"]["bits_per_code"] * 64 / 1024, rel=1e-4)
+    # 4x4 top codes per 28x28 digit: per dim of the digit's own pixels, not the 32x32 canvas;
+    # the level-2 term is the autoregressive decoder's, 8x8 codes per image
+    assert bpd["2"] == pytest.approx(prior["bits_per_code"] * 16 / 784, rel=1e-5)
+    assert bpd["1"] == pytest.approx(report["levels"]["2"]["bits_per_code"] * 64 / 784, rel=1e-4)
     assert "bits_per_code_given_label" in prior
     # by hand: log p(z) = logsumexp_y log p(z | y) - log 10
     model = Hierarchy.load(tiny_conditional_run)
