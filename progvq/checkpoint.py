@@ -7,7 +7,9 @@ it loads with ``torch.load(weights_only=True)`` and can never run code:
 - ``stage``: "1".."L" or "prior"; ``step``: optimizer steps taken; ``steps``: the goal
 - ``config``: the resolved run config (a nested dict)
 - ``model``, ``optimizer``: state dicts; ``scheduler``: the schedule's state
-- ``rng``: python, numpy and torch generator states; ``data``: epoch and position
+- ``rng``: rank 0's python, numpy and torch generator states; ``rng_ranks``: every
+  rank's, in rank order (one entry in a single process; see :func:`set_rank_rng_state`)
+- ``data``: epoch and position
 - ``parents``: for each lower stage, the sha256 of the checkpoint it was trained on
 - ``versions``: progvq and torch versions that wrote it
 - ``digest``: sha256 of everything above (see :func:`payload_digest`)
@@ -91,6 +93,44 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def derive_rng_state(base: dict[str, Any], rank: int) -> None:
+    """Seed every generator of ``rank`` from ``base`` (rank 0's states): a fixed function of the two.
+
+    Under torchrun each rank draws from its own streams (its dropout masks are
+    its own, as one process's masks over the whole batch would be), while all
+    ranks build the model from the same seed, so its initial weights agree.
+    """
+    digest = hashlib.sha256()
+    _feed(digest, base)
+    digest.update(f"rank {rank}".encode())
+    seed_everything(int.from_bytes(digest.digest()[:8], "little"))
+
+
+def set_rank_rng_state(checkpoint: dict[str, Any] | None, rank: int) -> None:
+    """Give this process (rank ``rank`` of a job) its own generator states before training.
+
+    - A new stage (``checkpoint`` None): rank 0 keeps the states it has (so one
+      process runs as it always did); rank r > 0 derives its own from them
+      (:func:`derive_rng_state`).
+    - A resumed stage: each rank restores its own entry of ``rng_ranks``. When
+      the job has more processes than the one that saved it, rank r beyond
+      those saved derives its states from rank 0's saved ones and r, so a
+      resume is still a fixed function of the checkpoint (it cannot continue
+      streams that never existed); with fewer, the extra saved streams are
+      left unused. Checkpoints from before ``rng_ranks`` hold only ``rng``,
+      which is rank 0's.
+    """
+    if checkpoint is None:
+        if rank > 0:
+            derive_rng_state(rng_state(), rank)
+        return
+    saved = list(checkpoint.get("rng_ranks") or [checkpoint["rng"]])
+    if rank < len(saved):
+        set_rng_state(saved[rank])
+    else:
+        derive_rng_state(saved[0], rank)
 
 
 def file_sha256(path: str | Path) -> str:

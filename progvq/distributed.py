@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -117,6 +118,19 @@ def any_rank(flag: bool, ctx: Context) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=ctx.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def gather_to_main(obj: Any, ctx: Context) -> list[Any] | None:
+    """Every rank's ``obj`` in rank order on rank 0 (``[obj]`` in one process); None on other ranks.
+
+    Every rank must call it at the same point. ``obj`` travels pickled, so it
+    may hold tensors (CPU ones: the generator states it is used for).
+    """
+    if not ctx.distributed:
+        return [obj]
+    out: list[Any] | None = [None] * ctx.world if ctx.main else None
+    dist.gather_object(obj, out, dst=0)
+    return out
 
 
 def barrier(ctx: Context) -> None:

@@ -12,22 +12,32 @@ two standard ways of learning the codebook:
 
 On top of that it can seed the codebook from the first training batch and
 restart dead codes from a ring buffer of recent encoder outputs (as in
-Jukebox). All state lives in registered buffers, so ``state_dict()`` together
-with the torch RNG state makes a resumed run bit-identical to an uninterrupted
-one. In eval mode nothing changes.
+Jukebox). All state lives in registered buffers, so ``state_dict()`` alone
+makes a resumed run bit-identical to an uninterrupted one. In eval mode
+nothing changes.
+
+Random draws (the data-init rows, the subset kept in the ring buffer, the
+restart candidates) never touch the global RNG. Each comes from a fresh CPU
+generator seeded by (``draw_seed``, ``calls``, what the draw is for): both are
+buffers, so the draws are a function of the state dict, and every rank draws
+the same numbers whatever its own global stream (under torchrun each rank has
+its own, for dropout). Drawing on the CPU also makes them the same on every
+device.
 
 Distributed training (``torch.distributed`` initialised, world size > 1): each
 rank quantises its own slice of the global batch, then the detached encoder
 vectors of every rank are gathered in rank order, and every rank applies the
 same update (data init, EMA statistics, usage, ring buffer, restarts) to the
-same gathered vectors with the same RNG state. So every rank holds the
+same gathered vectors with the same draws. So every rank holds the
 identical codebook after every step, and it is the codebook a single process
 would hold for the same global batch (up to the summation order of floats).
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -81,6 +91,17 @@ def _gather_ranks(flat: Tensor) -> Tensor | None:
     return torch.cat(parts)
 
 
+def _seed_of(*parts: int | str) -> int:
+    """A 64-bit generator seed that is a fixed function of ``parts`` (the same in every process)."""
+    text = ":".join(str(p) for p in parts).encode()
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little")
+
+
+# What each draw is for: a separate stream per purpose, so adding a draw of one kind never
+# shifts the numbers of another.
+_INIT, _RECENT, _RESTART = "init", "recent", "restart"
+
+
 def code_usage(indices: Tensor, num_codes: int) -> tuple[float, int]:
     """Perplexity and number of distinct codes over any tensor of code indices.
 
@@ -130,6 +151,7 @@ class VectorQuantizer(nn.Module):
     recent_pos: Tensor  # () int64, next row of `recent` to write
     recent_filled: Tensor  # () int64, rows of `recent` holding data
     calls: Tensor  # () int64, training forwards so far
+    draw_seed: Tensor  # () int64, seeds the quantiser's own random draws (with `calls`)
 
     def __init__(
         self,
@@ -173,6 +195,17 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("recent_pos", torch.zeros((), dtype=torch.long))
         self.register_buffer("recent_filled", torch.zeros((), dtype=torch.long))
         self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        # Derived from the initial codebook, itself drawn from the global RNG: so it follows
+        # the run's seed and differs between quantisers, without drawing again (the initial
+        # weights of modules built after this one stay what they were).
+        digest = hashlib.blake2b(init.detach().cpu().contiguous().numpy().tobytes(), digest_size=8).digest()
+        self.register_buffer("draw_seed", torch.tensor(int.from_bytes(digest, "little") >> 1, dtype=torch.long))
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # State dicts written before `draw_seed` existed lack it: the quantiser keeps its own
+        # (a function of the run's seed), so they still load, strictly.
+        state_dict.setdefault(prefix + "draw_seed", self.draw_seed.detach().clone())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return f"num_codes={self.num_codes}, dim={self.dim}, ema={self.ema}, restart={self.restart}"
@@ -269,15 +302,23 @@ class VectorQuantizer(nn.Module):
         onehot = F.one_hot(idx, self.num_codes).type_as(flat)  # (N, K)
         return onehot.sum(0), onehot.T @ flat if with_sums else None
 
+    def _generator(self, purpose: str, calls: int) -> torch.Generator:
+        """A CPU generator for one draw, seeded by (``draw_seed``, ``calls``, ``purpose``).
+
+        ``calls`` is ``int(self.calls)`` as the caller has read it (one host sync the fewer
+        on GPUs). A CPU generator, so the numbers do not depend on the device.
+        """
+        return torch.Generator().manual_seed(_seed_of(int(self.draw_seed), calls, purpose))
+
     @torch.no_grad()
     def _init_from(self, flat: Tensor) -> None:
         """Seed the codebook with random rows of ``flat`` (N, D)."""
-        n, device = flat.shape[0], self.codebook.device
+        n, gen = flat.shape[0], self._generator(_INIT, int(self.calls))
         if n >= self.num_codes:
-            rows = torch.randperm(n, device=device)[: self.num_codes]
+            rows = torch.randperm(n, generator=gen)[: self.num_codes]
         else:  # too few vectors: sample with replacement
-            rows = torch.randint(n, (self.num_codes,), device=device)
-        picks = flat[rows]
+            rows = torch.randint(n, (self.num_codes,), generator=gen)
+        picks = flat[rows.to(flat.device)]
         self.codebook.copy_(picks)
         self.ema_sum.copy_(picks)
         self.ema_count.fill_(1.0)
@@ -302,30 +343,32 @@ class VectorQuantizer(nn.Module):
             smoothed = (self.ema_count + self.eps) / (n + self.num_codes * self.eps) * n
             self.codebook.copy_(self.ema_sum / smoothed.unsqueeze(1))
         self.usage.mul_(d).add_(counts, alpha=1 - d)
-        self._push_recent(flat)
+        calls = int(self.calls)
+        self._push_recent(flat, calls)
         self.calls.add_(1)
-        if self.restart and int(self.calls) % self.restart_every == 0:
-            self._restart_dead_codes()
+        if self.restart and (calls + 1) % self.restart_every == 0:
+            self._restart_dead_codes(calls + 1)
 
-    def _push_recent(self, flat: Tensor) -> None:
-        """Write (N, D) vectors into the ``recent`` ring buffer."""
+    def _push_recent(self, flat: Tensor, calls: int) -> None:
+        """Write (N, D) vectors into the ``recent`` ring buffer; ``calls``: this call's number."""
         size = self.recent.shape[0]
         if flat.shape[0] > size:
             # A random subset, so restarts do not favour the last images of a batch.
-            flat = flat[torch.randperm(flat.shape[0], device=self.recent.device)[:size]]
+            keep = torch.randperm(flat.shape[0], generator=self._generator(_RECENT, calls))[:size]
+            flat = flat[keep.to(flat.device)]
         n = flat.shape[0]
         slots = (self.recent_pos + torch.arange(n, device=self.recent.device)) % size
         self.recent[slots] = flat
         self.recent_pos.copy_((self.recent_pos + n) % size)
         self.recent_filled.add_(n).clamp_(max=size)
 
-    def _restart_dead_codes(self) -> None:
-        """Replace codes with ``usage < restart_threshold`` by random recent vectors."""
+    def _restart_dead_codes(self, calls: int) -> None:
+        """Replace codes with ``usage < restart_threshold`` by random recent vectors; ``calls``: calls so far."""
         dead = self.usage < self.restart_threshold  # (K,)
         # The buffer fills from row 0, wrapping once full: rows [0, filled) hold data.
         # One candidate per code, used only where dead: no host sync on the dead count.
-        rows = torch.randint(int(self.recent_filled), (self.num_codes,), device=dead.device)
-        picks = self.recent[rows]
+        rows = torch.randint(int(self.recent_filled), (self.num_codes,), generator=self._generator(_RESTART, calls))
+        picks = self.recent[rows.to(dead.device)]
         self.codebook.copy_(torch.where(dead.unsqueeze(1), picks, self.codebook))
         # Stats become "one observation at the new vector", matching the codebook;
         # usage goes to the threshold so the code is not judged dead again at once.

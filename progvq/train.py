@@ -35,9 +35,9 @@ from torch import Tensor, nn
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from .checkpoint import load_latest, rng_state, save_checkpoint, set_rng_state, unfinished_writes
+from .checkpoint import load_latest, rng_state, save_checkpoint, set_rank_rng_state, unfinished_writes
 from .config import Config, TrainConfig
-from .distributed import Context, any_rank, local_slice, mean_across
+from .distributed import Context, any_rank, gather_to_main, local_slice, mean_across
 from .errors import Interrupted, RunError
 
 
@@ -261,10 +261,11 @@ def fit(
         except (RuntimeError, ValueError, KeyError) as err:
             first = str(err).strip().splitlines()[0]
             raise RunError(f"{found.path}: does not fit this stage's model ({first[:160]})") from None
-        set_rng_state(ckpt["rng"])
         step = int(ckpt["step"])
         metrics = dict(ckpt.get("metrics", {}))
         log(f"stage {stage.name}: resuming at step {step} of {cfg.steps}")
+    # each rank's own generators: restored from the checkpoint, else rank 0's and ranks > 0 derived from them
+    set_rank_rng_state(found.checkpoint if found is not None else None, ctx.rank)
     if on_ready is not None:
         on_ready()
     end = cfg.steps if until is None else min(until, cfg.steps)
@@ -274,6 +275,7 @@ def fit(
     def checkpoint() -> None:
         nonlocal saved_at
         saved_at = step
+        rngs = gather_to_main(rng_state(), ctx)  # every rank joins; rank 0 gets all, in rank order
         if not ctx.main:
             return
         epoch, pos = order.position(step)
@@ -286,7 +288,8 @@ def fit(
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": {"kind": "warmup_cosine", "step": step, "lr": lr_at(max(step - 1, 0), cfg)},
-                "rng": rng_state(),
+                "rng": rngs[0],  # type: ignore[index]
+                "rng_ranks": rngs,
                 "data": {"seed": config.seed, "epoch": epoch, "position": pos, "batch_size": order.batch_size},
                 "parents": dict(parents or {}),
                 "metrics": metrics,

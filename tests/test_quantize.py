@@ -37,6 +37,7 @@ def make(codebook: list[list[float]] | torch.Tensor, **kwargs: object) -> Vector
     with torch.no_grad():
         vq.codebook.copy_(cb)
         vq.ema_sum.copy_(cb)
+        vq.draw_seed.fill_(0)  # its own draws, like the codebook, no longer depend on the global RNG
     return vq
 
 
@@ -272,6 +273,40 @@ def test_same_seed_is_bit_identical_and_resume_is_exact() -> None:
     assert_same_state(first, seeded_run(0, batches, resume_at=3))
     other = seeded_run(1, batches)
     assert not torch.equal(first["codebook"], other["codebook"])
+
+
+@pytest.mark.trains
+def test_own_draws_ignore_the_global_rng_and_follow_the_state_dict() -> None:
+    # data init, the ring buffer's random subset (32 vectors > 16 rows) and restarts
+    # (every code dead at threshold 100, every 2 calls) all draw
+    kw = {"restart_every": 2, "buffer_size": 16, "restart_threshold": 100.0}
+    g = torch.Generator().manual_seed(5)
+    batches = [torch.randn(2, 4, 4, 4, generator=g) for _ in range(4)]  # the last call restarts
+    torch.manual_seed(0)
+    a = VectorQuantizer(16, 4, **kw)  # type: ignore[arg-type]
+    b = VectorQuantizer(16, 4, **kw)  # type: ignore[arg-type]
+    assert int(a.draw_seed) != int(b.draw_seed)  # two quantisers, two streams
+    b.load_state_dict(a.state_dict())
+    torch.manual_seed(1)  # the global stream differs between the two, as between two ranks
+    before = torch.get_rng_state()
+    train_steps(a, batches)
+    assert torch.equal(torch.get_rng_state(), before)  # nothing drawn from it
+    torch.manual_seed(2)
+    train_steps(b, batches)
+    assert_same_state(snapshot(a), snapshot(b))
+    # and the draws did happen: the codebook, every code just restarted, is made of seen vectors
+    assert rows_among(a.codebook, torch.cat([flat(z) for z in batches]))
+
+
+def test_a_state_dict_from_before_draw_seed_still_loads() -> None:
+    torch.manual_seed(0)
+    old = VectorQuantizer(8, 4)
+    state = {k: v for k, v in snapshot(old).items() if k != "draw_seed"}
+    new = VectorQuantizer(8, 4)
+    own = int(new.draw_seed)
+    new.load_state_dict(state)  # strict
+    assert int(new.draw_seed) == own  # it keeps its own
+    assert torch.equal(new.codebook, old.codebook)
 
 
 def test_perplexity_and_codes_used() -> None:
