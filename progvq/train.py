@@ -35,10 +35,12 @@ from torch import Tensor, nn
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from .canvas import Canvas
 from .checkpoint import load_latest, rng_state, save_checkpoint, set_rank_rng_state, unfinished_writes
 from .config import Config, TrainConfig
 from .distributed import Context, any_rank, gather_to_main, local_slice, mean_across
 from .errors import Interrupted, RunError
+from .hardware import describe, resolve_precision
 
 
 class Stage(Protocol):
@@ -47,7 +49,7 @@ class Stage(Protocol):
     name: str  # "1".."L" or "prior"
     model: nn.Module  # what is trained and checkpointed
     num_train: int  # size of the training split
-    image_shape: tuple[int, int, int]  # (C, H, W) of the data, saved for sampling
+    canvas: Canvas  # the data's own (C, H, W) and the padded one the models take, saved for sampling
     settings: TrainConfig  # steps, batch size, lr, ... and loss_weights
 
     def batch(self, index: Tensor) -> Any:
@@ -228,8 +230,9 @@ def fit(
         raise RunError(f"stages.{stage.name}.batch_size: {order.batch_size} does not split evenly over {ctx.world} processes")
     ddp = _wrap(model, ctx)
     # bf16 autocast covers the forward pass (and so the backward); parameters, optimiser
-    # state and the quantiser's statistics stay fp32
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    # state and the quantiser's statistics stay fp32. auto takes bf16 where it is native
+    precision = resolve_precision(cfg.precision, device, f"stages.{stage.name}.precision")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     ckpt_path = stage_dir / "checkpoint.pt"
     metrics: dict[str, float] = {}
 
@@ -294,6 +297,8 @@ def fit(
                 "parents": dict(parents or {}),
                 "metrics": metrics,
                 "extra": dict(extra or {}),
+                # what the figures of this stage came from: the precision it trained in, and where
+                "trained_with": {"precision": precision, "hardware": describe(device)},
             },
             ckpt_path,
         )

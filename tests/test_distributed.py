@@ -22,6 +22,8 @@ from .conftest import ROOT, TINY
 STAGES = ("1", "2", "prior")
 # a few steps of every stage, the loss logged at each
 STEPS = [f"stages.{s}.{k}={v}" for s in STAGES for k, v in (("steps", 4), ("log_every", 1), ("eval_every", 4), ("checkpoint_every", 2))]
+# fp32: one process and two must compute alike; bf16 rounding would part them (precision auto takes bf16 on AMX CPUs)
+STEPS += [f"stages.{s}.precision=fp32" for s in STAGES]
 # against one process: no prior dropout, whose masks depend on the per-rank batch shape and so
 # differ from one process's by design
 OVERRIDES = [*STEPS, "stages.prior.dropout=0"]
