@@ -44,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--until", type=int, metavar="STEP", help="stop (with a checkpoint) at this step; train again to continue")
     p.add_argument("--restart", action="store_true", help="keep the stage's old training aside (stage-N.old-M) and train it anew")
     p.add_argument("--force", action="store_true", help="adopt this config for a run directory created with another")
+    p.add_argument("--from", dest="reuse", metavar="OTHER_RUN", help="reuse OTHER_RUN's finished stages whose config equals this one's (with --all)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = sub.add_parser("sample", help="sample images from the whole hierarchy")
@@ -101,8 +102,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.all:
         if args.until is not None or args.restart:
             raise ProgvqError("--until and --restart go with --stage, not --all")
-        train_all(cfg, run_dir, force=args.force, progress=progress)
+        reuse = Path(args.reuse) if args.reuse is not None else None
+        if reuse is not None and not reuse.is_dir():
+            raise ProgvqError(f"--from {reuse}: no such run directory")
+        train_all(cfg, run_dir, force=args.force, progress=progress, reuse=reuse)
     else:
+        if args.reuse is not None:
+            raise ProgvqError("--from goes with --all: it adopts the stages it can and trains the rest")
         train_stage(cfg, args.stage, run_dir, until=args.until, restart=args.restart, force=args.force, progress=progress)
     return 0
 

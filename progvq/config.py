@@ -18,35 +18,34 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
 
+from .data import LABELLED_SOURCES, SHAPES_DEFAULT_SIZE, SHAPES_MIN_SIZE, SOURCES, DataConfig
 from .errors import ConfigError
+from .kinds import DECODERS, PIXEL_DECODERS, PRIORS, QUANTIZERS, Trunk
+from .pixelcnn import PixelCNNConfig, covers, layers_to_cover, reach_needed
+from .quantize import VQConfig
+from .registry import Registry
 
-DATA_SOURCES = ("shapes", "mnist", "folder", "array")
-#: Sources whose images can come with class labels (an idx labels file beside the images).
-LABELLED_SOURCES = ("mnist",)
 DEVICES = ("auto", "cpu", "cuda", "mps")
 #: auto: bf16 where the hardware runs it natively (AMX or AVX-512 BF16, bf16 tensor cores), else fp32
 PRECISIONS = ("auto", "fp32", "bf16")
-#: Decoders D_k of levels k >= 2 (level 1 always decodes pixels with its factorised logistic).
-DECODERS = ("factorised", "autoregressive")
-#: Side of generated shapes images when ``data.size`` is not set, and the smallest side they can have.
-SHAPES_DEFAULT_SIZE = 32
-SHAPES_MIN_SIZE = 8
+DATA_SOURCES = SOURCES.kinds()
 
+#: The loss parts each stage kind returns, with their default weights: the one place for both.
+#: commit is the VQ-VAE beta; mse (level 1) adds the squared error of the decoder's point estimate
+#: in [-1, 1] to the pixel likelihood.
+LOSS_PARTS: dict[str, dict[str, float]] = {
+    "pixels": {"recon": 1.0, "codebook": 1.0, "commit": 0.25, "mse": 0.0},
+    "codes": {"recon": 1.0, "codebook": 1.0, "commit": 0.25},
+    "prior": {"nll": 1.0},
+}
 
-@dataclass
-class QuantizerConfig:
-    """Vector-quantiser options (see :class:`progvq.quantize.VectorQuantizer`)."""
-
-    ema: bool = True  # EMA codebook updates instead of the codebook loss
-    decay: float = 0.99  # EMA decay for codebook statistics and usage
-    init_from_data: bool = True  # first batch's encoder outputs seed the codebook
-    restart: bool = True  # dead codes jump to recent encoder outputs
-    restart_threshold: float = 1.0  # dead: fewer assignments per batch (EMA) than this
-    restart_every: int = 50  # training steps between dead-code checks
+#: Settings of how a run is computed, not of what it is: changing them never refuses a run folder.
+RUNTIME_KEYS = ("device", "run_dir", "sample")
+RUNTIME_STAGE_KEYS = ("precision", "log_every", "eval_every", "checkpoint_every")
 
 
 @dataclass
@@ -67,16 +66,8 @@ class TrainConfig:
     # codebook statistics and every likelihood stay fp32. auto: bf16 only where the
     # hardware runs it natively (AMX or AVX-512 BF16 CPUs, bf16 tensor cores), else fp32
     precision: str = "auto"
-
-
-@dataclass
-class PixelCNNConfig:
-    """An autoregressive decoder's gated PixelCNN over the level k-1 codes (see :mod:`progvq.pixelcnn`)."""
-
-    channels: int = 64  # width of both stacks; also the channels of the z_k conditioning map
-    layers: int = 4  # gated blocks; layers * (kernel_size // 2) must cover the level k-1 grid
-    kernel_size: int = 5
-    dropout: float = 0.0
+    # weights of the stage kind's loss parts (LOSS_PARTS); parts left out keep their defaults
+    loss_weights: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -84,50 +75,38 @@ class LevelConfig(TrainConfig):
     """Stage k: an encoder/decoder pair for level k under a uniform prior."""
 
     downsample: int = 2  # grid of level k-1 / grid of level k (a power of 2)
-    codes: int = 512  # codebook size K_k
-    code_dim: int = 64  # codebook vector size
     hidden: int = 128  # channels of the encoder and decoder trunks
     res_blocks: int = 2  # residual blocks at the code resolution, each side
-    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
-    # levels >= 2: D_k(z_(k-1) | z_k). factorised: one categorical per level k-1 position, all
-    # independent given z_k. autoregressive: a gated PixelCNN over the level k-1 codes in raster
-    # order, conditioned on z_k upsampled to their grid (section `pixelcnn`)
-    decoder: str = "factorised"
-    pixelcnn: PixelCNNConfig = field(default_factory=PixelCNNConfig)
-    # commit is the VQ-VAE beta; mse (level 1 only) adds squared error of the decoder's
-    # point estimate in [-1, 1] to the pixel likelihood
-    loss_weights: dict[str, float] = field(
-        default_factory=lambda: {"recon": 1.0, "codebook": 1.0, "commit": 0.25, "mse": 0.0}
-    )
+    quantizer: Annotated[Any, QUANTIZERS] = field(default_factory=VQConfig)
+    # D_k; null: the level's default, logistic (pixels) for level 1, factorised above
+    decoder: Annotated[Any, DECODERS] = None
+
+    @property
+    def codes(self) -> int:
+        """K_k, the number of codes of this level's quantiser."""
+        return int(self.quantizer.num_codes)
+
+    @property
+    def code_dim(self) -> int:
+        """Channels of the vectors the encoder produces for the quantiser."""
+        return int(self.quantizer.dim)
+
+    def trunk(self) -> Trunk:
+        return Trunk(self.downsample, self.hidden, self.res_blocks)
 
 
 @dataclass
 class PriorConfig(TrainConfig):
-    """The last stage: a gated PixelCNN over the top level's codes."""
+    """The last stage: an autoregressive model of the top level's codes.
 
-    channels: int = 128
-    layers: int = 8
-    kernel_size: int = 3
-    dropout: float = 0.1
+    In YAML its network sits under a key named after its kind: ``kind: pixelcnn`` and
+    ``pixelcnn: {channels: ..., layers: ...}``.
+    """
+
+    kind: str = "pixelcnn"
+    model: Any = field(default_factory=PixelCNNConfig)  # the kind's config dataclass
     # condition the prior on the image's class (data with labels only: mnist with its labels file)
     class_conditional: bool = False
-    loss_weights: dict[str, float] = field(default_factory=lambda: {"nll": 1.0})
-
-
-@dataclass
-class DataConfig:
-    """Where images come from and how they are split."""
-
-    source: str = "shapes"  # shapes | mnist | folder | array
-    path: str | None = None  # folder (mnist, folder) or file (array)
-    prefix: str = "t10k"  # mnist: files {prefix}-images-idx3-ubyte[.gz]
-    key: str | None = None  # array: the .npz entry to read
-    channels: int = 1  # shapes and folder: 1 (grey) or 3 (RGB)
-    size: int | None = None  # centre-pad images to size x size (shapes: their size)
-    count: int = 6000  # shapes: how many to generate
-    heldout: int = 500  # the last `heldout` images are the held-out split
-    limit: int | None = None  # use only the first `limit` images
-    seed: int = 0  # shapes: generator seed
 
 
 @dataclass
@@ -169,11 +148,49 @@ class Config:
         """Stages in training order: ``["1", ..., "L", "prior"]``."""
         return [str(k) for k in range(1, self.num_levels + 1)] + ["prior"]
 
+    @staticmethod
+    def stage_kind(name: str) -> str:
+        """``pixels`` (stage 1), ``codes`` (stages 2..L) or ``prior``: what the stage trains, and so its loss parts."""
+        return "prior" if name == "prior" else ("pixels" if name == "1" else "codes")
+
     def to_dict(self) -> dict[str, Any]:
-        """Plain nested dict (YAML- and ``weights_only``-safe)."""
-        out = dataclasses.asdict(self)
-        out["stages"] = {name: dataclasses.asdict(self.stages[name]) for name in self.stage_names()}
+        """Plain nested dict (YAML- and ``weights_only``-safe), kind-tagged sections as in YAML."""
+        out = _plain(self)
+        out["stages"] = {name: _plain(self.stages[name]) for name in self.stage_names()}
         return out
+
+    def identity(self) -> dict[str, Any]:
+        """:meth:`to_dict` without the runtime settings: what a run folder must agree with."""
+        out = {k: v for k, v in self.to_dict().items() if k not in RUNTIME_KEYS}
+        out["stages"] = {n: {k: v for k, v in st.items() if k not in RUNTIME_STAGE_KEYS} for n, st in out["stages"].items()}
+        return out
+
+
+def _registry(tp: Any) -> Registry | None:
+    """The registry of an ``Annotated[Any, REGISTRY]`` field, else None."""
+    if typing.get_origin(tp) is Annotated:
+        return next((m for m in typing.get_args(tp)[1:] if isinstance(m, Registry)), None)
+    return None
+
+
+def _plain(obj: Any) -> Any:
+    """Config objects as plain data: dataclasses as dicts, a kind-tagged section with its ``kind`` first."""
+    if isinstance(obj, PriorConfig):
+        out = {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.name != "model"}
+        out[obj.kind] = _plain(obj.model)
+        return out
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        hints = typing.get_type_hints(type(obj), include_extras=True)
+        out = {}
+        for f in dataclasses.fields(obj):
+            value, registry = getattr(obj, f.name), _registry(hints[f.name])
+            out[f.name] = {"kind": registry.kind_of(value), **_plain(value)} if registry and value is not None else _plain(value)
+        return out
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
 
 
 # --------------------------------------------------------------------------- parsing
@@ -215,7 +232,15 @@ def _type_name(tp: Any) -> str:
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check ``value`` against the annotation ``tp``; returns it (ints widen to floats)."""
+    registry = _registry(tp)
+    if registry is not None:
+        return None if value is None else _build_kind(registry, value, where)
     origin = typing.get_origin(tp)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {_show(value)}")
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         for arg in args:
@@ -268,14 +293,45 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise TypeError(f"unsupported config annotation {tp!r}")  # a bug, not a user error
 
 
+def _build_kind(registry: Registry, raw: Any, where: str, default: str | None = None) -> Any:
+    """A kind-tagged section ``{kind: NAME, ...}`` -> the dataclass that ``registry`` has for NAME."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping with a kind ({', '.join(registry.kinds())}), got {_show(raw)}")
+    raw = dict(raw)
+    kind = raw.pop("kind", default)
+    if kind is None:
+        raise ConfigError(f"{_join(where, 'kind')}: missing (one of {', '.join(registry.kinds())})")
+    if not isinstance(kind, str) or kind not in registry:
+        raise ConfigError(f"{_join(where, 'kind')}: must be one of {', '.join(registry.kinds())}, got {_show(kind)}")
+    return _build(registry.entry(kind).config, raw, where)
+
+
+def _build_prior(raw: Any, where: str) -> PriorConfig:
+    """The prior stage: its own fields, and its network's under the key named after its ``kind``."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {_show(raw)}")
+    raw = dict(raw)
+    kind = raw.pop("kind", "pixelcnn")
+    if not isinstance(kind, str) or kind not in PRIORS:
+        raise ConfigError(f"{where}.kind: must be one of {', '.join(PRIORS.kinds())}, got {_show(kind)}")
+    section = raw.pop(kind, None)
+    if "model" in raw:
+        raise ConfigError(f"{where}.model: unknown key (the network's settings go under {kind}:)")
+    cfg = _build(PriorConfig, raw, where)
+    cfg.kind, cfg.model = kind, _build(PRIORS.entry(kind).config, section, f"{where}.{kind}")
+    return cfg
+
+
 def _build(cls: type, raw: Any, where: str) -> Any:
     """Build dataclass ``cls`` from a mapping, refusing unknown keys (a null section takes every default)."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping, got {_show(raw)}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls, include_extras=True)
+    names = {f.name for f in dataclasses.fields(cls)} - ({"model"} if cls is PriorConfig else set())
     for key in raw:
         if not isinstance(key, str) or key not in names:
             known = ", ".join(sorted(names))
@@ -301,14 +357,20 @@ def _validate_train(cfg: TrainConfig, where: str) -> None:
     _check(cfg.precision in PRECISIONS, f"{where}.precision", cfg.precision, "one of " + ", ".join(PRECISIONS))
 
 
-def _validate_weights(cfg: LevelConfig | PriorConfig, where: str) -> None:
-    """Check the loss weights; parts a config leaves out keep their default weights."""
-    defaults = type(cfg)().loss_weights
+def _validate_weights(cfg: TrainConfig, stage: str, where: str) -> None:
+    """Check the loss weights against the parts the stage kind returns; parts left out keep their defaults."""
+    defaults = LOSS_PARTS[Config.stage_kind(stage)]
     for name, value in cfg.loss_weights.items():
         if name not in defaults:
-            raise ConfigError(f"{where}.loss_weights.{_key(name)}: unknown loss part (known: {', '.join(defaults)})")
+            raise ConfigError(f"{where}.loss_weights.{_key(name)}: this stage has no such loss part (its parts: {', '.join(defaults)})")
         _check(value >= 0, f"{where}.loss_weights.{name}", value, ">= 0")
     cfg.loss_weights = {**defaults, **cfg.loss_weights}
+
+
+def _validate_kind(section: Any, where: str) -> None:
+    """A kind's own range checks (its ``problems()``), reported at ``where.key``."""
+    for key, value, need in section.problems():
+        raise ConfigError(f"{where}.{key}: must be {need}, got {_show(value)}")
 
 
 def check_decoder_coverage(cfg: Config, height: int, width: int) -> None:
@@ -317,18 +379,16 @@ def check_decoder_coverage(cfg: Config, height: int, width: int) -> None:
     ``height`` x ``width`` is the image; level k's decoder models the level k-1 grid, the image
     divided by the downsampling of levels 1..k-1. Raises :class:`ConfigError` naming the level.
     """
-    from .pixelcnn import covers, layers_to_cover, reach_needed  # documented with the model
-
     for k in range(2, cfg.num_levels + 1):
         level = cfg.level(k)
         height, width = height // cfg.level(k - 1).downsample, width // cfg.level(k - 1).downsample
-        if level.decoder != "autoregressive":
+        p = getattr(level.decoder, "pixelcnn", None)
+        if not isinstance(p, PixelCNNConfig):
             continue
-        p = level.pixelcnn
         if not covers(height, width, p.layers, p.kernel_size):
             need = layers_to_cover(height, width, p.kernel_size)
             raise ConfigError(
-                f"stages.{k}.pixelcnn.layers: {p.layers} layers of kernel {p.kernel_size} do not reach every earlier code "
+                f"stages.{k}.decoder.pixelcnn.layers: {p.layers} layers of kernel {p.kernel_size} do not reach every earlier code "
                 f"of level {k - 1}'s {height}x{width} grid; need layers * (kernel_size // 2) >= {reach_needed(height, width)}, "
                 f"e.g. {need} layers of kernel {p.kernel_size}"
             )
@@ -372,26 +432,20 @@ def _validate(cfg: Config) -> None:
         _check(ds >= 1 and ds & (ds - 1) == 0, f"{where}.downsample", ds, "a power of 2")
         if name == "1":
             _check(ds >= 2, f"{where}.downsample", ds, ">= 2 (level 1 must be smaller than the image)")
-        _check(level.codes >= 2, f"{where}.codes", level.codes, ">= 2")
-        for key in ("code_dim", "hidden", "res_blocks"):
+        for key in ("hidden", "res_blocks"):
             value = getattr(level, key)
             _check(value >= (0 if key == "res_blocks" else 1), f"{where}.{key}", value, ">= 1" if key != "res_blocks" else ">= 0")
-        q = level.quantizer
-        _check(0 < q.decay < 1, f"{where}.quantizer.decay", q.decay, "in (0, 1)")
-        _check(q.restart_every >= 1, f"{where}.quantizer.restart_every", q.restart_every, ">= 1")
-        _check(q.restart_threshold >= 0, f"{where}.quantizer.restart_threshold", q.restart_threshold, ">= 0")
-        _check(level.decoder in DECODERS, f"{where}.decoder", level.decoder, "one of " + ", ".join(DECODERS))
-        if name == "1":
-            _check(level.decoder == "factorised", f"{where}.decoder", level.decoder, "'factorised' (level 1 decodes pixels)")
-        pc = level.pixelcnn
-        for key in ("channels", "layers"):
-            _check(getattr(pc, key) >= 1, f"{where}.pixelcnn.{key}", getattr(pc, key), ">= 1")
-        _check(pc.kernel_size >= 3 and pc.kernel_size % 2 == 1, f"{where}.pixelcnn.kernel_size", pc.kernel_size, "odd and >= 3")
-        _check(0 <= pc.dropout < 1, f"{where}.pixelcnn.dropout", pc.dropout, "in [0, 1)")
-        _validate_weights(level, where)
-        if name != "1":
-            mse = level.loss_weights["mse"]
-            _check(mse == 0, f"{where}.loss_weights.mse", mse, "0 (only level 1 decodes pixels)")
+        _validate_kind(level.quantizer, f"{where}.quantizer")
+        pixels = name == "1"
+        if level.decoder is None:
+            level.decoder = DECODERS.entry("logistic" if pixels else "factorised").config()
+        kind = DECODERS.kind_of(level.decoder)
+        if pixels != (kind in PIXEL_DECODERS):
+            need = " or ".join(PIXEL_DECODERS) if pixels else "one of " + ", ".join(k for k in DECODERS.kinds() if k not in PIXEL_DECODERS)
+            what = "level 1 decodes pixels" if pixels else f"level {name} decodes the codes of level {int(name) - 1}"
+            _check(False, f"{where}.decoder.kind", kind, f"{need} ({what})")
+        _validate_kind(level.decoder, f"{where}.decoder")
+        _validate_weights(level, name, where)
         factor *= ds
         if side is not None:
             _check(
@@ -402,11 +456,8 @@ def _validate(cfg: Config) -> None:
             )
     p: PriorConfig = cfg.stages["prior"]
     _validate_train(p, "stages.prior")
-    for key in ("channels", "layers"):
-        _check(getattr(p, key) >= 1, f"stages.prior.{key}", getattr(p, key), ">= 1")
-    _check(p.kernel_size >= 3 and p.kernel_size % 2 == 1, "stages.prior.kernel_size", p.kernel_size, "odd and >= 3")
-    _check(0 <= p.dropout < 1, "stages.prior.dropout", p.dropout, "in [0, 1)")
-    _validate_weights(p, "stages.prior")
+    _validate_kind(p.model, f"stages.prior.{p.kind}")
+    _validate_weights(p, "prior", "stages.prior")
     if p.class_conditional:
         # only idx folders carry labels; an mnist folder without its labels file is refused when it is read
         _check(
@@ -417,6 +468,49 @@ def _validate(cfg: Config) -> None:
         )
     if side is not None:
         check_decoder_coverage(cfg, side, side)
+
+
+#: Keys of the prior's network at the top of its section, before sections were kind-tagged.
+_OLD_PRIOR_KEYS = ("channels", "layers", "kernel_size", "dropout")
+
+
+def upgrade_stage(name: str, raw: Any) -> Any:
+    """A stage section in the layout of progvq 0.1 -> today's kind-tagged one; any other value as it is.
+
+    0.1 wrote ``codes``/``code_dim`` beside ``quantizer: {ema, ...}``, ``decoder: factorised |
+    autoregressive`` with a ``pixelcnn`` section beside it, and the prior's network keys at the top
+    of its section. Run folders and checkpoints of 0.1 hold resolved configs in that layout, so
+    they load, sample and resume as they were; configs written by hand in it keep working too.
+    """
+    if not isinstance(raw, dict):
+        return raw
+    raw = dict(raw)
+    if name == "prior":
+        if "kind" not in raw and any(key in raw for key in _OLD_PRIOR_KEYS):
+            raw["pixelcnn"] = {key: raw.pop(key) for key in _OLD_PRIOR_KEYS if key in raw}
+        return raw
+    quantizer = raw.get("quantizer")
+    if ("codes" in raw or "code_dim" in raw) and (quantizer is None or (isinstance(quantizer, dict) and "kind" not in quantizer)):
+        moved = {"kind": "vq", **(quantizer or {})}
+        if "codes" in raw:
+            moved["codes"] = raw.pop("codes")
+        if "code_dim" in raw:
+            moved["dim"] = raw.pop("code_dim")
+        raw["quantizer"] = moved
+    elif isinstance(quantizer, dict) and "kind" not in quantizer and quantizer:
+        raw["quantizer"] = {"kind": "vq", **quantizer}
+    if isinstance(raw.get("decoder"), str):
+        kind = raw.pop("decoder")
+        pixelcnn = raw.pop("pixelcnn", None)
+        if name == "1" and kind == "factorised":
+            kind = "logistic"  # 0.1 called level 1's decoder factorised too
+        raw["decoder"] = {"kind": kind, **({"pixelcnn": pixelcnn} if kind == "autoregressive" and pixelcnn is not None else {})}
+    elif "pixelcnn" in raw and raw.get("decoder") is None:
+        raw.pop("pixelcnn")  # 0.1 wrote its defaults for every level, unused by a factorised decoder
+    weights = raw.get("loss_weights")
+    if name != "1" and isinstance(weights, dict) and weights.get("mse") == 0:
+        raw["loss_weights"] = {k: v for k, v in weights.items() if k != "mse"}  # 0.1 listed level 1's part everywhere
+    return raw
 
 
 def config_from_dict(raw: Any) -> Config:
@@ -446,8 +540,9 @@ def config_from_dict(raw: Any) -> Config:
         raise ConfigError("stages: at least one level stage (stages.1) is needed")
     stages: dict[str, Any] = {}
     for name, key in given.items():
-        cls = PriorConfig if name == "prior" else LevelConfig
-        stages[name] = _build(cls, stages_raw[key], f"stages.{name}")
+        section = upgrade_stage(name, stages_raw[key])
+        where = f"stages.{name}"
+        stages[name] = _build_prior(section, where) if name == "prior" else _build(LevelConfig, section, where)
     cfg.stages = {name: stages[name] for name in expected + ["prior"]}
     _validate(cfg)
     return cfg

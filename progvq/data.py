@@ -28,13 +28,36 @@ from PIL import Image
 from torch import Tensor
 
 from progvq.canvas import Canvas
-from progvq.config import SHAPES_DEFAULT_SIZE, DataConfig
 from progvq.errors import DataError
+from progvq.registry import Registry
+
+#: Side of generated shapes images when ``data.size`` is not set, and the smallest side they can have.
+SHAPES_DEFAULT_SIZE = 32
+SHAPES_MIN_SIZE = 8
+
+
+@dataclass
+class DataConfig:
+    """Where images come from and how they are split."""
+
+    source: str = "shapes"  # shapes | mnist | folder | array
+    path: str | None = None  # folder (mnist, folder) or file (array)
+    prefix: str = "t10k"  # mnist: files {prefix}-images-idx3-ubyte[.gz]
+    key: str | None = None  # array: the .npz entry to read
+    channels: int = 1  # shapes and folder: 1 (grey) or 3 (RGB)
+    size: int | None = None  # centre-pad images to size x size (shapes: their size)
+    count: int = 6000  # shapes: how many to generate
+    heldout: int = 500  # the last `heldout` images are the held-out split
+    limit: int | None = None  # use only the first `limit` images
+    seed: int = 0  # shapes: generator seed
+
 
 __all__ = [
     "IDX_IMAGES_MAGIC",
     "IDX_LABELS_MAGIC",
     "IMAGE_SUFFIXES",
+    "SOURCES",
+    "DataConfig",
     "load_array",
     "load_image_folder",
     "load_mnist",
@@ -622,17 +645,8 @@ def load_dataset(cfg: DataConfig, total_downsample: int = 1) -> ImageData:
     factor: the canvas sides must be divisible by it, or the top grid would
     not be whole.
     """
-    labels: Tensor | None = None
-    where = cfg.path
-    if cfg.source == "shapes":
-        images = make_shapes(cfg.count, size=cfg.size or SHAPES_DEFAULT_SIZE, channels=cfg.channels, seed=cfg.seed)
-        where = "shapes"
-    elif cfg.source == "mnist":
-        images, labels = load_mnist(Path(cfg.path), cfg.prefix)  # type: ignore[arg-type]
-    elif cfg.source == "folder":
-        images = load_image_folder(Path(cfg.path), cfg.channels)  # type: ignore[arg-type]
-    else:
-        images = load_array(Path(cfg.path), cfg.key)  # type: ignore[arg-type]
+    images, labels = SOURCES.entry(cfg.source).builder(cfg)
+    where = "shapes" if cfg.source == "shapes" else cfg.path
     if images.shape[1] != cfg.channels:
         raise DataError(f"{where}: images have {images.shape[1]} channels but data.channels is {cfg.channels}")
     if cfg.limit is not None:
@@ -660,3 +674,16 @@ def load_dataset(cfg: DataConfig, total_downsample: int = 1) -> ImageData:
         None if labels is None else labels[cut:],
         canvas,
     )
+
+
+# --------------------------------------------------------------------------- sources
+
+#: ``data.source`` -> a loader of (uint8 images (N, C, H, W), int64 labels (N,) or None) from the
+#: flat ``data`` section, which every source shares.
+SOURCES = Registry("data source", shared_config=True)
+SOURCES.add("shapes", DataConfig, lambda cfg: (make_shapes(cfg.count, size=cfg.size or SHAPES_DEFAULT_SIZE, channels=cfg.channels, seed=cfg.seed), None))
+SOURCES.add("mnist", DataConfig, lambda cfg: load_mnist(Path(cfg.path), cfg.prefix))
+SOURCES.add("folder", DataConfig, lambda cfg: (load_image_folder(Path(cfg.path), cfg.channels), None))
+SOURCES.add("array", DataConfig, lambda cfg: (load_array(Path(cfg.path), cfg.key), None))
+#: Sources whose images can come with class labels (an idx labels file beside the images).
+LABELLED_SOURCES = ("mnist",)

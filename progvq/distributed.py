@@ -133,6 +133,19 @@ def gather_to_main(obj: Any, ctx: Context) -> list[Any] | None:
     return out
 
 
+def gather_ranks(flat: Tensor) -> Tensor | None:
+    """(N, D) of this rank -> (world * N, D) of all ranks in rank order; None in one process.
+
+    Every rank must pass the same N (the global batch is split evenly). The trainer gives
+    this to every quantiser that has a ``gather`` when it trains on several processes.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+    parts = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, flat.contiguous())
+    return torch.cat(parts)
+
+
 def barrier(ctx: Context) -> None:
     if ctx.distributed:
         dist.barrier()

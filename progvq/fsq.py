@@ -48,13 +48,41 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .quantize import QuantizerOutput, _histogram_stats
 
-__all__ = ["FiniteScalarQuantizer"]
+__all__ = ["FSQConfig", "FiniteScalarQuantizer"]
+
+
+@dataclass
+class FSQConfig:
+    """``quantizer: {kind: fsq, levels: [8, 5, 5, 5]}``: no codebook, no commitment loss, no restarts."""
+
+    levels: list[int] = field(default_factory=lambda: [8, 5, 5, 5])  # values per channel; codes: their product
+
+    @property
+    def num_codes(self) -> int:
+        return math.prod(self.levels)
+
+    @property
+    def dim(self) -> int:
+        return len(self.levels)
+
+    def problems(self) -> list[tuple[str, Any, str]]:
+        """(key, value, what it must be) for every value out of range."""
+        if not self.levels or any(level < 2 for level in self.levels):
+            return [("levels", self.levels, "a non-empty list of integers >= 2")]
+        if self.num_codes > 2**24:
+            return [("levels", self.levels, f"at most 2**24 codes in all (product {self.num_codes})")]
+        return []
+
+    def build(self) -> FiniteScalarQuantizer:
+        return FiniteScalarQuantizer(self.levels)
 
 
 class FiniteScalarQuantizer(nn.Module):

@@ -38,7 +38,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -48,10 +47,7 @@ from torch import Tensor
 
 from .errors import ProgvqError
 from .fileio import atomic_write
-from .pixelcnn import GatedPixelCNN
-
-if TYPE_CHECKING:  # hierarchy imports this module lazily; the type is for annotations only
-    from .hierarchy import Hierarchy
+from .hierarchy import Hierarchy, Prior
 
 __all__ = [
     "Completion",
@@ -167,7 +163,7 @@ def _check_inputs(model: Hierarchy, images: Tensor, masks: Tensor) -> None:
 
 
 @torch.no_grad()
-def known_log_prob(prior: GatedPixelCNN, codes: Tensor, missing: Tensor, labels: Tensor | None = None) -> Tensor:
+def known_log_prob(prior: Prior, codes: Tensor, missing: Tensor, labels: Tensor | None = None) -> Tensor:
     """(B,) nats: sum over the known positions of log p(code | every code before it) under ``prior``.
 
     ``codes`` (B, h, w) int64 are complete grids, ``missing`` (h, w) or (B, h, w) bool marks
@@ -179,7 +175,7 @@ def known_log_prob(prior: GatedPixelCNN, codes: Tensor, missing: Tensor, labels:
     was_training = prior.training
     prior.eval()
     try:
-        logp = torch.log_softmax(prior(codes, label=labels).float(), dim=1).gather(1, codes[:, None])[:, 0]  # (B, h, w)
+        logp = prior.log_prob_per_position(codes, labels)  # (B, h, w)
     finally:
         prior.train(was_training)
     return (logp * (~missing).float()).flatten(1).sum(1)
@@ -258,14 +254,9 @@ def _complete(model: Hierarchy, images: Tensor, masks: Tensor, n: int, opt: _Opt
         top = top[chosen]
         labels = None if labels is None else labels[chosen]
 
-    # levels below: unknown codes from the decoders, known ones kept (and conditioned on)
-    codes = [top]
-    z = top
-    for k in range(model.num_levels, 1, -1):
-        known = (known_codes[k - 2].repeat_interleave(n, 0), (~missing[k - 2]).repeat_interleave(n, 0))
-        z = model.levels[k - 1].decode(z, opt.code_temperature, gen, known=known)
-        codes.insert(0, z)
-    pixels = model.canvas.crop(model.levels[0].decode(z, 0.0))  # (B n, C, H, W) uint8, the decoder's mean
+    # levels below: the hierarchy's own top-down pass, unknown codes from the decoders, known ones kept
+    known = {k: (known_codes[k - 1].repeat_interleave(n, 0), (~missing[k - 1]).repeat_interleave(n, 0)) for k in range(1, model.num_levels)}
+    pixels, codes = model.decode(top, model.num_levels, code_temperature=opt.code_temperature, generator=gen, known=known, all_levels=True)
     out = torch.where(masks.repeat_interleave(n, 0)[:, None], pixels, images.repeat_interleave(n, 0))
     return Completion(out, codes, missing, labels)
 

@@ -26,17 +26,57 @@ rely on:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .config import LevelConfig
 from .nets import Decoder, Encoder, discretized_logistic_logp, to_uint8
-from .pixelcnn import GatedPixelCNN
-from .quantize import QuantizerOutput, VectorQuantizer
+from .pixelcnn import GatedPixelCNN, PixelCNNConfig, code_log_prob
+from .quantize import Quantizer, QuantizerOutput
+
+
+@dataclass(frozen=True)
+class Trunk:
+    """The encoder/decoder trunk of a level: downsampling, width and residual blocks."""
+
+    downsample: int  # grid of level k-1 / grid of level k (a power of 2)
+    hidden: int  # channels of the encoder and decoder trunks
+    res_blocks: int  # residual blocks at the code resolution, each side
+
+
+@dataclass
+class LogisticConfig:
+    """``decoder: {kind: logistic}`` (level 1 only): a discretised logistic per pixel, given z_1."""
+
+    def problems(self) -> list[tuple[str, Any, str]]:
+        return []
+
+
+@dataclass
+class FactorisedConfig:
+    """``decoder: {kind: factorised}`` (levels >= 2): one categorical per level k-1 position, independent given z_k."""
+
+    def problems(self) -> list[tuple[str, Any, str]]:
+        return []
+
+
+@dataclass
+class AutoregressiveConfig:
+    """``decoder: {kind: autoregressive, pixelcnn: {...}}`` (levels >= 2): a gated PixelCNN over the level
+    k-1 codes in raster order, conditioned on z_k upsampled to their grid."""
+
+    pixelcnn: PixelCNNConfig = field(default_factory=PixelCNNConfig)
+
+    def problems(self) -> list[tuple[str, Any, str]]:
+        return [(f"pixelcnn.{key}", value, need) for key, value, need in self.pixelcnn.problems()]
+
+
+MakeQuantizer = Callable[[], Quantizer]
 
 
 @dataclass
@@ -54,31 +94,18 @@ def _full(x: Tensor) -> Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
-def _quantizer(cfg: LevelConfig) -> VectorQuantizer:
-    q = cfg.quantizer
-    return VectorQuantizer(
-        cfg.codes,
-        cfg.code_dim,
-        ema=q.ema,
-        decay=q.decay,
-        init_from_data=q.init_from_data,
-        restart=q.restart,
-        restart_threshold=q.restart_threshold,
-        restart_every=q.restart_every,
-    )
-
-
 class PixelLevel(nn.Module):
     """Level 1: images (B, C, H, W) in [-1, 1] <-> codes (B, H/f, W/f)."""
 
-    def __init__(self, cfg: LevelConfig, channels: int) -> None:
+    def __init__(self, trunk: Trunk, make_quantizer: MakeQuantizer, channels: int, dim: int) -> None:
         super().__init__()
         self.channels = channels
-        self.factor = cfg.downsample
-        self.encoder = Encoder(channels, cfg.hidden, cfg.code_dim, cfg.downsample, cfg.res_blocks)
-        self.quantizer = _quantizer(cfg)
+        self.factor = trunk.downsample
+        self.encoder = Encoder(channels, trunk.hidden, dim, trunk.downsample, trunk.res_blocks)
+        # built between the encoder and the decoder: the modules draw their initial weights in that order
+        self.quantizer = make_quantizer()
         # two maps per channel: the logistic's location and log-scale
-        self.decoder = Decoder(cfg.code_dim, cfg.hidden, 2 * channels, cfg.downsample, cfg.res_blocks)
+        self.decoder = Decoder(dim, trunk.hidden, 2 * channels, trunk.downsample, trunk.res_blocks)
 
     def _params(self, vectors: Tensor) -> tuple[Tensor, Tensor]:
         loc, log_scale = self.decoder(vectors).float().chunk(2, dim=1)  # (B, C, H, W) each
@@ -123,19 +150,19 @@ class CodeLevel(nn.Module):
 
     autoregressive = False
 
-    def __init__(self, cfg: LevelConfig, codes_below: int) -> None:
+    def __init__(self, trunk: Trunk, make_quantizer: MakeQuantizer, codes_below: int, dim: int) -> None:
         super().__init__()
         self.codes_below = codes_below
-        self.factor = cfg.downsample
+        self.factor = trunk.downsample
         # a learned embedding: the level below's codebook geometry is not ours to rely on
-        self.embed = nn.Embedding(codes_below, cfg.hidden)
-        self.encoder = Encoder(cfg.hidden, cfg.hidden, cfg.code_dim, cfg.downsample, cfg.res_blocks)
-        self.quantizer = _quantizer(cfg)
-        self.decoder = self._decoder_trunk(cfg, codes_below)
+        self.embed = nn.Embedding(codes_below, trunk.hidden)
+        self.encoder = Encoder(trunk.hidden, trunk.hidden, dim, trunk.downsample, trunk.res_blocks)
+        self.quantizer = make_quantizer()
+        self.decoder = self._decoder_trunk(trunk, codes_below, dim)
 
-    def _decoder_trunk(self, cfg: LevelConfig, codes_below: int) -> nn.Module:
-        """z_k vectors (B, code_dim, h', w') -> logits (B, K_(k-1), h, w)."""
-        return Decoder(cfg.code_dim, cfg.hidden, codes_below, cfg.downsample, cfg.res_blocks, head_kernel=1)
+    def _decoder_trunk(self, trunk: Trunk, codes_below: int, dim: int) -> nn.Module:
+        """z_k vectors (B, dim, h', w') -> logits (B, K_(k-1), h, w)."""
+        return Decoder(dim, trunk.hidden, codes_below, trunk.downsample, trunk.res_blocks, head_kernel=1)
 
     def _embed(self, below: Tensor) -> Tensor:
         return rearrange(self.embed(below), "b h w c -> b c h w")  # (B, h, w) -> (B, hidden, h, w)
@@ -152,7 +179,7 @@ class CodeLevel(nn.Module):
         """below: level k-1 codes (B, h, w) int64."""
         quant = self.quantizer(self.encoder(self._embed(below)))
         logits = self._train_logits(quant.quantized, below)
-        nll = F.cross_entropy(logits, below, reduction="none").flatten(1).sum(1)
+        nll = -code_log_prob(logits, below).flatten(1).sum(1)
         return LevelOutput(quant, nll, below[0].numel(), logits.argmax(1))
 
     def _train_logits(self, vectors: Tensor, below: Tensor) -> Tensor:
@@ -167,7 +194,7 @@ class CodeLevel(nn.Module):
     def log_likelihood(self, below: Tensor, codes: Tensor) -> Tensor:
         """(B,) nats of the level k-1 codes (B, h, w) given level k codes (B, h', w')."""
         logits = self.logits(codes, below)
-        return -F.cross_entropy(logits, below, reduction="none").flatten(1).sum(1)
+        return code_log_prob(logits, below).flatten(1).sum(1)
 
     @torch.no_grad()
     def decode(
@@ -208,18 +235,15 @@ class AutoregressiveCodeLevel(CodeLevel):
 
     autoregressive = True
 
-    def _decoder_trunk(self, cfg: LevelConfig, codes_below: int) -> nn.Module:
-        p = cfg.pixelcnn
+    def __init__(self, trunk: Trunk, make_quantizer: MakeQuantizer, codes_below: int, dim: int, pixelcnn: PixelCNNConfig) -> None:
+        self._pixelcnn_config = pixelcnn  # read by _decoder_trunk, which the base class calls
+        super().__init__(trunk, make_quantizer, codes_below, dim)
+
+    def _decoder_trunk(self, trunk: Trunk, codes_below: int, dim: int) -> nn.Module:
+        p = self._pixelcnn_config
         # the PixelCNN is built here so the module order (and state-dict order) is fixed
-        self.pixelcnn = GatedPixelCNN(
-            codes_below,
-            channels=p.channels,
-            layers=p.layers,
-            kernel_size=p.kernel_size,
-            dropout=p.dropout,
-            cond_channels=p.channels,
-        )
-        return Decoder(cfg.code_dim, cfg.hidden, p.channels, cfg.downsample, cfg.res_blocks, head_kernel=1)
+        self.pixelcnn = GatedPixelCNN.from_config(p, codes_below, cond_channels=p.channels)
+        return Decoder(dim, trunk.hidden, p.channels, trunk.downsample, trunk.res_blocks, head_kernel=1)
 
     def condition(self, codes: Tensor) -> Tensor:
         """Level k codes (B, h', w') -> conditioning map (B, channels, h, w) on the level k-1 grid."""
@@ -255,12 +279,3 @@ class AutoregressiveCodeLevel(CodeLevel):
 
 
 Level = PixelLevel | CodeLevel
-
-
-def build_level(cfg: LevelConfig, k: int, channels: int, codes_below: int) -> Level:
-    """The model of level ``k``: a :class:`PixelLevel` for k = 1, else a code level with its config's decoder."""
-    if k == 1:
-        return PixelLevel(cfg, channels)
-    if cfg.decoder == "autoregressive":
-        return AutoregressiveCodeLevel(cfg, codes_below)
-    return CodeLevel(cfg, codes_below)

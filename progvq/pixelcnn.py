@@ -46,11 +46,33 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Literal, NamedTuple
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+@dataclass
+class PixelCNNConfig:
+    """A gated PixelCNN's shape, for both of its users: the prior (``stages.prior.pixelcnn``) and an
+    autoregressive level decoder (``decoder: {kind: autoregressive, pixelcnn: ...}``). The only defaults.
+    """
+
+    channels: int = 64  # width of both stacks (and of a decoder's z_k conditioning map)
+    layers: int = 4  # gated blocks; layers * (kernel_size // 2) should cover the grid (see covers)
+    kernel_size: int = 5
+    dropout: float = 0.0  # on the gated outputs inside every block
+
+    def problems(self) -> list[tuple[str, Any, str]]:
+        """(key, value, what it must be) for every value out of range."""
+        out = [(key, getattr(self, key), ">= 1") for key in ("channels", "layers") if getattr(self, key) < 1]
+        if self.kernel_size < 3 or self.kernel_size % 2 == 0:
+            out.append(("kernel_size", self.kernel_size, "odd and >= 3"))
+        if not 0 <= self.dropout < 1:
+            out.append(("dropout", self.dropout, "in [0, 1)"))
+        return out
 
 
 def reach_needed(height: int, width: int) -> int:
@@ -225,6 +247,38 @@ class GatedPixelCNN(nn.Module):
             nn.ReLU(),
             nn.Conv2d(channels, num_codes, 1),
         )
+
+    #: the last block's horizontal output feeds nothing, so its conv never gets a gradient
+    #: (DistributedDataParallel must be told; the trainer asks every module for this)
+    unused_parameters = True
+
+    @classmethod
+    def from_config(cls, cfg: PixelCNNConfig, num_codes: int, *, cond_channels: int = 0, num_classes: int = 0) -> GatedPixelCNN:
+        return cls(
+            num_codes,
+            channels=cfg.channels,
+            layers=cfg.layers,
+            kernel_size=cfg.kernel_size,
+            dropout=cfg.dropout,
+            cond_channels=cond_channels,
+            num_classes=num_classes,
+        )
+
+    def log_prob_per_position(self, codes: Tensor, label: Tensor | None = None) -> Tensor:
+        """(B, H, W) nats: log p(code at (i, j) | the codes before it[, label]), in the module's mode."""
+        return code_log_prob(self(codes, label=label), codes)
+
+    def log_prob(self, codes: Tensor, label: Tensor | None = None) -> Tensor:
+        """(B,) nats of whole grids (B, H, W): log p(codes | label), or for a class-conditional
+        model without labels the marginal log mean_y p(codes | y) over its classes (uniform p(y)).
+        """
+        if label is not None or not self.num_classes:
+            return self.log_prob_per_position(codes, label).flatten(1).sum(1)
+        per_class = torch.stack(
+            [self.log_prob(codes, torch.full((len(codes),), y, dtype=torch.long, device=codes.device)) for y in range(self.num_classes)],
+            dim=1,
+        )  # (B, classes)
+        return torch.logsumexp(per_class, dim=1) - math.log(self.num_classes)
 
     def forward(self, codes: Tensor, cond: Tensor | None = None, label: Tensor | None = None) -> Tensor:
         """codes (B, H, W) int64 -> logits (B, num_codes, H, W)."""
@@ -575,6 +629,16 @@ def _draw(logits: Tensor, temperature: float, generator: torch.Generator | None)
         return logits.argmax(dim=1)
     probs = F.softmax(logits.float() / temperature, dim=1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def code_log_prob(logits: Tensor, codes: Tensor) -> Tensor:
+    """Logits (B, K, H, W), codes (B, H, W) int64 -> (B, H, W) nats of each code: the one place the
+    likelihood of codes is computed (prior, autoregressive decoders, inpainting weights).
+
+    In float32 at least: bf16 logits are too coarse for a likelihood.
+    """
+    logits = logits if logits.dtype == torch.float64 else logits.float()
+    return -F.cross_entropy(logits, codes, reduction="none")
 
 
 def bits_per_code(logits: Tensor, codes: Tensor) -> Tensor:

@@ -24,8 +24,9 @@ the same numbers whatever its own global stream (under torchrun each rank has
 its own, for dropout). Drawing on the CPU also makes them the same on every
 device.
 
-Distributed training (``torch.distributed`` initialised, world size > 1): each
-rank quantises its own slice of the global batch, then the detached encoder
+Distributed training: the trainer injects a ``gather`` (by default none: one
+process; under torchrun :func:`progvq.distributed.gather_ranks`). Each rank
+quantises its own slice of the global batch, then the detached encoder
 vectors of every rank are gathered in rank order, and every rank applies the
 same update (data init, EMA statistics, usage, ring buffer, restarts) to the
 same gathered vectors with the same draws. So every rank holds the
@@ -36,16 +37,16 @@ would hold for the same global batch (up to the summation order of floats).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-__all__ = ["QuantizerOutput", "VectorQuantizer", "code_usage"]
+__all__ = ["Gather", "Quantizer", "QuantizerOutput", "VQConfig", "VectorQuantizer", "code_usage", "no_gather"]
 
 
 @dataclass
@@ -79,16 +80,13 @@ def _histogram_stats(counts: Tensor) -> tuple[Tensor, Tensor]:
     return perplexity, (counts > 0).sum()
 
 
-def _gather_ranks(flat: Tensor) -> Tensor | None:
-    """(N, D) of this rank -> (world * N, D) of all ranks in rank order; None in one process.
+#: (N, D) vectors of this process -> (world * N, D) of every process in rank order, or None in one process.
+Gather = Callable[[Tensor], "Tensor | None"]
 
-    Every rank must pass the same N (the global batch is split evenly).
-    """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return None
-    parts = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, flat.contiguous())
-    return torch.cat(parts)
+
+def no_gather(flat: Tensor) -> Tensor | None:
+    """The gather of a single process: there is nobody to gather from."""
+    return None
 
 
 def _seed_of(*parts: int | str) -> int:
@@ -121,6 +119,67 @@ def code_usage(indices: Tensor, num_codes: int) -> tuple[float, int]:
         raise ValueError(f"indices must lie in [0, {num_codes})")
     perplexity, used = _histogram_stats(counts)
     return float(perplexity), int(used)
+
+
+class Quantizer(Protocol):
+    """What every quantiser kind gives the levels, the trainer and the figures."""
+
+    num_codes: int  # K: codes are integers in [0, K)
+    dim: int  # D: channels of the vectors the encoder must produce
+
+    def __call__(self, z: Tensor) -> QuantizerOutput:
+        """Training pass: (B, D, H, W) -> the named output (state such as a codebook may update)."""
+
+    def nearest(self, z: Tensor) -> Tensor:
+        """(B, D, H, W) -> (B, H, W) int64 codes; no state changes."""
+
+    def lookup(self, indices: Tensor) -> Tensor:
+        """(B, H, W) int64 codes -> (B, D, H, W) vectors."""
+
+
+@dataclass
+class VQConfig:
+    """``quantizer: {kind: vq, ...}``: nearest codebook vector, straight-through, commitment loss."""
+
+    codes: int = 512  # codebook size K
+    dim: int = 64  # codebook vector size D
+    ema: bool = True  # EMA codebook updates instead of the codebook loss
+    decay: float = 0.99  # EMA decay for codebook statistics and usage
+    init_from_data: bool = True  # first batch's encoder outputs seed the codebook
+    restart: bool = True  # dead codes jump to recent encoder outputs
+    restart_threshold: float = 1.0  # dead: fewer assignments per batch (EMA) than this
+    restart_every: int = 50  # training steps between dead-code checks
+
+    @property
+    def num_codes(self) -> int:
+        return self.codes
+
+    def problems(self) -> list[tuple[str, Any, str]]:
+        """(key, value, what it must be) for every value out of range."""
+        out = []
+        if self.codes < 2:
+            out.append(("codes", self.codes, ">= 2"))
+        if self.dim < 1:
+            out.append(("dim", self.dim, ">= 1"))
+        if not 0 < self.decay < 1:
+            out.append(("decay", self.decay, "in (0, 1)"))
+        if self.restart_every < 1:
+            out.append(("restart_every", self.restart_every, ">= 1"))
+        if self.restart_threshold < 0:
+            out.append(("restart_threshold", self.restart_threshold, ">= 0"))
+        return out
+
+    def build(self) -> VectorQuantizer:
+        return VectorQuantizer(
+            self.codes,
+            self.dim,
+            ema=self.ema,
+            decay=self.decay,
+            init_from_data=self.init_from_data,
+            restart=self.restart,
+            restart_threshold=self.restart_threshold,
+            restart_every=self.restart_every,
+        )
 
 
 class VectorQuantizer(nn.Module):
@@ -178,6 +237,8 @@ class VectorQuantizer(nn.Module):
         self.restart = restart
         self.restart_threshold = restart_threshold
         self.restart_every = restart_every
+        # how vectors of the other processes arrive: injected by the trainer (progvq.distributed.gather_ranks)
+        self.gather: Gather = no_gather
 
         init = torch.empty(num_codes, dim).uniform_(-1.0 / num_codes, 1.0 / num_codes)
         if ema:
@@ -221,7 +282,7 @@ class VectorQuantizer(nn.Module):
         with torch.autocast(device_type=z.device.type, enabled=False):
             flat = rearrange(z.float(), "b d h w -> (b h w) d")  # (N, D)
             # every rank's vectors (N * world, D), the same on all ranks; None in one process
-            everyone = _gather_ranks(flat.detach()) if self.training else None
+            everyone = self.gather(flat.detach()) if self.training else None
             if self.training and not bool(self.initialized):
                 self._init_from(flat.detach() if everyone is None else everyone)
             idx = self._assign(flat.detach())  # (N,)

@@ -18,16 +18,22 @@ codes the hierarchy no longer produces.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import torch
 import yaml
+from torch import nn
 
+from .build import build_level, build_prior
 from .canvas import Canvas
-from .checkpoint import checkpoint_path, load_latest
+from .checkpoint import Found, checkpoint_path, load_latest
 from .config import Config, config_from_dict, dump_config
 from .errors import ConfigError, RunError
 from .fileio import atomic_write
+from .kinds import Level
 
 CONFIG_NAME = "config.yaml"
 #: The run config's section of facts found in the data (its image shapes); not a setting.
@@ -108,16 +114,8 @@ class StageState:
 
 
 def stage_state(run_dir: str | Path, name: str, cfg: Config) -> StageState:
-    """One stage's state from its newest good checkpoint (staleness is left to :func:`run_status`)."""
-    found = load_latest(checkpoint_path(run_dir, name))
-    steps = int(cfg.stages[name].steps)
-    if found is None:
-        return StageState(name, "missing", 0, steps)
-    ckpt = found.checkpoint
-    step = int(ckpt["step"])
-    note = f"{found.problems[0]}; using {found.path.name}" if found.fell_back else ""
-    parents = {str(k): str(v) for k, v in dict(ckpt.get("parents", {})).items()}
-    return StageState(name, "done" if step >= steps else "partial", step, steps, str(ckpt["digest"]), parents, note=note)
+    """One stage's state from its newest good checkpoint (see :meth:`Run.state`)."""
+    return Run(run_dir).state(name, cfg)
 
 
 def mark_stale(states: list[StageState]) -> list[StageState]:
@@ -147,25 +145,184 @@ def mark_stale(states: list[StageState]) -> list[StageState]:
 
 def run_status(run_dir: str | Path) -> list[StageState]:
     """Every stage of a run, in training order, with staleness marked."""
-    cfg = read_run_config(run_dir)
-    return mark_stale([stage_state(run_dir, name, cfg) for name in cfg.stage_names()])
+    return Run(run_dir).states()
 
 
-def check_not_stale(run_dir: str | Path, *, allow_stale: bool = False, upto: str | None = None) -> list[StageState]:
-    """:func:`run_status`, raising :class:`RunError` if a stage (up to ``upto``) is stale.
+class Run:
+    """One run folder: its layout, its config and its stages' checkpoints, each read once.
 
-    ``sample`` and ``eval`` call this so a hierarchy whose parts no longer fit
-    together is not used unless the user says so.
+    Every rule about the folder lives here: where a stage's checkpoint is, which
+    checkpoint is in use (a damaged newest one falls back to the previous), whether a
+    stage is done, stale, or fits the config, and how its model is rebuilt. A checkpoint
+    file is read and its digest checked once per process (:meth:`found`); a stage that
+    trains writes a new one and calls :meth:`forget`.
     """
-    states = run_status(run_dir)
-    if not allow_stale:
-        names = [s.name for s in states]
-        last = names.index(upto) if upto in names else len(states) - 1
-        for state in states[: last + 1]:
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._config: Config | None = None
+        self._found: dict[str, Found | None] = {}
+
+    # ------------------------------------------------------------------ layout
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / CONFIG_NAME
+
+    def checkpoint_path(self, name: str) -> Path:
+        return checkpoint_path(self.path, name)
+
+    def stage_dir(self, name: str) -> Path:
+        return self.checkpoint_path(name).parent
+
+    def exists(self) -> bool:
+        """Whether the folder holds a run (its config)."""
+        return self.config_path.exists()
+
+    # ------------------------------------------------------------------ config
+
+    @property
+    def config(self) -> Config:
+        """The config the run was created with, read once."""
+        if self._config is None:
+            self._config = read_run_config(self.path)
+        return self._config
+
+    def write_config(self, cfg: Config, canvas: Canvas | None = None) -> None:
+        write_run_config(self.path, cfg, canvas)
+        self._config = cfg
+
+    # ------------------------------------------------------------------ stages
+
+    def found(self, name: str, *, on_damaged: Any = None) -> Found | None:
+        """Stage ``name``'s newest good checkpoint (cached: read and digest-checked once), or None."""
+        if name not in self._found:
+            self._found[name] = load_latest(self.checkpoint_path(name), on_damaged=on_damaged)
+        return self._found[name]
+
+    def forget(self, name: str) -> None:
+        """Drop what is cached of stage ``name`` (its checkpoint was rewritten or moved)."""
+        self._found.pop(name, None)
+
+    def state(self, name: str, cfg: Config | None = None) -> StageState:
+        """One stage's state (staleness is left to :meth:`states`)."""
+        found = self.found(name)
+        steps = int((cfg or self.config).stages[name].steps)
+        if found is None:
+            return StageState(name, "missing", 0, steps)
+        ckpt = found.checkpoint
+        step = int(ckpt["step"])
+        note = f"{found.problems[0]}; using {found.path.name}" if found.fell_back else ""
+        parents = {str(k): str(v) for k, v in dict(ckpt.get("parents", {})).items()}
+        return StageState(name, "done" if step >= steps else "partial", step, steps, str(ckpt["digest"]), parents, note=note)
+
+    def states(self, cfg: Config | None = None, upto: str | None = None) -> list[StageState]:
+        """Every stage (up to ``upto``) in training order, with staleness marked."""
+        names = (cfg or self.config).stage_names()
+        names = names[: names.index(upto) + 1] if upto in names else names
+        return mark_stale([self.state(name, cfg) for name in names])
+
+    def check_not_stale(self, *, allow_stale: bool = False, upto: str | None = None) -> list[StageState]:
+        """:meth:`states`, raising :class:`RunError` if a stage (up to ``upto``) is stale."""
+        states = self.states(upto=upto)
+        for state in states if not allow_stale else []:
             if state.stale:
                 label = "the prior" if state.name == "prior" else f"stage {state.name}"
                 raise RunError(
-                    f"{run_dir}: {label} is stale ({state.stale}); retrain it with "
+                    f"{self.path}: {label} is stale ({state.stale}); retrain it with "
                     f"`train --stage {state.name} --restart`, or pass --allow-stale to use it anyway"
                 )
-    return states
+        return states
+
+    def finished(self, name: str) -> dict[str, Any]:
+        """Stage ``name``'s checkpoint, which must have reached its last step."""
+        path = self.checkpoint_path(name)
+        found = self.found(name)
+        if found is None:
+            raise RunError(f"{self.path}: stage {name} is not trained (no {path.name} in {path.parent.name}/)")
+        ckpt = found.checkpoint
+        why = f" ({found.problems[0]}; {found.path.name} is the newest good one)" if found.fell_back else ""
+        if int(ckpt["step"]) < int(ckpt["steps"]):
+            raise RunError(f"{path}: stage {name} is unfinished (step {ckpt['step']} of {ckpt['steps']}){why}; train it to the end first")
+        if why:
+            warnings.warn(f"stage {name}: using {found.path}{why}", stacklevel=3)
+        return ckpt
+
+    def stage_config(self, name: str) -> Config:
+        """The config stored in stage ``name``'s finished checkpoint (what its model was built from)."""
+        try:
+            return config_from_dict(self.finished(name)["config"])
+        except ConfigError as err:
+            raise RunError(f"{self.checkpoint_path(name)}: its config is not readable ({err})") from None
+
+    # ------------------------------------------------------------------ models
+
+    def level(self, k: int, device: str | torch.device = "cpu") -> Level:
+        """Level ``k``'s trained model, frozen (eval mode, no gradients), from its checkpoint's config."""
+        name = str(k)
+        cfg = self.stage_config(name)
+        below = cfg.level(k - 1).codes if k > 1 else 0
+        model = build_level(cfg.level(k), cfg.data.channels, below)
+        self._restore(model, name, device)
+        return model
+
+    def prior(self, device: str | torch.device = "cpu") -> nn.Module:
+        """The trained prior, frozen; its class count is the one its checkpoint records."""
+        cfg = self.stage_config("prior")
+        model = build_prior(cfg, prior_classes(self.finished("prior"), cfg, self.checkpoint_path("prior")))
+        self._restore(model, "prior", device)
+        return model
+
+    def canvas(self, name: str) -> Canvas:
+        """The canvas (the data's own image shape and the padded one) stage ``name`` was trained on."""
+        return canvas_of(self.finished(name), self.path)
+
+    def trained_with(self, name: str) -> dict[str, str]:
+        """The precision and hardware stage ``name`` trained with (empty for checkpoints that predate it)."""
+        info = self.finished(name).get("trained_with")
+        return dict(info) if isinstance(info, dict) else {}
+
+    def _restore(self, model: nn.Module, name: str, device: str | torch.device) -> None:
+        try:
+            model.load_state_dict(self.finished(name)["model"])
+        except RuntimeError as err:
+            raise RunError(f"{self.checkpoint_path(name)}: weights do not fit its config ({str(err).splitlines()[0][:160]})") from None
+        model.to(device).eval().requires_grad_(False)
+
+
+def canvas_of(ckpt: dict[str, Any], where: str | Path) -> Canvas:
+    """The canvas a checkpoint's stage was trained on (its ``extra``: the original and the padded shape).
+
+    Checkpoints written before the original shape was recorded hold the padded one
+    alone; their figures are then over the padded image, and a warning says so.
+    """
+    extra = ckpt.get("extra", {})
+    padded = tuple(int(v) for v in extra["image_shape"])
+    data = ckpt.get("config", {}).get("data", {})
+    if "original_shape" not in extra and data.get("size") is not None and data.get("source") != "shapes":
+        warnings.warn(f"{where}: its checkpoints predate the recording of the data's own size; figures are over the padded image", stacklevel=3)
+        return Canvas.unpadded(padded)  # type: ignore[arg-type]
+    if "original_shape" not in extra:
+        return Canvas.unpadded(padded)  # type: ignore[arg-type]  # never padded: generated at their size, or no data.size
+    return Canvas(tuple(int(v) for v in extra["original_shape"]), padded)  # type: ignore[arg-type]
+
+
+#: Where progvq 0.1 kept a class-conditional prior's classes: the rows of this weight.
+_LEGACY_LABEL_WEIGHT = "blocks.0.label_bias.weight"
+
+
+def prior_classes(ckpt: dict[str, Any], cfg: Config, path: Path) -> int:
+    """How many classes a prior checkpoint was trained with (0: unconditional), as the checkpoint records it.
+
+    Checkpoints of progvq 0.1 did not record it; for them (only) it is the row count of the
+    label embedding, the one place that knew it.
+    """
+    if not cfg.prior.class_conditional:
+        return 0
+    recorded = ckpt.get("extra", {}).get("num_classes")
+    if isinstance(recorded, int) and recorded > 0:
+        return recorded
+    weight = ckpt["model"].get(_LEGACY_LABEL_WEIGHT) if isinstance(ckpt.get("model"), dict) else None
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise RunError(f"{path}: a class-conditional prior whose checkpoint records no class count (extra.num_classes)")
+    return int(weight.shape[0])

@@ -36,9 +36,9 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from .canvas import Canvas
-from .checkpoint import load_latest, rng_state, save_checkpoint, set_rank_rng_state, unfinished_writes
+from .checkpoint import Found, load_latest, rng_state, save_checkpoint, set_rank_rng_state, unfinished_writes
 from .config import Config, TrainConfig
-from .distributed import Context, any_rank, gather_to_main, local_slice, mean_across
+from .distributed import Context, any_rank, gather_ranks, gather_to_main, local_slice, mean_across
 from .errors import Interrupted, RunError
 from .hardware import describe, resolve_precision
 
@@ -55,8 +55,9 @@ class Stage(Protocol):
     def batch(self, index: Tensor) -> Any:
         """Training items at ``index`` (B,), on the model's device."""
 
-    def loss(self, batch: Any) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """Named, unweighted loss parts (scalars) and metrics (scalars) of one batch."""
+    def loss(self, model: nn.Module, batch: Any) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Named, unweighted loss parts (scalars) and metrics (scalars) of one batch, computed through
+        ``model`` (the stage's model, or its DistributedDataParallel wrapper, whose forward syncs gradients)."""
 
     def evaluate(self) -> dict[str, float]:
         """Held-out figures; must not touch any global RNG or model state."""
@@ -148,7 +149,7 @@ def _stop_requests() -> Iterator[_StopRequest]:
             signal.signal(sig, handler)
 
 
-def _set_aside(path: Path) -> Path:
+def set_aside(path: Path) -> Path:
     """Rename a damaged checkpoint to ``NAME.damaged-N`` so it is kept but never loaded again."""
     n = 1
     while (dest := path.with_name(f"{path.name}.damaged-{n}")).exists():
@@ -162,28 +163,222 @@ def _quiet(message: str) -> None:
 
 
 def _wrap(model: nn.Module, ctx: Context) -> nn.Module:
-    """``model`` under DistributedDataParallel when there are several processes, else itself."""
+    """``model`` under DistributedDataParallel when there are several processes, else itself.
+
+    The cross-process gather is injected into every module that has one (the quantisers),
+    and DDP looks for unused parameters where a module says it has some: the loop asks
+    the model, never its class.
+    """
     if not ctx.distributed:
         return model
     from torch.nn.parallel import DistributedDataParallel
 
+    for module in model.modules():
+        if hasattr(module, "gather"):
+            module.gather = gather_ranks
     # Buffers (the quantiser's codebook and statistics) are kept identical by the
-    # quantiser itself, so DDP need not sync them on every forward.
-    # find_unused_parameters where some parameters never get a gradient (the last PixelCNN
-    # block's horizontal output feeds nothing); not static_graph, which cannot look into
-    # the levels' dataclass outputs (their gradients went unsynced).
+    # quantiser itself, so DDP need not sync them on every forward. Not static_graph,
+    # which cannot look into the levels' dataclass outputs (their gradients went unsynced).
     ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     # channels_last weights make DDP copy their gradients into its buckets (it says so
     # once per process); the copy is cheap next to the all-reduce, so the note is noise
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-    from .pixelcnn import GatedPixelCNN
-
-    unused = any(isinstance(m, GatedPixelCNN) for m in model.modules())  # only PixelCNNs have them
+    unused = any(getattr(m, "unused_parameters", False) for m in model.modules())
     return DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False, find_unused_parameters=unused)
 
 
 def _scalar(x: Tensor | float) -> float:
     return float(x.detach()) if isinstance(x, Tensor) else float(x)
+
+
+class Trainer:
+    """Trains one stage: resume, step, log, evaluate, checkpoint. :meth:`run` is the loop.
+
+    Checkpoints go to ``stage_dir/checkpoint.pt`` every ``checkpoint_every`` steps and when
+    training stops; TensorBoard events go to ``stage_dir``. ``parents`` (stage -> digest of
+    its checkpoint) and ``extra`` are stored in every checkpoint as they are. With ``ctx`` of
+    several processes (torchrun) the model trains under DistributedDataParallel: each rank
+    takes its slice of every global batch, gradients are averaged, and only rank 0 writes
+    checkpoints, logs and images (see :mod:`progvq.distributed`).
+    """
+
+    def __init__(
+        self,
+        stage: Stage,
+        config: Config,
+        stage_dir: Path,
+        *,
+        parents: dict[str, str] | None = None,
+        progress: bool = True,
+        log: Callable[[str], None] = print,
+        extra: dict[str, Any] | None = None,
+        ctx: Context | None = None,
+    ) -> None:
+        self.stage, self.config, self.cfg = stage, config, stage.settings
+        self.model = stage.model
+        self.device = next(self.model.parameters()).device
+        self.ctx = ctx or Context(device=self.device)
+        self.progress, self.log = (progress, log) if self.ctx.main else (False, _quiet)
+        self.parents, self.extra = dict(parents or {}), dict(extra or {})
+        self.stage_dir, self.ckpt_path = stage_dir, stage_dir / "checkpoint.pt"
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        # fused: one kernel for every parameter's update, ~2.5x faster than the foreach path on CPU
+        fused = self.device.type in ("cpu", "cuda")
+        self.optimizer = torch.optim.AdamW(self.params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, fused=fused)
+        self.weights = {name: float(w) for name, w in self.cfg.loss_weights.items()}
+        self.order = BatchOrder(stage.num_train, self.cfg.batch_size, config.seed)
+        if self.order.batch_size % self.ctx.world:
+            raise RunError(f"stages.{stage.name}.batch_size: {self.order.batch_size} does not split evenly over {self.ctx.world} processes")
+        self.forward_model = _wrap(self.model, self.ctx)  # the loss runs through DDP's forward, which syncs gradients
+        # bf16 autocast covers the forward pass (and so the backward); parameters, optimiser
+        # state and the quantiser's statistics stay fp32. auto takes bf16 where it is native
+        self.precision = resolve_precision(self.cfg.precision, self.device, f"stages.{stage.name}.precision")
+        self.step, self.saved_at, self.metrics = 0, -1, {}
+        self.writer: SummaryWriter | None = None
+
+    # ------------------------------------------------------------------ resume
+
+    def resume(self, found: Found | None) -> None:
+        """Continue from ``found`` (the stage's newest good checkpoint), or start at step 0 when None."""
+        for leftover in unfinished_writes(self.stage_dir) if self.ctx.main else []:
+            # a temporary file of a write that a crash cut short; the file it was to replace is intact
+            leftover.unlink()
+            self.log(f"stage {self.stage.name}: removed {leftover.name}, an unfinished checkpoint write")
+        if found is not None:
+            ckpt, name = found.checkpoint, self.stage.name
+            if found.fell_back:
+                self.log(f"stage {name}: {found.problems[0]}; resuming from {found.path.name} instead")
+            if ckpt["stage"] != name:
+                raise RunError(f"{found.path}: holds stage {ckpt['stage']}, not stage {name}")
+            recorded = dict(ckpt.get("parents", {}))
+            if recorded != self.parents:
+                changed = sorted(k for k in set(self.parents) | set(recorded) if self.parents.get(k) != recorded.get(k))
+                raise RunError(
+                    f"{found.path}: stage {name} was started on another version of stage {changed[0]} (retrained since); "
+                    f"train --stage {name} --restart trains it anew on the current one"
+                )
+            try:
+                self.model.load_state_dict(ckpt["model"])
+                self.optimizer.load_state_dict(ckpt["optimizer"])
+            except (RuntimeError, ValueError, KeyError) as err:
+                first = str(err).strip().splitlines()[0]
+                raise RunError(f"{found.path}: does not fit this stage's model ({first[:160]})") from None
+            self.step = self.saved_at = int(ckpt["step"])
+            self.metrics = dict(ckpt.get("metrics", {}))
+            self.log(f"stage {name}: resuming at step {self.step} of {self.cfg.steps}")
+        # each rank's own generators: restored from the checkpoint, else rank 0's and ranks > 0 derived from them
+        set_rank_rng_state(found.checkpoint if found is not None else None, self.ctx.rank)
+
+    # ------------------------------------------------------------------ one step
+
+    def train_step(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """One optimiser step at ``self.step``; the unweighted loss parts and the batch's metrics."""
+        lr = lr_at(self.step, self.cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        batch = self.stage.batch(local_slice(self.order(self.step), self.ctx))
+        self.model.train()
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            parts, metrics = self.stage.loss(self.forward_model, batch)
+        if parts.keys() != self.weights.keys():
+            # the config's weights were checked against the stage kind's parts; a stage that returns
+            # others is a stage whose kind is misdeclared
+            raise RunError(f"stage {self.stage.name} returns loss parts {sorted(parts)}, its config weights {sorted(self.weights)}")
+        total = sum(self.weights[name] * value for name, value in parts.items())
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        if self.cfg.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+        self.optimizer.step()
+        self.step += 1
+        return parts, metrics
+
+    # ------------------------------------------------------------------ logging, evaluation, checkpoints
+
+    def log_scalars(self, parts: dict[str, Tensor], metrics: dict[str, Tensor], speed: float) -> float:
+        """The global batch's figures to TensorBoard (every rank joins the average); returns the weighted loss."""
+        parts, metrics = mean_across(parts, self.ctx), mean_across(metrics, self.ctx)
+        total = _scalar(sum(self.weights[name] * value for name, value in parts.items()))
+        if self.writer is not None:
+            self.writer.add_scalar("loss/total", total, self.step)
+            for name, value in parts.items():
+                self.writer.add_scalar(f"loss/{name}", _scalar(value), self.step)
+            for name, value in metrics.items():
+                self.writer.add_scalar(f"train/{name}", _scalar(value), self.step)
+            self.writer.add_scalar("train/lr", lr_at(self.step - 1, self.cfg), self.step)
+            self.writer.add_scalar("train/images_per_s", speed, self.step)
+        return total
+
+    def evaluate(self) -> str:
+        """Held-out figures and images (rank 0 alone: evaluation draws from no global RNG and changes no state)."""
+        assert self.writer is not None
+        self.metrics = self.stage.evaluate()
+        for name, value in self.metrics.items():
+            self.writer.add_scalar(f"heldout/{name}", value, self.step)
+        for name, grid in self.stage.images().items():
+            self.writer.add_image(name, grid, self.step)
+        return f"stage {self.stage.name} step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in self.metrics.items())
+
+    def checkpoint(self) -> None:
+        """Write the checkpoint of ``self.step`` (every rank joins: rank 0 gathers their generator states)."""
+        self.saved_at = self.step
+        rngs = gather_to_main(rng_state(), self.ctx)  # rank 0 gets all, in rank order
+        if not self.ctx.main:
+            return
+        payload = {
+            "stage": self.stage.name,
+            "step": self.step,
+            "steps": self.cfg.steps,
+            "config": self.config.to_dict(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": rngs[0],  # type: ignore[index]
+            "rng_ranks": rngs,
+            "parents": self.parents,
+            "metrics": self.metrics,
+            "extra": self.extra,
+            # what the figures of this stage came from: the precision it trained in, and where
+            "trained_with": {"precision": self.precision, "hardware": describe(self.device)},
+        }
+        save_checkpoint(payload, self.ckpt_path)
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self, until: int | None = None) -> FitResult:
+        """Train to the configured steps (or to ``until``); a signal stops it with a checkpoint."""
+        cfg, end = self.cfg, self.cfg.steps if until is None else min(until, self.cfg.steps)
+        if self.step >= end:
+            return FitResult(self.step, self.step >= cfg.steps, self.metrics)
+        if self.ctx.main:
+            self.writer = SummaryWriter(str(self.stage_dir), purge_step=self.step if self.step > 0 else None)
+        bar = tqdm(total=cfg.steps, initial=self.step, desc=f"stage {self.stage.name}", disable=not self.progress, dynamic_ncols=True)
+        seen, busy, total_seen, total_busy = 0, 0.0, 0, 0.0  # items and seconds of training steps
+        with _stop_requests() as stop:
+            try:
+                while self.step < end:
+                    tick = time.perf_counter()
+                    parts, metrics = self.train_step()
+                    busy += time.perf_counter() - tick  # speed counts training steps only
+                    seen += self.order.batch_size
+                    bar.update(1)
+                    if self.step % cfg.log_every == 0 or self.step == end:
+                        loss = self.log_scalars(parts, metrics, seen / max(busy, 1e-9))
+                        bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{seen / max(busy, 1e-9):.0f}")
+                        total_seen, total_busy, seen, busy = total_seen + seen, total_busy + busy, 0, 0.0
+                    if (self.step % cfg.eval_every == 0 or self.step == cfg.steps) and self.writer is not None:
+                        (bar.write if self.progress else self.log)(self.evaluate())
+                    if self.step % cfg.checkpoint_every == 0 or self.step == end:
+                        self.checkpoint()
+                    # ranks may see a signal at different steps; they agree to stop at the same one
+                    if any_rank(stop.name is not None, self.ctx) and self.step < end:
+                        if self.saved_at != self.step:
+                            self.checkpoint()
+                        raise Interrupted(stop.name or "a signal to another rank", self.stage.name, self.step, cfg.steps, str(self.ckpt_path))
+            finally:
+                bar.close()
+                if self.writer is not None:
+                    self.writer.close()
+        return FitResult(self.step, self.step >= cfg.steps, self.metrics, total_busy + busy, total_seen + seen)
 
 
 def fit(
@@ -198,179 +393,23 @@ def fit(
     extra: dict[str, Any] | None = None,
     ctx: Context | None = None,
     on_ready: Callable[[], None] | None = None,
+    found: Found | None | bool = True,
 ) -> FitResult:
     """Train ``stage`` to its configured steps (or to ``until``), resuming from ``stage_dir``.
 
-    Checkpoints go to ``stage_dir/checkpoint.pt`` every ``checkpoint_every``
-    steps and when training stops; TensorBoard events go to ``stage_dir``.
-    ``parents`` (stage -> digest of its checkpoint) and ``extra`` are stored in
-    every checkpoint as they are.
-
-    With ``ctx`` of several processes (torchrun), the model trains under
-    DistributedDataParallel: each rank takes its slice of every global batch,
-    gradients are averaged, and only rank 0 writes checkpoints, logs and
-    images (see :mod:`progvq.distributed`).
-
-    ``on_ready`` is called once the model and any checkpoint to resume from
-    have loaded, before the first step: the caller's chance to record the run
-    only when it is known to be usable.
+    ``found``: the stage's newest good checkpoint when the caller has read it already
+    (a :class:`progvq.run.Run` does), None for none; True reads it here. ``on_ready`` is
+    called once the model and any checkpoint to resume from have loaded, before the first
+    step: the caller's chance to record the run only when it is known to be usable.
     """
-    cfg = stage.settings
-    model = stage.model
-    device = next(model.parameters()).device
-    ctx = ctx or Context(device=device)
-    if not ctx.main:
-        progress, log = False, _quiet
-    params = [p for p in model.parameters() if p.requires_grad]
-    # fused: one kernel for every parameter's update, ~2.5x faster than the foreach path on CPU
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type in ("cpu", "cuda"))
-    weights = {name: float(w) for name, w in cfg.loss_weights.items()}  # type: ignore[attr-defined]
-    order = BatchOrder(stage.num_train, cfg.batch_size, config.seed)
-    if order.batch_size % ctx.world:
-        raise RunError(f"stages.{stage.name}.batch_size: {order.batch_size} does not split evenly over {ctx.world} processes")
-    ddp = _wrap(model, ctx)
-    # bf16 autocast covers the forward pass (and so the backward); parameters, optimiser
-    # state and the quantiser's statistics stay fp32. auto takes bf16 where it is native
-    precision = resolve_precision(cfg.precision, device, f"stages.{stage.name}.precision")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-    ckpt_path = stage_dir / "checkpoint.pt"
-    metrics: dict[str, float] = {}
+    trainer = Trainer(stage, config, stage_dir, parents=parents, progress=progress, log=log, extra=extra, ctx=ctx)
+    if found is True:
 
-    for leftover in unfinished_writes(stage_dir) if ctx.main else []:
-        # a temporary file of a write that a crash cut short; the file it was to replace is intact
-        leftover.unlink()
-        log(f"stage {stage.name}: removed {leftover.name}, an unfinished checkpoint write")
+        def damaged(path: Path) -> None:
+            trainer.log(f"stage {stage.name}: {path.name} is damaged, moved to {set_aside(path).name}; it will not be loaded")
 
-    def damaged(path: Path) -> None:
-        log(f"stage {stage.name}: {path.name} is damaged, moved to {_set_aside(path).name}; it will not be loaded")
-
-    step = 0
-    found = load_latest(ckpt_path, map_location=device, on_damaged=damaged if ctx.main else None)
-    if found is not None:
-        ckpt = found.checkpoint
-        if found.fell_back:
-            log(f"stage {stage.name}: {found.problems[0]}; resuming from {found.path.name} instead")
-        if ckpt["stage"] != stage.name:
-            raise RunError(f"{found.path}: holds stage {ckpt['stage']}, not stage {stage.name}")
-        if parents is not None and dict(ckpt.get("parents", {})) != parents:
-            changed = sorted(k for k in set(parents) | set(ckpt.get("parents", {})) if parents.get(k) != ckpt["parents"].get(k))
-            raise RunError(
-                f"{found.path}: stage {stage.name} was started on another version of stage {changed[0]} (retrained since); "
-                f"train --stage {stage.name} --restart trains it anew on the current one"
-            )
-        try:
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as err:
-            first = str(err).strip().splitlines()[0]
-            raise RunError(f"{found.path}: does not fit this stage's model ({first[:160]})") from None
-        step = int(ckpt["step"])
-        metrics = dict(ckpt.get("metrics", {}))
-        log(f"stage {stage.name}: resuming at step {step} of {cfg.steps}")
-    # each rank's own generators: restored from the checkpoint, else rank 0's and ranks > 0 derived from them
-    set_rank_rng_state(found.checkpoint if found is not None else None, ctx.rank)
+        found = load_latest(trainer.ckpt_path, map_location=trainer.device, on_damaged=damaged if trainer.ctx.main else None)
+    trainer.resume(found or None)
     if on_ready is not None:
         on_ready()
-    end = cfg.steps if until is None else min(until, cfg.steps)
-
-    saved_at = step if found is not None else -1  # the step of the newest checkpoint on disk
-
-    def checkpoint() -> None:
-        nonlocal saved_at
-        saved_at = step
-        rngs = gather_to_main(rng_state(), ctx)  # every rank joins; rank 0 gets all, in rank order
-        if not ctx.main:
-            return
-        epoch, pos = order.position(step)
-        save_checkpoint(
-            {
-                "stage": stage.name,
-                "step": step,
-                "steps": cfg.steps,
-                "config": config.to_dict(),
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": {"kind": "warmup_cosine", "step": step, "lr": lr_at(max(step - 1, 0), cfg)},
-                "rng": rngs[0],  # type: ignore[index]
-                "rng_ranks": rngs,
-                "data": {"seed": config.seed, "epoch": epoch, "position": pos, "batch_size": order.batch_size},
-                "parents": dict(parents or {}),
-                "metrics": metrics,
-                "extra": dict(extra or {}),
-                # what the figures of this stage came from: the precision it trained in, and where
-                "trained_with": {"precision": precision, "hardware": describe(device)},
-            },
-            ckpt_path,
-        )
-
-    if step >= end:
-        return FitResult(step, step >= cfg.steps, metrics)
-
-    writer = SummaryWriter(str(stage_dir), purge_step=step if step > 0 else None) if ctx.main else None
-    bar = tqdm(total=cfg.steps, initial=step, desc=f"stage {stage.name}", disable=not progress, dynamic_ncols=True)
-    seen, busy = 0, 0.0  # items and seconds of training steps since the last log
-    total_seen, total_busy = 0, 0.0
-    with _stop_requests() as stop:
-        try:
-            while step < end:
-                tick = time.perf_counter()
-                lr = lr_at(step, cfg)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                batch = stage.batch(local_slice(order(step), ctx))
-                model.train()
-                stage.model = ddp  # the loss runs through DDP's forward, which syncs gradients
-                try:
-                    with autocast:
-                        parts, batch_metrics = stage.loss(batch)
-                finally:
-                    stage.model = model
-                total = sum(weights[name] * value for name, value in parts.items())
-                optimizer.zero_grad(set_to_none=True)
-                total.backward()
-                if cfg.grad_clip > 0:
-                    nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                optimizer.step()
-                step += 1
-                # speed counts training steps only, so evaluations do not pull it down
-                busy += time.perf_counter() - tick
-                seen += order.batch_size
-                bar.update(1)
-
-                if step % cfg.log_every == 0 or step == end:
-                    speed = seen / max(busy, 1e-9)
-                    total_seen, total_busy = total_seen + seen, total_busy + busy
-                    seen, busy = 0, 0.0
-                    # the global batch's figures: every rank joins the average, rank 0 logs it
-                    parts, batch_metrics = mean_across(parts, ctx), mean_across(batch_metrics, ctx)
-                    total = sum(weights[name] * value for name, value in parts.items())
-                    if writer is not None:
-                        writer.add_scalar("loss/total", _scalar(total), step)
-                        for name, value in parts.items():
-                            writer.add_scalar(f"loss/{name}", _scalar(value), step)
-                        for name, value in batch_metrics.items():
-                            writer.add_scalar(f"train/{name}", _scalar(value), step)
-                        writer.add_scalar("train/lr", lr, step)
-                        writer.add_scalar("train/images_per_s", speed, step)
-                    bar.set_postfix(loss=f"{_scalar(total):.4f}", img_s=f"{speed:.0f}")
-                if (step % cfg.eval_every == 0 or step == cfg.steps) and writer is not None:
-                    # rank 0 alone: evaluation draws from no global RNG and changes no state
-                    metrics = stage.evaluate()
-                    for name, value in metrics.items():
-                        writer.add_scalar(f"heldout/{name}", value, step)
-                    for name, grid in stage.images().items():
-                        writer.add_image(name, grid, step)
-                    summary = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-                    (bar.write if progress else log)(f"stage {stage.name} step {step}: {summary}")
-                if step % cfg.checkpoint_every == 0 or step == end:
-                    checkpoint()
-                # ranks may see a signal at different steps; they agree to stop at the same one
-                if any_rank(stop.name is not None, ctx) and step < end:
-                    if saved_at != step:
-                        checkpoint()
-                    raise Interrupted(stop.name or "a signal to another rank", stage.name, step, cfg.steps, str(ckpt_path))
-        finally:
-            bar.close()
-            if writer is not None:
-                writer.close()
-    return FitResult(step, step >= cfg.steps, metrics, total_busy + busy, total_seen + seen)
+    return trainer.run(until)

@@ -2,123 +2,198 @@
 
 ``"1"`` is :class:`~stages.pixels.PixelStage`, ``"2"``.. ``"L"`` are
 :class:`~stages.codes.CodeStage`, ``"prior"`` is :class:`~stages.prior.PriorStage`.
-Each supplies model, batches and loss; :func:`progvq.train.fit` trains them all.
+Each supplies model, batches and loss; :class:`progvq.train.Trainer` trains them all.
+A :class:`Pipeline` serves them: the run folder (read once), the data (loaded once)
+and every level's codes (encoded once, then handed to the stage above).
 """
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
-from progvq.checkpoint import checkpoint_path, seed_everything
+from progvq.checkpoint import seed_everything
 from progvq.config import Config
-from progvq.data import load_dataset
+from progvq.data import ImageData, load_dataset
 from progvq.distributed import barrier, setup
 from progvq.errors import RunError
-from progvq.run import CONFIG_NAME, first_difference, mark_stale, read_run_config, stage_state, write_run_config
-from progvq.train import FitResult, Stage, fit
+from progvq.kinds import Level
+from progvq.metrics import batches
+from progvq.nets import to_unit
+from progvq.run import Run, first_difference
+from progvq.train import FitResult, Stage, fit, set_aside
 
 from .codes import CodeStage
 from .pixels import PixelStage
 from .prior import PriorStage
 
 
-def build_stage(cfg: Config, name: str, run_dir: Path, device: torch.device) -> Stage:
-    """The stage recipe for ``name``, with its model freshly initialised."""
-    data = load_dataset(cfg.data, total_downsample=cfg.total_downsample())
-    if name == "1":
-        return PixelStage(cfg, data, device)
-    if name == "prior":
-        return PriorStage(cfg, run_dir, data, device)
-    return CodeStage(cfg, int(name), run_dir, data, device)
+class Pipeline:
+    """What the stages of one training session share: the run, its data and the codes of each level.
 
-
-def check_run_config(cfg: Config, run_dir: Path, *, force: bool = False) -> bool:
-    """Whether ``run_dir`` needs ``cfg`` written: it is new, or ``force`` adopts a changed config.
-
-    A run directory made with another config is refused unless ``force``: its
-    checkpoints would otherwise be mixed with models of another shape or data.
-    Reads only; nothing is written here.
+    ``codes(k)`` are level k's codes of both splits, computed once from level k-1's
+    through the frozen level k; a stage that trains makes its level's entries stale
+    (:meth:`trained`).
     """
-    if not (run_dir / CONFIG_NAME).exists():
+
+    def __init__(self, cfg: Config, run: Run, device: torch.device) -> None:
+        self.cfg, self.run, self.device = cfg, run, device
+        self._data: ImageData | None = None
+        self._levels: dict[int, Level] = {}
+        self._codes: dict[int, tuple[Tensor, Tensor]] = {}
+
+    @property
+    def data(self) -> ImageData:
+        """The configured data set, loaded on first use."""
+        if self._data is None:
+            self._data = load_dataset(self.cfg.data, total_downsample=self.cfg.total_downsample())
+        return self._data
+
+    def level(self, k: int) -> Level:
+        """Trained level ``k``, frozen, loaded once."""
+        if k not in self._levels:
+            self._levels[k] = self.run.level(k, self.device)
+        return self._levels[k]
+
+    @torch.no_grad()
+    def codes(self, k: int, batch_size: int = 500) -> tuple[Tensor, Tensor]:
+        """Level ``k``'s codes of the training and held-out splits, (N, h_k, w_k) int64 each."""
+        if k not in self._codes:
+            splits = (self.data.train, self.data.heldout) if k == 1 else self.codes(k - 1)
+            train, heldout = (torch.cat([self._encode(k, b) for b in batches(split, batch_size)]) for split in splits)
+            self._codes[k] = (train, heldout)
+        return self._codes[k]
+
+    def _encode(self, k: int, below: Tensor) -> Tensor:
+        """A batch of level k-1 (uint8 images at the data's own size for k = 1) -> level k codes."""
+        below = below.to(self.device)
+        if k == 1:
+            below = to_unit(self.data.canvas.pad(below))
+        return self.level(k).encode(below)
+
+    def trained(self, name: str) -> None:
+        """Stage ``name`` wrote a new checkpoint: what was cached of it is stale."""
+        self.run.forget(name)
+        if name != "prior":
+            for k in [k for k in self._levels if k >= int(name)]:
+                self._levels.pop(k)
+            for k in [k for k in self._codes if k >= int(name)]:
+                self._codes.pop(k)
+
+
+def build_stage(cfg: Config, name: str, pipeline: Pipeline) -> Stage:
+    """The stage recipe for ``name``, with its model freshly initialised."""
+    if name == "1":
+        return PixelStage(cfg, pipeline.data, pipeline.device)
+    if name == "prior":
+        return PriorStage(cfg, pipeline)
+    return CodeStage(cfg, int(name), pipeline)
+
+
+def check_run_config(cfg: Config, run: Run, *, force: bool = False) -> bool:
+    """Whether ``run`` needs ``cfg`` written: it is new, or ``force`` adopts a changed config.
+
+    A run directory made with another config is refused unless ``force``: its checkpoints
+    would otherwise be mixed with models of another shape or data. Runtime settings (device,
+    run folder, sampling defaults, precision, logging) are not part of the comparison.
+    """
+    if not run.exists():
         return True
-    old = read_run_config(run_dir)
-    diff = first_difference(old.to_dict(), cfg.to_dict())
+    diff = first_difference(run.config.identity(), cfg.identity())
     if diff is None:
         return False
     if not force:
         key, was, now = diff
         raise RunError(
-            f"{run_dir} was created with a different config ({key}: {was!r} there, {now!r} now); "
+            f"{run.path} was created with a different config ({key}: {was!r} there, {now!r} now); "
             "use another --run-dir, or --force to adopt the new config"
         )
     return True
 
 
-def train_stage(
-    cfg: Config,
-    name: str,
-    run_dir: Path,
-    *,
-    until: int | None = None,
-    restart: bool = False,
-    force: bool = False,
-    progress: bool = True,
-    log: Callable[[str], None] = print,
-) -> FitResult:
-    """Train stage ``name`` of a run to its end (or to step ``until``), resuming if it was started.
-
-    The run directory and its config are written only once the stage's data
-    and model are ready, so a bad data path leaves nothing behind.
-    """
+def _lower_parents(cfg: Config, run: Run, name: str) -> dict[str, str]:
+    """The digests of the lower stages stage ``name`` trains on; each must be done and not stale."""
     names = cfg.stage_names()
-    if name not in names:
-        raise RunError(f"--stage {name}: no such stage in this config (stages: {', '.join(names)})")
-    index = names.index(name)
-    ctx = setup(cfg.device)  # one process, or one of several under torchrun
-    if not ctx.main:
-        progress, log = False, _quiet
-    new_config = check_run_config(cfg, run_dir, force=force)
-    # every lower stage must be done and consistent: this stage is trained on their codes
-    lowers = mark_stale([stage_state(run_dir, lower, cfg) for lower in names[:index]])
     parents: dict[str, str] = {}
-    for state in lowers:
+    for state in run.states(cfg, upto=names[names.index(name) - 1]) if names.index(name) else []:
         lower = state.name
         if state.state != "done":
             raise RunError(f"stage {name} needs stage {lower}, which is {state.describe()}; train stage {lower} first (--stage {lower})")
         if state.stale:
             raise RunError(f"stage {name} needs stage {lower}, which is stale ({state.stale}); retrain it first (--stage {lower} --restart)")
         parents[lower] = state.digest
-    stage_dir = checkpoint_path(run_dir, name).parent
+    return parents
+
+
+def train_stage(
+    cfg: Config,
+    name: str,
+    run_dir: Path | Run,
+    *,
+    until: int | None = None,
+    restart: bool = False,
+    force: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    pipeline: Pipeline | None = None,
+) -> FitResult:
+    """Train stage ``name`` of a run to its end (or to step ``until``), resuming if it was started.
+
+    The run directory and its config are written only once the stage's data and model
+    are ready, so a bad data path leaves nothing behind.
+    """
+    names = cfg.stage_names()
+    if name not in names:
+        raise RunError(f"--stage {name}: no such stage in this config (stages: {', '.join(names)})")
+    ctx = setup(cfg.device)  # one process, or one of several under torchrun
+    if not ctx.main:
+        progress, log = False, _quiet
+    run = pipeline.run if pipeline is not None else run_dir if isinstance(run_dir, Run) else Run(run_dir)
+    pipeline = pipeline or Pipeline(cfg, run, ctx.device)
+    new_config = check_run_config(cfg, run, force=force)
+    # every lower stage must be done and consistent: this stage is trained on their codes
+    parents = _lower_parents(cfg, run, name)
+    stage_dir = run.stage_dir(name)
     if restart and stage_dir.exists() and ctx.main:
         keep = _free_name(stage_dir)
         stage_dir.rename(keep)
+        run.forget(name)
         log(f"stage {name}: previous training kept in {keep}")
     barrier(ctx)  # every rank sees the stage directory as rank 0 left it
-    state = stage_state(run_dir, name, cfg)
+
+    def damaged(path: Path) -> None:
+        log(f"stage {name}: {path.name} is damaged, moved to {set_aside(path).name}; it will not be loaded")
+
+    found = run.found(name, on_damaged=damaged if ctx.main else None)
+    state = run.state(name, cfg)
     if state.state != "missing" and state.parents != parents:
-        changed = next(k for k in names[:index] if state.parents.get(k) != parents.get(k))
+        changed = next(k for k in names[: names.index(name)] if state.parents.get(k) != parents.get(k))
         raise RunError(
-            f"{run_dir}: stage {name} ({state.describe()}) was trained on an earlier version of stage {changed}; "
+            f"{run.path}: stage {name} ({state.describe()}) was trained on an earlier version of stage {changed}; "
             f"train --stage {name} --restart trains it anew on the current one"
         )
     if state.state == "done":
         log(f"stage {name}: already done ({state.steps} steps); train --stage {name} --restart trains it anew")
         return FitResult(state.step, True, {})
-    device = ctx.device
     # seed before the model is built, so initial weights are a function of (seed, stage)
-    seed_everything(cfg.seed * 1000 + index)
-    stage = build_stage(cfg, name, run_dir, device)
+    seed_everything(cfg.seed * 1000 + names.index(name))
+    stage = build_stage(cfg, name, pipeline)
 
     def record_config() -> None:
         # only now: a checkpoint that does not fit the new config must leave the old one in place
         if new_config and ctx.main:
-            write_run_config(run_dir, cfg, stage.canvas)
+            run.write_config(cfg, stage.canvas)
 
-    extra = stage.canvas.to_list()  # the padded shape the models take, and the data's own
-    result = fit(stage, cfg, stage_dir, parents=parents, until=until, progress=progress, log=log, extra=extra, ctx=ctx, on_ready=record_config)
+    extra = {**stage.canvas.to_list(), **getattr(stage, "extra", {})}  # the shapes the models take and the data's own
+    try:
+        result = fit(stage, cfg, stage_dir, parents=parents, until=until, progress=progress, log=log, extra=extra, ctx=ctx, on_ready=record_config, found=found)
+    finally:
+        pipeline.trained(name)
     barrier(ctx)  # the next stage on any rank reads the checkpoint rank 0 has just written
     if not result.done:
         log(f"stage {name}: stopped at step {result.step} of {cfg.stages[name].steps}; run the same train command to continue")
@@ -136,12 +211,89 @@ def _free_name(path: Path) -> Path:
     return candidate
 
 
-def train_all(cfg: Config, run_dir: Path, *, force: bool = False, progress: bool = True, log: Callable[[str], None] = print) -> None:
-    """Train every stage that is not done yet, in order."""
+def _stage_identity(cfg: Config, name: str) -> dict:
+    """What stage ``name``'s model depends on: the data, the seed and the stages up to it (runtime settings aside)."""
+    full = cfg.identity()
+    names = cfg.stage_names()
+    upto = names[: names.index(name) + 1]
+    return {"data": full["data"], "seed": full["seed"], "stages": {n: full["stages"][n] for n in upto}}
+
+
+def adopt(cfg: Config, run: Run, other: Run, *, log: Callable[[str], None] = print) -> list[str]:
+    """Copy ``other``'s finished stages whose config equals ``cfg``'s into ``run`` (in order, from stage 1).
+
+    A stage is adopted when it is done and not stale there, missing here, and trained on the
+    same data, seed and stages up to it; its checkpoint comes as it is, so its digest and
+    parents (its provenance) are kept. Returns the names adopted; refuses (one line naming
+    the first differing key) when not even stage 1 can be.
+    """
+    if other.path.resolve() == run.path.resolve():
+        raise RunError(f"--from {other.path}: that is this run's own folder")
+    states = {state.name: state for state in other.states()}
+    adopted = []
     for name in cfg.stage_names():
-        result = train_stage(cfg, name, run_dir, force=force, progress=progress, log=log)
+        state = states.get(name)
+        if state is None or state.state != "done" or state.stale:
+            why = "missing" if state is None else state.describe()
+            if not adopted:
+                raise RunError(f"--from {other.path}: its stage {name} cannot be reused ({why})")
+            break
+        diff = first_difference(_stage_identity(other.stage_config(name), name), _stage_identity(cfg, name))
+        if diff is not None:
+            key, was, now = diff
+            message = f"stage {name} differs ({key}: {was!r} there, {now!r} here)"
+            if not adopted:
+                raise RunError(f"--from {other.path}: {message}; nothing to reuse")
+            log(f"--from {other.path}: {message}: it trains here")
+            break
+        if run.found(name) is None:
+            _copy_stage(other, run, name)
+            run.forget(name)
+            adopted.append(name)
+            log(f"stage {name}: reused from {other.path} ({state.describe()})")
+    if adopted and not run.exists():
+        run.write_config(cfg, other.canvas(adopted[-1]))
+    return adopted
+
+
+def _copy_stage(other: Run, run: Run, name: str) -> None:
+    """Copy stage ``name``'s folder (checkpoints, TensorBoard events) atomically: a temporary folder, then a rename."""
+    dest = run.stage_dir(name)
+    if dest.exists():
+        raise RunError(f"{dest}: exists; move it away or use --restart")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        for item in other.stage_dir(name).iterdir():
+            if item.is_file() and ".damaged-" not in item.name and not item.name.startswith("."):
+                shutil.copy2(item, work / item.name)
+        work.rename(dest)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+def train_all(
+    cfg: Config,
+    run_dir: Path | Run,
+    *,
+    force: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    reuse: Path | None = None,
+) -> None:
+    """Train every stage that is not done yet, in order, on data loaded once (after adopting ``reuse``'s stages)."""
+    ctx = setup(cfg.device)
+    run = run_dir if isinstance(run_dir, Run) else Run(run_dir)
+    if reuse is not None and ctx.main:
+        check_run_config(cfg, run, force=force)
+        adopt(cfg, run, Run(reuse), log=log)
+    barrier(ctx)
+    pipeline = Pipeline(cfg, run, ctx.device)
+    for name in cfg.stage_names():
+        result = train_stage(cfg, name, run, force=force, progress=progress, log=log, pipeline=pipeline)
         if not result.done:
             return
 
 
-__all__ = ["build_stage", "check_run_config", "train_all", "train_stage"]
+__all__ = ["Pipeline", "adopt", "build_stage", "check_run_config", "train_all", "train_stage"]

@@ -6,13 +6,13 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
+from progvq.build import build_level
 from progvq.config import Config
 from progvq.data import ImageData
-from progvq.hierarchy import level_metrics
 from progvq.images import image_grid
-from progvq.levels import PixelLevel
+from progvq.metrics import level_metrics
 from progvq.nets import to_unit
 
 from .common import pairs_grid, quantizer_metrics, uniform_rate
@@ -25,7 +25,7 @@ class PixelStage:
         self.name = "1"
         self.settings = cfg.level(1)
         # channels_last: oneDNN's convolutions run 15-20% faster on CPU in that layout
-        self.model = PixelLevel(self.settings, data.channels).to(device, memory_format=torch.channels_last)
+        self.model = build_level(self.settings, data.channels, 0).to(device, memory_format=torch.channels_last)
         self.canvas = data.canvas
         # padded once here, so a batch is a single gather: (N, C, H', W') uint8
         self.train_images = self.canvas.pad(data.train.to(device))
@@ -39,8 +39,8 @@ class PixelStage:
     def batch(self, index: Tensor) -> Tensor:
         return to_unit(self.train_images[index]).contiguous(memory_format=torch.channels_last)  # (B, C, H, W) in [-1, 1]
 
-    def loss(self, x: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        out = self.model(x)
+    def loss(self, model: nn.Module, x: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        out = model(x)
         # the objective is per padded dim (its scale sets the balance with the VQ terms);
         # the reported figure is per dim of the data's own image
         recon = out.nll.mean() / out.dims

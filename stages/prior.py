@@ -1,27 +1,31 @@
-"""The prior stage: a gated PixelCNN over the top level's codes, optionally given the class."""
+"""The prior stage: an autoregressive model of the top level's codes, optionally given the class."""
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
+from progvq.build import build_prior
 from progvq.config import Config
-from progvq.data import ImageData
 from progvq.errors import DataError
-from progvq.hierarchy import Hierarchy, build_prior, prior_metrics
+from progvq.hierarchy import Hierarchy
 from progvq.images import image_grid
+from progvq.metrics import prior_metrics
+from progvq.pixelcnn import code_log_prob
+
+if TYPE_CHECKING:
+    from . import Pipeline
 
 
 class PriorStage:
     """Fits p(z_L), or p(z_L | y) with ``class_conditional``, by maximum likelihood on the frozen hierarchy's top codes."""
 
-    def __init__(self, cfg: Config, run_dir: Path, data: ImageData, device: torch.device) -> None:
+    def __init__(self, cfg: Config, pipeline: Pipeline) -> None:
         self.name = "prior"
         self.settings = cfg.prior
+        data, device = pipeline.data, pipeline.device
         self.train_labels: Tensor | None = None  # (N,) int64 when class-conditional
         self.heldout_labels: Tensor | None = None
         num_classes = 0
@@ -35,11 +39,12 @@ class PriorStage:
             num_classes = data.num_classes
             self.train_labels, self.heldout_labels = data.train_labels.to(device), data.heldout_labels
         self.model = build_prior(cfg, num_classes).to(device)
-        self.hierarchy = Hierarchy.load(run_dir, with_prior=False, device=device)
-        self.hierarchy.prior = self.model  # so samples use the prior being trained
-        self.train_codes = self.hierarchy.encode_split(data.train)[-1]  # (N, h, w)
-        self.heldout_codes = self.hierarchy.encode_split(data.heldout)[-1]
+        # what a loader needs to rebuild the model, recorded rather than guessed from the weights
+        self.extra = {"num_classes": self.model.num_classes}
         self.canvas = data.canvas
+        levels = [pipeline.level(k) for k in range(1, cfg.num_levels + 1)]
+        self.hierarchy = Hierarchy(cfg, levels, self.model, self.canvas)  # samples use the prior being trained
+        self.train_codes, self.heldout_codes = pipeline.codes(cfg.num_levels)  # (N, h, w) each
         self.num_train = len(self.train_codes)
         self.seed = cfg.seed
 
@@ -47,9 +52,9 @@ class PriorStage:
         """Top codes (B, h, w) int64 and their classes (B,) int64 (None when unconditional)."""
         return self.train_codes[index], None if self.train_labels is None else self.train_labels[index]
 
-    def loss(self, batch: tuple[Tensor, Tensor | None]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    def loss(self, model: nn.Module, batch: tuple[Tensor, Tensor | None]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         codes, labels = batch
-        nll = F.cross_entropy(self.model(codes, label=labels), codes)  # nats per code
+        nll = -code_log_prob(model(codes, label=labels), codes).mean()  # nats per code
         return {"nll": nll}, {"bits_per_code": nll.detach() / math.log(2)}
 
     def evaluate(self) -> dict[str, float]:

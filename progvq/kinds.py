@@ -1,0 +1,48 @@
+"""Every model kind a config can name, one registry line each.
+
+- ``QUANTIZERS``: ``quantizer: {kind: vq | fsq, ...}`` of a level; builds a :class:`~progvq.quantize.Quantizer`.
+- ``DECODERS``: ``decoder: {kind: logistic | factorised | autoregressive, ...}`` of a level; builds the
+  whole level (encoder, quantiser, decoder) around its decoder. ``logistic`` decodes pixels (level 1),
+  the others the codes of the level below.
+- ``PRIORS``: ``stages.prior: {kind: pixelcnn, pixelcnn: {...}}``; builds a model with the prior
+  protocol (:class:`progvq.hierarchy.Prior`).
+- Data sources: :data:`progvq.data.SOURCES`.
+
+A builder takes the kind's config dataclass and what the surrounding stage knows.
+"""
+
+from __future__ import annotations
+
+from .fsq import FSQConfig
+from .levels import (
+    AutoregressiveCodeLevel,
+    AutoregressiveConfig,
+    CodeLevel,
+    FactorisedConfig,
+    Level,
+    LogisticConfig,
+    MakeQuantizer,
+    PixelLevel,
+    Trunk,
+)
+from .pixelcnn import GatedPixelCNN, PixelCNNConfig
+from .quantize import VQConfig
+from .registry import Registry
+
+QUANTIZERS = Registry("quantizer")
+QUANTIZERS.add("vq", VQConfig, VQConfig.build)
+QUANTIZERS.add("fsq", FSQConfig, FSQConfig.build)
+
+# a decoder builder: (its config, trunk, make_quantizer, code dim, channels of the images, codes of the level below)
+DECODERS = Registry("decoder")
+DECODERS.add("logistic", LogisticConfig, lambda d, t, q, dim, channels, below: PixelLevel(t, q, channels, dim))
+DECODERS.add("factorised", FactorisedConfig, lambda d, t, q, dim, channels, below: CodeLevel(t, q, below, dim))
+DECODERS.add("autoregressive", AutoregressiveConfig, lambda d, t, q, dim, channels, below: AutoregressiveCodeLevel(t, q, below, dim, d.pixelcnn))
+#: decoder kinds that model pixels (level 1); every other kind models the codes of the level below
+PIXEL_DECODERS = ("logistic",)
+
+# a prior builder: (its config, codes of the top level, classes: 0 for an unconditional prior)
+PRIORS = Registry("prior")
+PRIORS.add("pixelcnn", PixelCNNConfig, lambda p, codes, classes: GatedPixelCNN.from_config(p, codes, num_classes=classes))
+
+__all__ = ["DECODERS", "PIXEL_DECODERS", "PRIORS", "QUANTIZERS", "Level", "MakeQuantizer", "Trunk"]
