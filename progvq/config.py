@@ -43,6 +43,9 @@ LOSS_PARTS: dict[str, dict[str, float]] = {
     "prior": {"nll": 1.0},
 }
 
+#: A run's config.yaml section of facts found in the data (its image shapes); never a setting.
+RECORDED_KEY = "recorded"
+
 #: Settings of how a run is computed, not of what it is: changing them never refuses a run folder.
 RUNTIME_KEYS = ("device", "run_dir", "sample")
 RUNTIME_STAGE_KEYS = ("precision", "log_every", "eval_every", "checkpoint_every")
@@ -667,6 +670,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    # a run folder's config.yaml may serve as a config: what it recorded about the data is no setting
+    raw.pop(RECORDED_KEY, None)
     try:
         raw = apply_overrides(raw, overrides or [])
         cfg = config_from_dict(raw)

@@ -16,7 +16,7 @@ the classes), so its figures compare with an unconditional prior's.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -27,36 +27,11 @@ from .errors import RunError
 from .levels import Level
 from .metrics import LN2, batches, level_metrics, prior_metrics, psnr
 from .nets import to_unit
+from .protocols import Prior
 from .run import Run
 
 #: Given codes per level k: (codes (B, h_k, w_k) int64, mask (B, h_k, w_k) bool, True where kept).
 Known = dict[int, tuple[Tensor, Tensor]]
-
-
-class Prior(Protocol):
-    """What every prior kind gives training, ``eval``, sampling and inpainting."""
-
-    num_codes: int  # codes of the top level
-    num_classes: int  # classes of a class-conditional prior; 0 when unconditional
-
-    def log_prob(self, codes: Tensor, label: Tensor | None = None) -> Tensor:
-        """(B,) nats of top-level grids (B, h, w); without labels a class-conditional prior's marginal."""
-
-    def log_prob_per_position(self, codes: Tensor, label: Tensor | None = None) -> Tensor:
-        """(B, h, w) nats of each code given the codes before it."""
-
-    def sample(
-        self,
-        n: int,
-        height: int,
-        width: int,
-        *,
-        temperature: float = 1.0,
-        generator: torch.Generator | None = None,
-        label: Tensor | None = None,
-        known: tuple[Tensor, Tensor] | None = None,
-    ) -> Tensor:
-        """(n, height, width) int64 codes; ``known`` = (codes, mask) kept where the mask is True."""
 
 
 class Hierarchy(nn.Module):

@@ -47,7 +47,8 @@ from torch import Tensor
 
 from .errors import ProgvqError
 from .fileio import atomic_write
-from .hierarchy import Hierarchy, Prior
+from .hierarchy import Hierarchy
+from .protocols import Prior
 
 __all__ = [
     "Completion",

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -17,10 +16,8 @@ from torch import Tensor
 from .canvas import Canvas
 from .levels import Level, PixelLevel
 from .nets import to_unit
+from .protocols import Prior
 from .quantize import code_usage
-
-if TYPE_CHECKING:
-    from .hierarchy import Prior
 
 LN2 = math.log(2.0)
 

@@ -30,14 +30,12 @@ from torch import nn
 from .build import build_level, build_prior
 from .canvas import Canvas
 from .checkpoint import Found, checkpoint_path, load_latest
-from .config import Config, config_from_dict, dump_config
+from .config import RECORDED_KEY, Config, config_from_dict, dump_config
 from .errors import ConfigError, RunError
 from .fileio import atomic_write
 from .kinds import Level
 
 CONFIG_NAME = "config.yaml"
-#: The run config's section of facts found in the data (its image shapes); not a setting.
-RECORDED_KEY = "recorded"
 
 
 def read_run_config(run_dir: str | Path) -> Config:
