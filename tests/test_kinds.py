@@ -14,7 +14,7 @@ from progvq.build import build_level, build_prior
 from progvq.checkpoint import load_checkpoint
 from progvq.config import LevelConfig, config_from_dict, load_config
 from progvq.errors import ConfigError
-from progvq.fsq import FSQConfig, FiniteScalarQuantizer
+from progvq.fsq import FiniteScalarQuantizer, FSQConfig
 from progvq.hierarchy import Hierarchy
 from progvq.kinds import DECODERS, PRIORS, QUANTIZERS
 from progvq.levels import AutoregressiveCodeLevel, AutoregressiveConfig, PixelLevel

@@ -30,11 +30,11 @@ def counted(monkeypatch: pytest.MonkeyPatch) -> dict[str, Counter]:
     counts: dict[str, Counter] = {"reads": Counter(), "data": Counter()}
     real_load, real_shapes = progvq.checkpoint.load_checkpoint, progvq.data.make_shapes
 
-    def load(path, *args, **kwargs):  # noqa: ANN001, ANN202 - the wrapped function's own signature
+    def load(path, *args, **kwargs):
         counts["reads"][str(Path(path))] += 1
         return real_load(path, *args, **kwargs)
 
-    def shapes(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def shapes(*args, **kwargs):
         counts["data"]["shapes"] += 1
         return real_shapes(*args, **kwargs)
 
