@@ -195,9 +195,14 @@ def test_done_stage_is_not_retrained_and_restart_keeps_the_old(tiny_copy: Path, 
 @pytest.mark.trains
 def test_run_dir_with_other_config_is_refused(tiny_copy: Path, capsys: pytest.CaptureFixture) -> None:
     before = (tiny_copy / "config.yaml").read_text()
-    assert train(tiny_copy, "--stage", "1", "--set", "stages.1.codes=32") == 2
+    assert train(tiny_copy, "--stage", "1", "--set", "stages.1.quantizer.codes=32") == 2
     err = capsys.readouterr().err
-    assert "was created with a different config (stages.1.codes: 16 there, 32 now)" in err
+    assert "was created with a different config (stages.1.quantizer.codes: 16 there, 32 now)" in err
+    assert (tiny_copy / "config.yaml").read_text() == before
+    # how a run is computed (device, logging, precision, sampling defaults) is no part of what it is
+    runtime = ["device=auto", "stages.1.log_every=1", "stages.1.eval_every=7", "stages.1.checkpoint_every=5", "stages.1.precision=fp32", "sample.code_temperature=0.5"]
+    assert train(tiny_copy, "--stage", "1", *[x for o in runtime for x in ("--set", o)]) == 0
+    assert "already done" in capsys.readouterr().out
     assert (tiny_copy / "config.yaml").read_text() == before
 
 
@@ -206,7 +211,7 @@ def test_run_dir_with_other_config_is_refused(tiny_copy: Path, capsys: pytest.Ca
     [
         (["train", "absent.yaml", "--all"], "absent.yaml: config file not found"),
         (["train", str(TINY), "--stage", "7"], "--stage 7: no such stage"),
-        (["train", str(TINY), "--all", "--set", "stages.1.codes=1"], "stages.1.codes: must be >= 2, got 1"),
+        (["train", str(TINY), "--all", "--set", "stages.1.quantizer.codes=1"], "stages.1.quantizer.codes: must be >= 2, got 1"),
         (["sample", "no/such/run"], "no/such/run: no such run directory"),
         (["eval", "no/such/run"], "no/such/run: no such run directory"),
         (["status", "no/such/run"], "no/such/run: no such run directory"),
@@ -269,13 +274,19 @@ def test_resume_equals_uninterrupted(stage: str, tiny_run: Path, tmp_path: Path)
 def test_checkpoint_contents(tiny_run: Path) -> None:
     ckpt = load_checkpoint(checkpoint_path(tiny_run, "2"))
     assert ckpt["stage"] == "2" and ckpt["step"] == ckpt["steps"] == 6
-    assert ckpt["config"]["stages"]["2"]["codes"] == 8
+    quantizer = ckpt["config"]["stages"]["2"]["quantizer"]
+    assert quantizer["kind"] == "vq" and quantizer["codes"] == 8
+    assert ckpt["config"]["stages"]["2"]["decoder"] == {"kind": "factorised"}
     assert set(ckpt["rng"]) >= {"python", "numpy", "torch"}
-    assert ckpt["data"]["epoch"] == 6 // (128 // 32) and ckpt["data"]["batch_size"] == 32
+    # the data order and the learning rate are functions of the step alone: nothing else records them
+    assert "data" not in ckpt and "scheduler" not in ckpt
+    assert ckpt["config"]["stages"]["2"]["batch_size"] == 32
     assert ckpt["parents"] == {"1": load_checkpoint(checkpoint_path(tiny_run, "1"))["digest"]}
     assert ckpt["digest"] == payload_digest(ckpt)
     assert {"ema_count", "usage", "recent"} <= {k.split(".")[-1] for k in ckpt["model"]}
     assert ckpt["extra"]["image_shape"] == [1, 16, 16]
+    prior = load_checkpoint(checkpoint_path(tiny_run, "prior"))
+    assert prior["extra"]["num_classes"] == 0 and prior["config"]["stages"]["prior"]["kind"] == "pixelcnn"
 
 
 @pytest.mark.trains
@@ -320,8 +331,8 @@ def test_train_stage_reports_what_it_trained(tmp_path: Path) -> None:
 def test_checkpoint_whose_weights_do_not_fit_is_refused(stage: str, tiny_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     path = checkpoint_path(tiny_copy, stage)
     ckpt = load_checkpoint(path)
-    key = "codes" if stage == "1" else "channels"
-    ckpt["config"]["stages"][stage][key] *= 2  # another architecture than the weights
+    section, key = ("quantizer", "codes") if stage == "1" else ("pixelcnn", "channels")
+    ckpt["config"]["stages"][stage][section][key] *= 2  # another architecture than the weights
     save_checkpoint(ckpt, path)
     # editing stage 1 makes the stages above stale; look past that to the weights check
     assert run("sample", str(tiny_copy), "--out", str(tmp_path / "s.png"), "--allow-stale") == 2

@@ -24,8 +24,19 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from progvq.config import DATA_SOURCES, DEVICES, Config, config_from_dict, dump_config, load_config
+from progvq.config import (
+    DATA_SOURCES,
+    DEVICES,
+    LOSS_PARTS,
+    PRECISIONS,
+    Config,
+    config_from_dict,
+    dump_config,
+    load_config,
+)
+from progvq.data import LABELLED_SOURCES, SHAPES_DEFAULT_SIZE
 from progvq.errors import ConfigError
+from progvq.pixelcnn import reach_needed
 from run_stage import main
 
 from .conftest import TINY
@@ -250,7 +261,7 @@ NONNEG = st.floats(0, 1e6)
 
 
 def train_fields(prior: bool, level: int = 0) -> dict[str, st.SearchStrategy[Any]]:
-    weights = ["nll"] if prior else ["recon", "codebook", "commit"] + (["mse"] if level == 1 else [])
+    weights = list(LOSS_PARTS[Config.stage_kind("prior" if prior else str(level))])
     return {
         "steps": SMALL_INT,
         "batch_size": st.integers(1, 4096),
@@ -262,45 +273,86 @@ def train_fields(prior: bool, level: int = 0) -> dict[str, st.SearchStrategy[Any
         "log_every": SMALL_INT,
         "eval_every": SMALL_INT,
         "checkpoint_every": SMALL_INT,
+        "precision": st.sampled_from(PRECISIONS),
         "loss_weights": st.dictionaries(st.sampled_from(weights), NONNEG, max_size=len(weights)),
     }
 
 
-def level_section(level: int, downsample: int) -> st.SearchStrategy[dict[str, Any]]:
-    quantizer = st.fixed_dictionaries(
-        {},
-        optional={
-            "ema": st.booleans(),
-            "decay": st.floats(0, 1, exclude_min=True, exclude_max=True),
-            "init_from_data": st.booleans(),
-            "restart": st.booleans(),
-            "restart_threshold": NONNEG,
-            "restart_every": SMALL_INT,
-        },
-    )
-    return st.fixed_dictionaries(
-        {"downsample": st.just(downsample)},
-        optional={
-            "codes": st.integers(2, 4096),
-            "code_dim": st.integers(1, 256),
-            "hidden": st.integers(1, 512),
-            "res_blocks": st.integers(0, 4),
-            "quantizer": quantizer,
-            **train_fields(False, level),
-        },
-    )
+VQ_FIELDS = {
+    "ema": st.booleans(),
+    "decay": st.floats(0, 1, exclude_min=True, exclude_max=True),
+    "init_from_data": st.booleans(),
+    "restart": st.booleans(),
+    "restart_threshold": NONNEG,
+    "restart_every": SMALL_INT,
+}
+VQ = st.fixed_dictionaries({"kind": st.just("vq")}, optional={"codes": st.integers(2, 4096), "dim": st.integers(1, 256), **VQ_FIELDS})
+# at most 16**4 = 65536 codes, far below the 2**24 limit
+FSQ = st.fixed_dictionaries({"kind": st.just("fsq")}, optional={"levels": st.lists(st.integers(2, 16), min_size=1, max_size=4)})
 
 
-PRIOR = st.fixed_dictionaries(
-    {},
-    optional={
-        "channels": st.integers(1, 512),
-        "layers": st.integers(1, 20),
-        "kernel_size": st.integers(1, 4).map(lambda k: 2 * k + 1),
-        "dropout": st.floats(0, 1, exclude_max=True),
-        **train_fields(True),
-    },
-)
+def pixelcnn_section(min_reach: int = 0) -> st.SearchStrategy[dict[str, Any]]:
+    """A PixelCNN's section; with ``min_reach``, layers that reach that far (a level decoder must cover its grid)."""
+
+    @st.composite
+    def section(draw: st.DrawFn) -> dict[str, Any]:
+        kernel = draw(st.integers(1, 4)) * 2 + 1
+        out = {"channels": draw(st.integers(1, 512)), "kernel_size": kernel}
+        least = max(1, math.ceil(min_reach / (kernel // 2)))
+        out["layers"] = draw(st.integers(least, least + 5))
+        optional = draw(st.fixed_dictionaries({}, optional={"dropout": st.floats(0, 1, exclude_max=True)}))
+        if min_reach == 0 and draw(st.booleans()):
+            del out["layers"]  # the default, when nothing needs covering
+        return {**out, **optional}
+
+    return section()
+
+
+@st.composite
+def level_section(draw: st.DrawFn, level: int, downsample: int, grid_below: int) -> dict[str, Any]:
+    """Stage ``level``'s section; ``grid_below`` is the side of the level below's grid (level >= 2).
+
+    Mostly in today's kind-tagged layout; a VQ level sometimes in progvq 0.1's (``codes``/``code_dim``
+    at the top, the decoder a string with ``pixelcnn`` beside it), which loads into the same Config.
+    """
+    out = {"downsample": downsample}
+    out.update(draw(st.fixed_dictionaries({}, optional={"hidden": st.integers(1, 512), "res_blocks": st.integers(0, 4), **train_fields(False, level)})))
+    quantizer = draw(st.one_of(VQ, st.none(), FSQ))  # None: the default quantiser
+    reach = reach_needed(grid_below, grid_below) if level >= 2 else 0
+    if level == 1:
+        decoder = draw(st.sampled_from([None, {"kind": "logistic"}]))
+    else:
+        decoder = draw(st.sampled_from(["autoregressive", None, "factorised"]))
+        if decoder is not None:
+            decoder = {"kind": decoder, **({"pixelcnn": draw(pixelcnn_section(reach))} if decoder == "autoregressive" else {})}
+    old = (quantizer is None or quantizer["kind"] == "vq") and draw(st.integers(0, 3)) == 3
+    if not old:
+        return {**out, **({"quantizer": quantizer} if quantizer else {}), **({"decoder": decoder} if decoder else {})}
+    quantizer = dict(quantizer or {"kind": "vq"})
+    del quantizer["kind"]
+    for new, was in (("codes", "codes"), ("dim", "code_dim")):
+        if new in quantizer:
+            out[was] = quantizer.pop(new)
+    if quantizer:
+        out["quantizer"] = quantizer
+    if decoder is not None:
+        out["decoder"] = "factorised" if decoder["kind"] == "logistic" else decoder["kind"]  # 0.1 called level 1's factorised
+        out["pixelcnn"] = decoder.get("pixelcnn") or draw(pixelcnn_section())
+    if level >= 2 and draw(st.booleans()):
+        out["loss_weights"] = {**out.get("loss_weights", {}), "mse": 0.0}  # 0.1 listed level 1's part at every level
+    return out
+
+
+@st.composite
+def prior_section(draw: st.DrawFn, labelled: bool) -> dict[str, Any]:
+    """The prior's section, kind-tagged or with its network keys at the top as progvq 0.1 wrote it."""
+    out = draw(st.fixed_dictionaries({}, optional=train_fields(True)))
+    if labelled:  # only data with labels may condition the prior on them
+        out["class_conditional"] = draw(st.booleans())
+    network = draw(pixelcnn_section())
+    if draw(st.booleans()):
+        return {**out, **network}
+    return {**out, **draw(st.fixed_dictionaries({}, optional={"kind": st.just("pixelcnn"), "pixelcnn": st.just(network)}))}
 
 
 @st.composite
@@ -328,9 +380,11 @@ def valid_raw(draw: st.DrawFn) -> dict[str, Any]:
     }
     data.update(draw(st.fixed_dictionaries({}, optional=optional)))
     stages: dict[Any, Any] = {}
+    side = size or SHAPES_DEFAULT_SIZE
     for k, ds in enumerate(downs, start=1):
-        stages[draw(st.sampled_from([k, str(k)]))] = draw(level_section(k, ds))
-    stages["prior"] = draw(PRIOR)
+        stages[draw(st.sampled_from([k, str(k)]))] = draw(level_section(k, ds, side))
+        side //= ds
+    stages["prior"] = draw(prior_section(source in LABELLED_SOURCES))
     top = draw(
         st.fixed_dictionaries(
             {},

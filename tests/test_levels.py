@@ -6,9 +6,11 @@ import math
 
 import torch
 
+from progvq.build import build_level
 from progvq.config import LevelConfig
-from progvq.levels import CodeLevel, PixelLevel
+from progvq.levels import CodeLevel, FactorisedConfig, LogisticConfig, PixelLevel
 from progvq.nets import discretized_logistic_logp, to_uint8, to_unit
+from progvq.quantize import VQConfig
 
 
 def test_discretized_logistic_is_a_distribution_over_256_levels() -> None:
@@ -39,12 +41,13 @@ def test_uint8_round_trip() -> None:
 
 
 def small_cfg(**kw) -> LevelConfig:
-    return LevelConfig(downsample=4, codes=16, code_dim=8, hidden=16, res_blocks=1, **kw)
+    return LevelConfig(downsample=4, hidden=16, res_blocks=1, quantizer=VQConfig(codes=16, dim=8), **kw)
 
 
 def test_pixel_level_shapes_and_likelihood_agree() -> None:
     torch.manual_seed(0)
-    level = PixelLevel(small_cfg(), channels=1)
+    level = build_level(small_cfg(decoder=LogisticConfig()), channels=1, codes_below=0)
+    assert isinstance(level, PixelLevel)
     x = to_unit(torch.randint(0, 256, (3, 1, 16, 16), dtype=torch.uint8))
     out = level(x)
     assert out.quant.indices.shape == (3, 4, 4) and out.nll.shape == (3,) and out.dims == 256
@@ -60,7 +63,9 @@ def test_pixel_level_shapes_and_likelihood_agree() -> None:
 
 def test_code_level_decode_and_likelihood() -> None:
     torch.manual_seed(0)
-    level = CodeLevel(LevelConfig(downsample=2, codes=8, code_dim=8, hidden=16, res_blocks=1), codes_below=16).eval()
+    cfg = LevelConfig(downsample=2, hidden=16, res_blocks=1, quantizer=VQConfig(codes=8, dim=8), decoder=FactorisedConfig())
+    level = build_level(cfg, channels=1, codes_below=16).eval()
+    assert type(level) is CodeLevel
     below = torch.randint(0, 16, (4, 4, 4))
     codes = level.encode(below)
     assert codes.shape == (4, 2, 2)
