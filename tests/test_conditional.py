@@ -12,25 +12,28 @@ import numpy as np
 import pytest
 import torch
 
+from progvq.build import build_level
 from progvq.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
-from progvq.config import LevelConfig, PixelCNNConfig, QuantizerConfig, load_config
+from progvq.config import LevelConfig, load_config
 from progvq.data import load_dataset
 from progvq.errors import ConfigError
-from progvq.hierarchy import Hierarchy, prior_log_prob
-from progvq.levels import AutoregressiveCodeLevel, CodeLevel, build_level
-from progvq.pixelcnn import GatedPixelCNN, covers
+from progvq.hierarchy import Hierarchy
+from progvq.levels import AutoregressiveCodeLevel, AutoregressiveConfig, CodeLevel
+from progvq.pixelcnn import GatedPixelCNN, PixelCNNConfig, covers
+from progvq.quantize import VQConfig
 from run_stage import main
 
 from .conftest import MNIST_DIR, TINY, TINY_CONDITIONAL
 
 
-def _ar_level(codes_below: int = 3, quantizer: QuantizerConfig | None = None, **pixelcnn) -> AutoregressiveCodeLevel:
+def _ar_level(codes_below: int = 3, quantizer: VQConfig | None = None, **pixelcnn) -> AutoregressiveCodeLevel:
     """A small autoregressive level in float64 (exact comparisons), eval mode."""
     torch.manual_seed(0)
     pc = PixelCNNConfig(**{"channels": 8, "layers": 2, "kernel_size": 3, **pixelcnn})
-    cfg = LevelConfig(downsample=2, codes=4, code_dim=4, hidden=8, res_blocks=1, decoder="autoregressive", pixelcnn=pc)
-    cfg.quantizer = quantizer or cfg.quantizer
-    level = build_level(cfg, 2, 1, codes_below)
+    q = quantizer or VQConfig()
+    q.codes, q.dim = 4, 4
+    cfg = LevelConfig(downsample=2, hidden=8, res_blocks=1, quantizer=q, decoder=AutoregressiveConfig(pixelcnn=pc))
+    level = build_level(cfg, 1, codes_below)
     assert isinstance(level, AutoregressiveCodeLevel) and level.autoregressive
     return level.double().eval()
 
@@ -84,7 +87,7 @@ def test_teacher_forced_likelihood_is_the_sum_of_the_samplers_per_position_log_p
     per_position = torch.log_softmax(logits, 1).gather(1, below[:, None])[:, 0]  # (3, 4, 6)
     torch.testing.assert_close(level.log_likelihood(below, codes), per_position.flatten(1).sum(1), rtol=0, atol=1e-10)
     # and the training pass (float32: the quantiser's) reports the same negative log-likelihood
-    frozen = QuantizerConfig(ema=False, init_from_data=False, restart=False)  # the codebook stays as it is
+    frozen = VQConfig(ema=False, init_from_data=False, restart=False)  # the codebook stays as it is
     level = _ar_level(codes_below=5, layers=3, quantizer=frozen).float()
     out = level.train()(below)
     level.eval()
@@ -114,7 +117,8 @@ def test_autoregressive_decode_is_the_cached_sampler_and_equals_naive() -> None:
 
 def test_factorised_decode_keeps_known_codes_without_changing_the_stream() -> None:
     torch.manual_seed(0)
-    level = CodeLevel(LevelConfig(downsample=2, codes=4, code_dim=4, hidden=8, res_blocks=1), codes_below=6).eval()
+    level = build_level(LevelConfig(downsample=2, hidden=8, res_blocks=1, quantizer=VQConfig(codes=4, dim=4)), 1, 6).eval()
+    assert isinstance(level, CodeLevel)
     codes = torch.randint(4, (3, 2, 2))
     free = level.decode(codes, 1.0, torch.Generator().manual_seed(0))
     known = torch.randint(6, (3, 4, 4))
@@ -138,21 +142,40 @@ def test_covers_matches_the_gradient_support(h: int, w: int, layers: int, kernel
     assert sees_all == covers(h, w, layers, kernel_size)
 
 
+#: ``--set`` making tiny.yaml's level 2 autoregressive
+_AR = ["stages.2.decoder.kind=autoregressive"]
+
+
 @pytest.mark.parametrize(
     ("sets", "needle"),
     [
-        (["stages.1.decoder=autoregressive"], "stages.1.decoder: must be 'factorised' (level 1 decodes pixels), got 'autoregressive'"),
-        (["stages.2.decoder=pixelcnn"], "stages.2.decoder: must be one of factorised, autoregressive, got 'pixelcnn'"),
-        (["stages.2.pixelcnn.kernel_size=4"], "stages.2.pixelcnn.kernel_size: must be odd and >= 3, got 4"),
-        (["stages.2.pixelcnn.dropout=1"], "stages.2.pixelcnn.dropout: must be in [0, 1), got 1.0"),
-        (["stages.2.pixelcnn.colour=1"], "stages.2.pixelcnn.colour: unknown key"),
+        (["stages.1.decoder.kind=autoregressive"], "stages.1.decoder.kind: must be logistic (level 1 decodes pixels), got 'autoregressive'"),
+        (["stages.2.decoder.kind=logistic"], "stages.2.decoder.kind: must be one of factorised, autoregressive (level 2 decodes the codes of level 1), got 'logistic'"),
+        (["stages.2.decoder.kind=pixelcnn"], "stages.2.decoder.kind: must be one of logistic, factorised, autoregressive, got 'pixelcnn'"),
+        ([*_AR, "stages.2.decoder.pixelcnn.kernel_size=4"], "stages.2.decoder.pixelcnn.kernel_size: must be odd and >= 3, got 4"),
+        ([*_AR, "stages.2.decoder.pixelcnn.dropout=1"], "stages.2.decoder.pixelcnn.dropout: must be in [0, 1), got 1.0"),
+        ([*_AR, "stages.2.decoder.pixelcnn.colour=1"], "stages.2.decoder.pixelcnn.colour: unknown key"),
+        # a factorised decoder has no network to configure
+        (["stages.2.decoder.kind=factorised", "stages.2.decoder.pixelcnn.layers=3"], "stages.2.decoder.pixelcnn: unknown key"),
+        # a decoder section names its kind
+        (["stages.2.decoder.pixelcnn.layers=3"], "stages.2.decoder.kind: missing (one of logistic, factorised, autoregressive)"),
         (
-            ["stages.2.decoder=autoregressive", "stages.2.pixelcnn.layers=1"],
+            [*_AR, "stages.2.decoder.pixelcnn.layers=1"],
             (
-                "stages.2.pixelcnn.layers: 1 layers of kernel 5 do not reach every earlier code of level 1's 4x4 grid; "
+                "stages.2.decoder.pixelcnn.layers: 1 layers of kernel 5 do not reach every earlier code of level 1's 4x4 grid; "
                 "need layers * (kernel_size // 2) >= 3, e.g. 2 layers of kernel 5"
             ),
         ),
+        # the layout of progvq 0.1 (decoder named beside its pixelcnn section) is read as today's, and the
+        # error names today's key
+        (
+            ["stages.2.decoder=autoregressive", "stages.2.pixelcnn.layers=1"],
+            (
+                "stages.2.decoder.pixelcnn.layers: 1 layers of kernel 5 do not reach every earlier code of level 1's 4x4 grid; "
+                "need layers * (kernel_size // 2) >= 3, e.g. 2 layers of kernel 5"
+            ),
+        ),
+        (["stages.1.decoder=autoregressive"], "stages.1.decoder.kind: must be logistic (level 1 decodes pixels), got 'autoregressive'"),
         (["stages.prior.class_conditional=true"], "stages.prior.class_conditional: must be false for data source 'shapes', which has no labels"),
     ],
 )
@@ -170,14 +193,14 @@ def test_coverage_is_checked_when_only_the_data_knows_the_image_side(tmp_path: P
     path = tmp_path / "images.npz"
     np.savez(path, images=make_shapes(40, size=32, seed=0)[:, 0].numpy())  # 32x32 -> level 1 is 8x8
     sets = ["data.source=array", f"data.path={path}", "data.size=null", "data.heldout=8", "stages.1.steps=1"]
-    sets += ["stages.2.decoder=autoregressive", "stages.2.pixelcnn.layers=2"]
+    sets += [*_AR, "stages.2.decoder.pixelcnn.layers=2"]
     run = tmp_path / "r"
     args = ["train", str(TINY), "--run-dir", str(run), "--no-progress", *[x for s in sets for x in ("--set", s)]]
     assert main([*args, "--stage", "1"]) == 0  # level 1 does not care
     capsys.readouterr()
     assert main([*args, "--stage", "2"]) == 2
     err = capsys.readouterr().err
-    assert "stages.2.pixelcnn.layers: 2 layers of kernel 5 do not reach every earlier code of level 1's 8x8 grid" in err
+    assert "stages.2.decoder.pixelcnn.layers: 2 layers of kernel 5 do not reach every earlier code of level 1's 8x8 grid" in err
     assert err.count("\n") == 1
     assert not (run / "stage-2").exists()
 
@@ -191,6 +214,8 @@ def test_conditional_run_is_what_its_config_says(tiny_conditional_run: Path) -> 
     assert model.image_shape == (1, 28, 28) and model.canvas.padded == (1, 32, 32) and model.num_levels == 2
     assert isinstance(model.levels[1], AutoregressiveCodeLevel) and model.num_classes == 10
     assert model.grid_shape(1) == (8, 8) and model.grid_shape(2) == (4, 4)
+    # the prior's class count is recorded, not read off its weights
+    assert load_checkpoint(checkpoint_path(tiny_conditional_run, "prior"))["extra"]["num_classes"] == 10
 
 
 def test_prior_logits_depend_on_the_label() -> None:
@@ -324,7 +349,7 @@ def test_eval_of_the_conditional_run(tiny_conditional_run: Path, capsys: pytest.
     # and the worst class.
     class_bits = -per_class / math.log(2)  # (N, 10)
     true_bits = class_bits.gather(1, labels[:, None])[:, 0]
-    marginal_bits = -prior_log_prob(model.prior, top) / math.log(2)  # (N,)
+    marginal_bits = -model.prior.log_prob(top) / math.log(2)  # (N,)
     slack = 1e-4  # float32 rounding of about 50 bits per image
     assert (marginal_bits <= true_bits + math.log2(10) + slack).all()
     assert (marginal_bits >= class_bits.min(1).values - slack).all()
@@ -345,8 +370,8 @@ def test_the_marginal_reaches_both_ends_of_its_bound() -> None:
     prior = _force_label(GatedPixelCNN(10, channels=10, layers=2, num_classes=10))
     labels = torch.arange(10)
     top = labels.view(-1, 1, 1).expand(-1, 4, 4).contiguous()  # each class's own codes
-    true_bits = -prior_log_prob(prior, top, labels) / math.log(2)
-    marginal_bits = -prior_log_prob(prior, top) / math.log(2)
+    true_bits = -prior.log_prob(top, labels) / math.log(2)
+    marginal_bits = -prior.log_prob(top) / math.log(2)
     assert true_bits.abs().max() < 1e-6  # certain given the class
     torch.testing.assert_close(marginal_bits, true_bits + math.log2(10), rtol=0, atol=1e-5)
     # a prior blind to the class: every class gives the same numbers, and so does the marginal
@@ -356,23 +381,26 @@ def test_the_marginal_reaches_both_ends_of_its_bound() -> None:
         for block in blind.blocks:
             block.label_bias.weight.zero_()
     codes = torch.randint(10, (6, 4, 4))
-    per_class = torch.stack([prior_log_prob(blind, codes, torch.full((6,), y)) for y in range(10)], 1)
+    per_class = torch.stack([blind.log_prob(codes, torch.full((6,), y)) for y in range(10)], 1)
     assert torch.equal(per_class, per_class[:, :1].expand(-1, 10))
-    torch.testing.assert_close(prior_log_prob(blind, codes), per_class[:, 0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(blind.log_prob(codes), per_class[:, 0], rtol=0, atol=1e-5)
 
 
 @pytest.mark.trains
 def test_prior_batches_carry_the_images_labels(tiny_conditional_run: Path) -> None:
+    from progvq.run import Run
+    from stages import Pipeline
     from stages.prior import PriorStage
 
     cfg = load_config(TINY_CONDITIONAL, [f"data.path={MNIST_DIR}"])
     data = load_dataset(cfg.data, cfg.total_downsample())
-    stage = PriorStage(cfg, tiny_conditional_run, data, torch.device("cpu"))
+    stage = PriorStage(cfg, Pipeline(cfg, Run(tiny_conditional_run), torch.device("cpu")))
     index = torch.tensor([5, 0, 17])
     codes, labels = stage.batch(index)
     assert data.train_labels is not None and torch.equal(labels, data.train_labels[index])
     assert torch.equal(codes, Hierarchy.load(tiny_conditional_run).encode(data.train[index])[-1])
     assert stage.model.num_classes == 10 == data.num_classes
+    assert stage.extra == {"num_classes": 10}  # recorded in its checkpoints, so a loader need not guess it
 
 
 @pytest.mark.trains
@@ -416,16 +444,33 @@ def test_resume_equals_uninterrupted(stage: str, tiny_conditional_run: Path, tmp
     assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
 
 
+def _as_saved_before_these_options(name: str, section: dict) -> dict:
+    """A stage section of today's layout as progvq wrote it before decoders, their pixelcnn sections
+    and class_conditional existed: codes and code_dim beside the quantizer's options (no kind), the
+    prior's network keys at the top of its section, every level's loss weights naming mse."""
+    section = dict(section)
+    if name == "prior":
+        network = section.pop(section.pop("kind"))
+        section.pop("class_conditional")
+        return {**section, **network}
+    quantizer = dict(section.pop("quantizer"))
+    assert quantizer.pop("kind") == "vq"
+    section.pop("decoder")
+    loss_weights = {"mse": 0.0, **section.pop("loss_weights")}
+    return {**section, "codes": quantizer.pop("codes"), "code_dim": quantizer.pop("dim"), "quantizer": quantizer, "loss_weights": loss_weights}
+
+
 @pytest.mark.trains
 def test_checkpoints_from_before_these_options_still_load(tiny_copy: Path) -> None:
-    """Configs saved without decoder, pixelcnn and class_conditional read as the factorised, unconditional model."""
+    """Configs saved without decoder, pixelcnn and class_conditional, in the layout of their day,
+    read as the factorised, unconditional model."""
     before = Hierarchy.load(tiny_copy).sample(4, seed=0)
     for stage in ("1", "2", "prior"):
         path = checkpoint_path(tiny_copy, stage)
         ckpt = load_checkpoint(path)
-        for section in ckpt["config"]["stages"].values():
-            for key in ("decoder", "pixelcnn", "class_conditional"):
-                section.pop(key, None)
+        stages = ckpt["config"]["stages"]
+        ckpt["config"]["stages"] = {name: _as_saved_before_these_options(name, section) for name, section in stages.items()}
+        assert not any(key in section for section in ckpt["config"]["stages"].values() for key in ("decoder", "pixelcnn", "class_conditional"))
         save_checkpoint(ckpt, path)
     model = Hierarchy.load(tiny_copy, allow_stale=True)  # new digests: the stages above stage 1 read as retrained
     assert type(model.levels[1]) is CodeLevel and model.num_classes == 0

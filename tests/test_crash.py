@@ -146,6 +146,13 @@ def test_both_checkpoints_damaged_is_refused_in_one_line(tmp_path: Path, capsys:
     capsys.readouterr()
     assert main(["status", str(run)]) == 2
     assert "checkpoint.pt" in one_error_line(capsys)
+    # training is refused too, and again: with nothing to resume from, nothing is moved aside
+    # (else the next train would start the stage anew as if it had never been trained)
+    for _ in range(2):
+        assert train(run, "--stage", "1") == 2
+        assert "checkpoint.pt" in one_error_line(capsys)
+    assert latest.exists() and latest.with_name(PREVIOUS_NAME).exists()
+    assert not list(latest.parent.glob("*.damaged-*"))
 
 
 @pytest.mark.trains

@@ -26,10 +26,10 @@ STEPS = [f"stages.{s}.{k}={v}" for s in STAGES for k, v in (("steps", 4), ("log_
 STEPS += [f"stages.{s}.precision=fp32" for s in STAGES]
 # against one process: no prior dropout, whose masks depend on the per-rank batch shape and so
 # differ from one process's by design
-OVERRIDES = [*STEPS, "stages.prior.dropout=0"]
+OVERRIDES = [*STEPS, "stages.prior.pixelcnn.dropout=0"]
 # interrupted against uninterrupted, two processes each: with dropout, each rank its own masks;
 # every code counts as dead, so each restart (at steps 2 and 4) draws a new vector for every code
-DROPOUT = [*STEPS, "stages.prior.dropout=0.1", "stages.1.quantizer.restart_threshold=1000", "stages.2.quantizer.restart_threshold=1000"]
+DROPOUT = [*STEPS, "stages.prior.pixelcnn.dropout=0.1", "stages.1.quantizer.restart_threshold=1000", "stages.2.quantizer.restart_threshold=1000"]
 SPLIT = 3  # the step the interrupted run stops at: between checkpoints, before a quantiser restart
 TORCHRUN = ["torchrun", "--standalone", "--nproc_per_node", "2"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

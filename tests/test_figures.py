@@ -19,13 +19,15 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import Tensor
 
+from progvq.build import build_level
 from progvq.canvas import Canvas
 from progvq.config import LevelConfig, load_config
 from progvq.data import load_dataset
-from progvq.hierarchy import Hierarchy, psnr, psnr_from_mse
-from progvq.levels import CodeLevel, PixelLevel
+from progvq.hierarchy import Hierarchy
+from progvq.metrics import psnr, psnr_from_mse
 from progvq.nets import to_unit
 from progvq.pixelcnn import GatedPixelCNN
+from progvq.quantize import VQConfig
 from run_stage import main
 from stages.common import uniform_rate
 
@@ -60,9 +62,9 @@ def tiny_hierarchy(canvas: Canvas, seed: int = 0) -> Hierarchy:
     probability; eval mode, float32.
     """
     torch.manual_seed(seed)
-    level_cfg = {"downsample": 2, "codes": 2, "code_dim": 3, "hidden": 8, "res_blocks": 0}
-    one = PixelLevel(LevelConfig(**level_cfg), canvas.shape[0])
-    two = CodeLevel(LevelConfig(**level_cfg), codes_below=2)
+    level_cfg = LevelConfig(downsample=2, hidden=8, res_blocks=0, quantizer=VQConfig(codes=2, dim=3))
+    one = build_level(level_cfg, canvas.shape[0], 0)
+    two = build_level(level_cfg, 1, 2)
     prior = GatedPixelCNN(2, channels=4, layers=1, kernel_size=3)
     with torch.no_grad():
         for level in (one, two):
@@ -196,7 +198,7 @@ def test_canvas_pads_and_crops_as_pad_to() -> None:
 def test_pixel_samples_follow_the_logistic_scale(scale: float, temperature: float) -> None:
     """Samples of D_1 at temperature t spread as a logistic of scale t s: std t s pi / sqrt(3) in [-1, 1] units."""
     torch.manual_seed(0)
-    level = PixelLevel(LevelConfig(downsample=2, codes=2, code_dim=2, hidden=4, res_blocks=0), 1).eval()
+    level = build_level(LevelConfig(downsample=2, hidden=4, res_blocks=0, quantizer=VQConfig(codes=2, dim=2)), 1, 0).eval()
     head = level.decoder.net[-1]  # the last conv: (loc, log_scale) maps
     with torch.no_grad():
         head.weight.zero_()
@@ -220,7 +222,7 @@ def _array_run(tmp_path: Path) -> tuple[Path, Path]:
     np.save(tmp_path / "images.npy", images)
     raw = yaml.safe_load(TINY.read_text())
     raw["data"] = {"source": "array", "path": str(tmp_path / "images.npy"), "heldout": 1, "size": 16}
-    raw["stages"][1]["codes"] = 64
+    raw["stages"][1]["quantizer"]["codes"] = 64
     for stage in raw["stages"].values():
         stage.update(steps=2, warmup=1, eval_every=2, checkpoint_every=2, log_every=1)
     config = tmp_path / "array.yaml"

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from progvq.fsq import FiniteScalarQuantizer
+from progvq.fsq import FiniteScalarQuantizer, FSQConfig
 from progvq.quantize import code_usage
 
 LEVEL_SETS = [[8, 5, 5, 5], [2, 3], [4], [3, 4, 2, 7]]
@@ -64,6 +64,19 @@ def test_sizes() -> None:
     assert (fsq.num_codes, fsq.dim, fsq.levels) == (1000, 4, (8, 5, 5, 5))
     assert isinstance(fsq.num_codes, int) and isinstance(fsq.dim, int)
     assert FiniteScalarQuantizer((2,)).num_codes == 2
+
+
+def test_config_sizes_are_the_quantisers() -> None:
+    """The config's code count and vector size, which the level is built around, are the module's."""
+    cfg = FSQConfig(levels=[8, 5, 5, 5])
+    fsq = cfg.build()
+    assert isinstance(fsq, FiniteScalarQuantizer) and fsq.levels == (8, 5, 5, 5)
+    assert (cfg.num_codes, cfg.dim) == (fsq.num_codes, fsq.dim) == (1000, 4)
+    assert cfg.problems() == []
+    # what the module would refuse, the config refuses first (in one line naming the key)
+    for levels in ([], [3, 1]):
+        assert FSQConfig(levels=levels).problems() == [("levels", levels, "a non-empty list of integers >= 2")]
+    assert FSQConfig(levels=[2] * 25).problems()[0][0] == "levels"  # 2**25 codes: too many to count
 
 
 @pytest.mark.parametrize("levels", [[], [1], [0, 3], [3, 1], [2.5], [True, 3]])

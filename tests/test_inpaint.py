@@ -84,8 +84,16 @@ def test_seeds_repeat_and_differ(name: str, request: pytest.FixtureRequest) -> N
     assert torch.equal(a, inpaint(model, image, mask, 8, seed=1))
     b = inpaint(model, image, mask, 8, seed=2)
     assert torch.equal(a[:, :, ~mask], b[:, :, ~mask])
-    # the method on the hierarchy is the same function
-    assert torch.equal(model.inpaint(image, mask, 8, seed=1), a)
+    # inpainting is the hierarchy's own sampler given the known codes (one candidate per completion;
+    # a class-conditional prior is given its class, else it would draw one candidate per class)
+    label = 3 if model.num_classes else None
+    filled = torch.where(mask[None], torch.zeros_like(image), image)
+    known = {
+        k: (codes.expand(8, -1, -1), (~missing).expand(8, -1, -1))
+        for k, (codes, missing) in enumerate(zip(model.encode(filled[None]), level_masks(model, mask[None]), strict=True), start=1)
+    }
+    sampled = model.sample(8, seed=1, label=label, code_temperature=model.config.sample.code_temperature, known=known)
+    assert torch.equal(torch.where(mask, sampled, image), inpaint(model, image, mask, 8, seed=1, label=label))
     # Another seed draws other codes in the hole. Whether they decode to other pixels depends on
     # what a few training steps made of the decoders, so the check is on the top codes drawn,
     # from a prior that is uniform by construction: 8 completions of at least 2 unknown codes of

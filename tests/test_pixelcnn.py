@@ -6,7 +6,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from progvq.pixelcnn import GatedPixelCNN, bits_per_code
+from progvq.pixelcnn import GatedPixelCNN, PixelCNNConfig, bits_per_code, code_log_prob
 
 K = 8  # codebook size for the small random models
 S = 5  # grid side for the receptive-field tests
@@ -403,3 +403,48 @@ def test_sample_arguments_are_checked() -> None:
     assert model.sample(2, 3, 3, known=(codes + K, torch.zeros_like(mask))).max() < K
     with pytest.raises(ValueError, match="cond_channels=0"):
         model.sample(2, 3, 3, cond=torch.zeros(2, 1, 3, 3, dtype=torch.float64))
+
+
+def test_log_prob_is_the_sum_of_the_forward_logits_per_position_log_probs() -> None:
+    """log_prob_per_position is log softmax of the logits at each code; log_prob sums it, and without
+    labels a class-conditional model gives the marginal over uniform classes."""
+    model = _model(num_classes=3)
+    codes = torch.randint(K, (4, S, S), generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 2, 1, 1])
+    logits = model(codes, label=labels)
+    by_hand = torch.log_softmax(logits, 1).gather(1, codes[:, None])[:, 0]  # (4, S, S)
+    torch.testing.assert_close(code_log_prob(logits, codes), by_hand, rtol=0, atol=1e-12)
+    torch.testing.assert_close(model.log_prob_per_position(codes, labels), by_hand, rtol=0, atol=1e-12)
+    torch.testing.assert_close(model.log_prob(codes, labels), by_hand.sum((1, 2)), rtol=0, atol=1e-10)
+    per_class = torch.stack([model.log_prob(codes, torch.full((4,), y)) for y in range(3)], 1)  # (4, 3)
+    torch.testing.assert_close(model.log_prob(codes), torch.logsumexp(per_class, 1) - math.log(3), rtol=0, atol=1e-10)
+    assert not torch.allclose(per_class[:, 0], per_class[:, 1])  # the classes differ, so the marginal is no one class's
+    plain = _model()
+    logits = plain(codes)
+    torch.testing.assert_close(plain.log_prob(codes), torch.log_softmax(logits, 1).gather(1, codes[:, None]).sum((1, 2, 3)), rtol=0, atol=1e-10)
+    # bf16 logits are read in float32: a likelihood needs more than bf16's 8 bits of mantissa
+    coarse = logits.bfloat16()
+    assert code_log_prob(coarse, codes).dtype == torch.float32
+    torch.testing.assert_close(code_log_prob(coarse, codes), code_log_prob(coarse.float(), codes), rtol=0, atol=0)
+
+
+def test_from_config_builds_the_configured_network() -> None:
+    cfg = PixelCNNConfig(channels=12, layers=3, kernel_size=5, dropout=0.2)
+    torch.manual_seed(0)
+    built = GatedPixelCNN.from_config(cfg, K, cond_channels=6, num_classes=2)
+    torch.manual_seed(0)
+    direct = GatedPixelCNN(K, channels=12, layers=3, kernel_size=5, dropout=0.2, cond_channels=6, num_classes=2)
+    a, b = built.state_dict(), direct.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (built.num_codes, built.cond_channels, built.num_classes) == (K, 6, 2)
+    assert {m.p for m in built.modules() if isinstance(m, torch.nn.Dropout)} == {0.2}
+    assert PixelCNNConfig(kernel_size=4, dropout=1.0).problems() == [("kernel_size", 4, "odd and >= 3"), ("dropout", 1.0, "in [0, 1)")]
+
+
+def test_unused_parameters_is_what_a_backward_leaves_without_a_gradient() -> None:
+    """The last block's horizontal output feeds nothing: DistributedDataParallel must look for unused parameters."""
+    model = _model(layers=3).train()
+    codes = torch.randint(K, (2, S, S), generator=torch.Generator().manual_seed(0))
+    (-code_log_prob(model(codes), codes).sum()).backward()
+    unused = sorted(name for name, p in model.named_parameters() if p.grad is None)
+    assert GatedPixelCNN.unused_parameters and unused == ["blocks.2.h_out.bias", "blocks.2.h_out.weight"]

@@ -8,7 +8,8 @@ import pytest
 import torch
 from einops import rearrange
 
-from progvq.quantize import VectorQuantizer, code_usage
+from progvq.distributed import gather_ranks
+from progvq.quantize import VectorQuantizer, code_usage, no_gather
 
 
 def image(points: list[list[float]] | torch.Tensor, b: int, h: int, w: int) -> torch.Tensor:
@@ -273,6 +274,38 @@ def test_same_seed_is_bit_identical_and_resume_is_exact() -> None:
     assert_same_state(first, seeded_run(0, batches, resume_at=3))
     other = seeded_run(1, batches)
     assert not torch.equal(first["codebook"], other["codebook"])
+
+
+@pytest.mark.parametrize("ema", [True, False])
+def test_an_injected_gather_updates_the_state_on_every_ranks_vectors(ema: bool) -> None:
+    """One rank's slice with a gather of every rank's vectors: the state (data init, EMA, usage,
+    ring buffer, restarts) moves as in one process on the whole batch; the outputs are the slice's."""
+    # one process gathers nothing, and so does the trainer's gather outside a process group
+    assert VectorQuantizer(4, 2).gather is no_gather
+    assert no_gather(torch.zeros(3, 2)) is None and gather_ranks(torch.zeros(3, 2)) is None
+    kw = {"ema": ema, "restart_every": 2, "buffer_size": 16, "restart_threshold": 100.0}
+    g = torch.Generator().manual_seed(7)
+    batches = [torch.randn(4, 4, 2, 2, generator=g) for _ in range(4)]  # 16 vectors each; every code restarts at calls 2 and 4
+    torch.manual_seed(0)
+    whole = VectorQuantizer(16, 4, **kw)  # type: ignore[arg-type]
+    part = VectorQuantizer(16, 4, **kw)  # type: ignore[arg-type]
+    part.load_state_dict(whole.state_dict())
+    whole.train(), part.train()
+    for z in batches:
+        mine, theirs = z[:2], z[2:]  # rank 0's images and rank 1's: rank order is batch order
+        part.gather = lambda vectors, theirs=theirs: torch.cat([vectors, flat(theirs)])
+        out_whole, out_part = whole(z), part(mine)
+        assert torch.equal(out_part.indices, out_whole.indices[:2])
+        assert torch.equal(out_part.quantized, out_whole.quantized[:2])
+    assert_same_state(snapshot(part), snapshot(whole))
+    # and the gather mattered: without it the slice alone moves the state elsewhere
+    alone = VectorQuantizer(16, 4, **kw)  # type: ignore[arg-type]
+    alone.load_state_dict(snapshot(whole))
+    with_gather = VectorQuantizer(16, 4, **kw)  # type: ignore[arg-type]
+    with_gather.load_state_dict(snapshot(whole))
+    with_gather.gather = lambda vectors: torch.cat([vectors, flat(batches[0][2:])])
+    alone(batches[0][:2]), with_gather(batches[0][:2])
+    assert not torch.equal(alone.usage, with_gather.usage)
 
 
 @pytest.mark.trains

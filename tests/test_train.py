@@ -171,14 +171,15 @@ def test_truncated_and_foreign_checkpoints_are_refused(tmp_path: Path) -> None:
 @pytest.mark.trains
 def test_bf16_autocast_runs_the_nets_in_bf16_and_keeps_state_fp32(stage_name: str, tiny_run: Path, tmp_path: Path) -> None:
     from progvq.config import load_config
+    from progvq.run import Run
     from progvq.train import fit
-    from stages import build_stage
+    from stages import Pipeline, build_stage
 
     from .conftest import TINY
 
     cfg = load_config(TINY, [f"stages.{stage_name}.precision=bf16", f"stages.{stage_name}.steps=3"])
     torch.manual_seed(0)
-    stage = build_stage(cfg, stage_name, tiny_run, torch.device("cpu"))
+    stage = build_stage(cfg, stage_name, Pipeline(cfg, Run(tiny_run), torch.device("cpu")))
     seen: set[torch.dtype] = set()
     convs = [m for m in stage.model.modules() if isinstance(m, torch.nn.Conv2d)]
     # training forwards only (with gradients); held-out evaluation runs in fp32 under no_grad
