@@ -7,10 +7,10 @@ Run from the project root (the configs read ../shared/data/mnist). What it does:
 
 1. Trains ``configs/mnist.yaml`` (factorised level-2 decoder, unconditional prior) and
    ``configs/mnist-ar.yaml`` (autoregressive level-2 decoder, class-conditional prior). The
-   second reuses the first run's stage 1 (the configs' level 1 is the same): its folder is
-   copied, so only its stage 2 and prior are trained. To tell the decoder's part from the
-   prior's, each also gets the other kind of prior on the same codes (stages 1 and 2
-   copied, only the prior trained). Stages already done are not retrained (the JSON
+   second reuses the first run's stage 1 (the configs' level 1 is the same), as ``train --all
+   --from`` does, so only its stage 2 and prior are trained. To tell the decoder's part from
+   the prior's, each also gets the other kind of prior on the same codes (stages 1 and 2
+   reused, only the prior trained). Stages already done are not retrained (the JSON
    says which), so a second call only evaluates.
 2. Held-out figures of both: the likelihood bound in bits/dim by level, PSNR, code accuracy.
 3. Sample grids to ``docs/``: 64 samples of each hierarchy, and the class-conditional prior's
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -41,15 +40,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from progvq.checkpoint import checkpoint_path
 from progvq.config import load_config
 from progvq.data import ImageData, load_dataset
 from progvq.hardware import describe
 from progvq.hierarchy import Hierarchy
 from progvq.images import image_grid, save_png
 from progvq.inpaint import box_mask, inpaint_batch, masked_view
-from progvq.run import CONFIG_NAME, stage_state, write_run_config
-from stages import train_stage
+from progvq.run import Run
+from stages import adopt, train_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = [f"stages.{s}.{k}={v}" for s in ("1", "2", "prior") for k, v in (("steps", 20), ("eval_every", 20), ("warmup", 5))]
@@ -60,20 +58,23 @@ def log(message: str) -> None:
 
 
 def train(config: Path, run_dir: Path, overrides: list[str], reuse: Path | None = None, stages: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Train every stage not done yet (after copying ``stages`` from the run ``reuse``); seconds per stage."""
+    """Train every stage not done yet, after reusing ``reuse``'s equal stages (``train --all --from``); seconds per stage.
+
+    ``stages`` names the stages expected to be reused, so a config that drifted from the run it
+    reuses shows up as an error here rather than as a silently retrained stage.
+    """
     cfg = load_config(config, overrides)
-    for name in stages:
-        folder = checkpoint_path(run_dir, name).parent
-        if reuse is not None and not folder.exists():
-            shutil.copytree(checkpoint_path(reuse, name).parent, folder)
-    if stages and not (run_dir / CONFIG_NAME).exists():
-        # training writes the run's config when it starts a stage; copied stages start none
-        write_run_config(run_dir, cfg)
+    run = Run(run_dir)
+    if reuse is not None:
+        adopted = [name for name in adopt(cfg, run, Run(reuse), log=log)] if not run.exists() else list(stages)
+        missing = [name for name in stages if name not in adopted and run.state(name, cfg).state != "done"]
+        if missing:
+            raise SystemExit(f"{config}: stages {missing} of {reuse} were expected to be reused")
     times: dict[str, Any] = {}
     for name in cfg.stage_names():
-        before = stage_state(run_dir, name, cfg).state == "done"
+        before = run.state(name, cfg).state == "done"
         start = time.perf_counter()
-        result = train_stage(cfg, name, run_dir, progress=False, log=log)
+        result = train_stage(cfg, name, run, progress=False, log=log)
         times[name] = {"seconds": round(time.perf_counter() - start, 1), "train_seconds": round(result.train_seconds, 1), "steps": result.step}
         if before:
             times[name]["trained_before"] = str(reuse) if name in stages else "in this run directory"
@@ -184,7 +185,7 @@ def main() -> None:
     docs.mkdir(parents=True, exist_ok=True)
     fact, ar = Path(args.factorised_run), Path(args.ar_run)
     mnist, mnist_ar = ROOT / "configs" / "mnist.yaml", ROOT / "configs" / "mnist-ar.yaml"
-    # name: (config, overrides, run directory, run to copy stages from, stages copied)
+    # name: (config, overrides, run directory, run whose equal stages it reuses, stages it reuses)
     plan = {
         "factorised": (mnist, [], fact, None, ()),
         "autoregressive": (mnist_ar, [], ar, fact, ("1",)),
@@ -194,9 +195,9 @@ def main() -> None:
     figures: dict[str, Any] = {"hardware": describe(torch.device("cpu")), "threads": torch.get_num_threads(), "training": {}}
     wall = time.perf_counter()
 
-    # 1. training, each run after the one it copies stages from
-    for name, (config, sets, run_dir, reuse, copied) in plan.items():
-        figures["training"][name] = train(config, run_dir, [*overrides, *sets], reuse, copied)
+    # 1. training, each run after the one it reuses stages from
+    for name, (config, sets, run_dir, reuse, reused) in plan.items():
+        figures["training"][name] = train(config, run_dir, [*overrides, *sets], reuse, reused)
 
     models = {name: Hierarchy.load(run_dir) for name, (_, _, run_dir, _, _) in plan.items()}
     figures["trained_with"] = {name: model.trained_with for name, model in models.items()}

@@ -260,21 +260,29 @@ class Found:
 def load_latest(path: str | Path, map_location: str | torch.device = "cpu", *, on_damaged: Callable[[Path], None] | None = None) -> Found | None:
     """The newest good checkpoint of ``path`` and its previous one, or None if neither exists.
 
-    A damaged file is never returned: its problem is recorded, ``on_damaged``
-    (if given) is called with its path, and the previous checkpoint is tried.
-    Raises :class:`RunError` when files exist but none is loadable.
+    A damaged file is never returned: its problem is recorded and the previous
+    checkpoint is tried. Once a good one is found, ``on_damaged`` (if given) is
+    called with the path of each damaged file newer than it. Raises
+    :class:`RunError` when files exist but none is loadable, and then calls
+    nothing: a stage with no good checkpoint keeps its files in place, so it is
+    refused again (never silently started anew) until someone looks at them.
     """
     path = Path(path)
     problems: list[str] = []
+    damaged: list[Path] = []
     for candidate in (path, previous_path(path)):
         if not candidate.exists():
             continue
         try:
-            return Found(candidate, load_checkpoint(candidate, map_location), problems)
+            checkpoint = load_checkpoint(candidate, map_location)
         except RunError as err:
             problems.append(str(err))
-            if on_damaged is not None:
-                on_damaged(candidate)
+            damaged.append(candidate)
+            continue
+        if on_damaged is not None:
+            for bad in damaged:
+                on_damaged(bad)
+        return Found(candidate, checkpoint, problems)
     if problems:
         if len(problems) == 1:
             raise RunError(f"{problems[0]}; no earlier good checkpoint to fall back to")

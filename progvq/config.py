@@ -493,7 +493,9 @@ def upgrade_stage(name: str, raw: Any) -> Any:
             raw["pixelcnn"] = {key: raw.pop(key) for key in _OLD_PRIOR_KEYS if key in raw}
         return raw
     quantizer = raw.get("quantizer")
-    if ("codes" in raw or "code_dim" in raw) and (quantizer is None or (isinstance(quantizer, dict) and "kind" not in quantizer)):
+    # also into a `kind: vq` section, so `--set stages.1.codes=...` keeps working on today's configs
+    vq = quantizer is None or (isinstance(quantizer, dict) and quantizer.get("kind", "vq") == "vq")
+    if ("codes" in raw or "code_dim" in raw) and vq:
         moved = {"kind": "vq", **(quantizer or {})}
         if "codes" in raw:
             moved["codes"] = raw.pop("codes")
