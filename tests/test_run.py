@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -30,11 +31,11 @@ def counted(monkeypatch: pytest.MonkeyPatch) -> dict[str, Counter]:
     counts: dict[str, Counter] = {"reads": Counter(), "data": Counter()}
     real_load, real_shapes = progvq.checkpoint.load_checkpoint, progvq.data.make_shapes
 
-    def load(path, *args, **kwargs):
+    def load(path: str | Path, *args: Any, **kwargs: Any) -> dict[str, Any]:
         counts["reads"][str(Path(path))] += 1
         return real_load(path, *args, **kwargs)
 
-    def shapes(*args, **kwargs):
+    def shapes(*args: Any, **kwargs: Any) -> torch.Tensor:
         counts["data"]["shapes"] += 1
         return real_shapes(*args, **kwargs)
 
