@@ -17,7 +17,9 @@ def build_level(cfg: LevelConfig, channels: int, codes_below: int) -> Level:
     ``codes_below`` the codes of level k-1 (levels >= 2; ignored by a pixel decoder)."""
     # a config built in Python rather than loaded leaves the decoder to the level: pixels at level 1
     decoder = cfg.decoder or DECODERS.entry("factorised" if codes_below else "logistic").config()
-    return DECODERS.build(decoder, cfg.trunk(), lambda: QUANTIZERS.build(cfg.quantizer), cfg.code_dim, channels, codes_below)
+    return DECODERS.build(
+        decoder, cfg.trunk(), lambda: QUANTIZERS.build(cfg.quantizer), cfg.code_dim, channels, codes_below
+    )
 
 
 def build_prior(cfg: Config, num_classes: int = 0) -> Any:
@@ -28,4 +30,7 @@ def build_prior(cfg: Config, num_classes: int = 0) -> Any:
 
 def build_levels(cfg: Config) -> list[Level]:
     """Every level of ``cfg``, freshly initialised, in order."""
-    return [build_level(cfg.level(k), cfg.data.channels, cfg.level(k - 1).codes if k > 1 else 0) for k in range(1, cfg.num_levels + 1)]
+    return [
+        build_level(cfg.level(k), cfg.data.channels, cfg.level(k - 1).codes if k > 1 else 0)
+        for k in range(1, cfg.num_levels + 1)
+    ]

@@ -72,7 +72,9 @@ class Canvas:
     def pad_mask(self, mask: Tensor) -> Tensor:
         """A pixel mask (..., H, W) -> (..., H', W'); the padding is False (known: it is always zero)."""
         if tuple(mask.shape[-2:]) != self.shape[1:]:
-            raise ValueError(f"pad_mask: expected a (..., {self.shape[1]}, {self.shape[2]}) mask, got {tuple(mask.shape)}")
+            raise ValueError(
+                f"pad_mask: expected a (..., {self.shape[1]}, {self.shape[2]}) mask, got {tuple(mask.shape)}"
+            )
         out = mask.new_zeros((*mask.shape[:-2], *self.padded[1:]))
         out[..., self.top : self.top + self.shape[1], self.left : self.left + self.shape[2]] = mask
         return out
@@ -85,4 +87,6 @@ class Canvas:
     def _check(images: Tensor, shape: Shape, what: str) -> None:
         if images.dim() < 3 or tuple(images.shape[-3:]) != tuple(shape):
             want = "x".join(map(str, shape))
-            raise ValueError(f"{what}: expected images of shape (..., {want.replace('x', ', ')}), got {tuple(images.shape)}")
+            raise ValueError(
+                f"{what}: expected images of shape (..., {want.replace('x', ', ')}), got {tuple(images.shape)}"
+            )

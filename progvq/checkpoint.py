@@ -160,7 +160,9 @@ def _feed(digest: Any, obj: Any) -> None:
         # repr is exact for floats and tells True from 1
         digest.update(f"{type(obj).__name__}:{obj!r};".encode())
     else:
-        raise TypeError(f"checkpoint values must be tensors, numbers, strings, lists or dicts, not {type(obj).__name__}")
+        raise TypeError(
+            f"checkpoint values must be tensors, numbers, strings, lists or dicts, not {type(obj).__name__}"
+        )
 
 
 def payload_digest(payload: dict[str, Any]) -> str:
@@ -196,7 +198,8 @@ def save_checkpoint(payload: dict[str, Any], path: str | Path, *, keep_previous:
     :func:`previous_path` first.
     """
     path = Path(path)
-    header = {"format": FORMAT, "version": VERSION, "versions": {"progvq": __version__, "torch": str(torch.__version__)}}
+    versions = {"progvq": __version__, "torch": str(torch.__version__)}
+    header = {"format": FORMAT, "version": VERSION, "versions": versions}
     full = {**header, **payload}
     full["digest"] = payload_digest(full)
     if keep_previous and path.exists():
@@ -257,7 +260,12 @@ class Found:
         return bool(self.problems)
 
 
-def load_latest(path: str | Path, map_location: str | torch.device = "cpu", *, on_damaged: Callable[[Path], None] | None = None) -> Found | None:
+def load_latest(
+    path: str | Path,
+    map_location: str | torch.device = "cpu",
+    *,
+    on_damaged: Callable[[Path], None] | None = None,
+) -> Found | None:
     """The newest good checkpoint of ``path`` and its previous one, or None if neither exists.
 
     A damaged file is never returned: its problem is recorded and the previous

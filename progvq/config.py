@@ -165,7 +165,9 @@ class Config:
     def identity(self) -> dict[str, Any]:
         """:meth:`to_dict` without the runtime settings: what a run folder must agree with."""
         out = {k: v for k, v in self.to_dict().items() if k not in RUNTIME_KEYS}
-        out["stages"] = {n: {k: v for k, v in st.items() if k not in RUNTIME_STAGE_KEYS} for n, st in out["stages"].items()}
+        out["stages"] = {
+            n: {k: v for k, v in st.items() if k not in RUNTIME_STAGE_KEYS} for n, st in out["stages"].items()
+        }
         return out
 
 
@@ -187,7 +189,8 @@ def _plain(obj: Any) -> Any:
         out = {}
         for f in dataclasses.fields(obj):
             value, registry = getattr(obj, f.name), _registry(hints[f.name])
-            out[f.name] = {"kind": registry.kind_of(value), **_plain(value)} if registry and value is not None else _plain(value)
+            tagged = registry is not None and value is not None
+            out[f.name] = {"kind": registry.kind_of(value), **_plain(value)} if tagged else _plain(value)
         return out
     if isinstance(obj, dict):
         return {k: _plain(v) for k, v in obj.items()}
@@ -365,7 +368,10 @@ def _validate_weights(cfg: TrainConfig, stage: str, where: str) -> None:
     defaults = LOSS_PARTS[Config.stage_kind(stage)]
     for name, value in cfg.loss_weights.items():
         if name not in defaults:
-            raise ConfigError(f"{where}.loss_weights.{_key(name)}: this stage has no such loss part (its parts: {', '.join(defaults)})")
+            raise ConfigError(
+                f"{where}.loss_weights.{_key(name)}: this stage has no such loss part "
+                f"(its parts: {', '.join(defaults)})"
+            )
         _check(value >= 0, f"{where}.loss_weights.{name}", value, ">= 0")
     cfg.loss_weights = {**defaults, **cfg.loss_weights}
 
@@ -391,8 +397,9 @@ def check_decoder_coverage(cfg: Config, height: int, width: int) -> None:
         if not covers(height, width, p.layers, p.kernel_size):
             need = layers_to_cover(height, width, p.kernel_size)
             raise ConfigError(
-                f"stages.{k}.decoder.pixelcnn.layers: {p.layers} layers of kernel {p.kernel_size} do not reach every earlier code "
-                f"of level {k - 1}'s {height}x{width} grid; need layers * (kernel_size // 2) >= {reach_needed(height, width)}, "
+                f"stages.{k}.decoder.pixelcnn.layers: {p.layers} layers of kernel {p.kernel_size} "
+                f"do not reach every earlier code of level {k - 1}'s {height}x{width} grid; "
+                f"need layers * (kernel_size // 2) >= {reach_needed(height, width)}, "
                 f"e.g. {need} layers of kernel {p.kernel_size}"
             )
 
@@ -424,7 +431,8 @@ def _validate(cfg: Config) -> None:
     # the image side when the config alone decides it: data.size, or the shapes' default side
     side, side_name = d.size, f"data.size ({d.size})"
     if side is None and d.source == "shapes":
-        side, side_name = SHAPES_DEFAULT_SIZE, f"the image side ({SHAPES_DEFAULT_SIZE}, the shapes' default; data.size changes it)"
+        side = SHAPES_DEFAULT_SIZE
+        side_name = f"the image side ({SHAPES_DEFAULT_SIZE}, the shapes' default; data.size changes it)"
 
     factor = 1
     for name in cfg.stage_names()[:-1]:
@@ -437,14 +445,18 @@ def _validate(cfg: Config) -> None:
             _check(ds >= 2, f"{where}.downsample", ds, ">= 2 (level 1 must be smaller than the image)")
         for key in ("hidden", "res_blocks"):
             value = getattr(level, key)
-            _check(value >= (0 if key == "res_blocks" else 1), f"{where}.{key}", value, ">= 1" if key != "res_blocks" else ">= 0")
+            least = 0 if key == "res_blocks" else 1
+            _check(value >= least, f"{where}.{key}", value, f">= {least}")
         _validate_kind(level.quantizer, f"{where}.quantizer")
         pixels = name == "1"
         if level.decoder is None:
             level.decoder = DECODERS.entry("logistic" if pixels else "factorised").config()
         kind = DECODERS.kind_of(level.decoder)
         if pixels != (kind in PIXEL_DECODERS):
-            need = " or ".join(PIXEL_DECODERS) if pixels else "one of " + ", ".join(k for k in DECODERS.kinds() if k not in PIXEL_DECODERS)
+            if pixels:
+                need = " or ".join(PIXEL_DECODERS)
+            else:
+                need = "one of " + ", ".join(k for k in DECODERS.kinds() if k not in PIXEL_DECODERS)
             what = "level 1 decodes pixels" if pixels else f"level {name} decodes the codes of level {int(name) - 1}"
             _check(False, f"{where}.decoder.kind", kind, f"{need} ({what})")
         _validate_kind(level.decoder, f"{where}.decoder")
@@ -467,7 +479,8 @@ def _validate(cfg: Config) -> None:
             d.source in LABELLED_SOURCES,
             "stages.prior.class_conditional",
             p.class_conditional,
-            f"false for data source {d.source!r}, which has no labels (sources with labels: {', '.join(LABELLED_SOURCES)})",
+            f"false for data source {d.source!r}, which has no labels "
+            f"(sources with labels: {', '.join(LABELLED_SOURCES)})",
         )
     if side is not None:
         check_decoder_coverage(cfg, side, side)
@@ -509,7 +522,8 @@ def upgrade_stage(name: str, raw: Any) -> Any:
         pixelcnn = raw.pop("pixelcnn", None)
         if name == "1" and kind == "factorised":
             kind = "logistic"  # 0.1 called level 1's decoder factorised too
-        raw["decoder"] = {"kind": kind, **({"pixelcnn": pixelcnn} if kind == "autoregressive" and pixelcnn is not None else {})}
+        keeps_pixelcnn = kind == "autoregressive" and pixelcnn is not None
+        raw["decoder"] = {"kind": kind, **({"pixelcnn": pixelcnn} if keeps_pixelcnn else {})}
     elif "pixelcnn" in raw and raw.get("decoder") is None:
         raw.pop("pixelcnn")  # 0.1 wrote its defaults for every level, unused by a factorised decoder
     weights = raw.get("loss_weights")
@@ -540,7 +554,9 @@ def config_from_dict(raw: Any) -> Config:
     expected = [str(k) for k in range(1, len(levels) + 1)]
     for got, want in zip(levels, expected, strict=True):
         if got != want:
-            raise ConfigError(f"stages.{got}: unknown stage (stages are 1, 2, ... numbered from 1 without gaps, and prior)")
+            raise ConfigError(
+                f"stages.{got}: unknown stage (stages are 1, 2, ... numbered from 1 without gaps, and prior)"
+            )
     if not levels:
         raise ConfigError("stages: at least one level stage (stages.1) is needed")
     stages: dict[str, Any] = {}
@@ -612,7 +628,8 @@ class _StrictLoader(yaml.SafeLoader):
             except TypeError:  # unhashable: the base class reports it with its position
                 break
             if first is not None:
-                raise _DuplicateKey(f"key {_show(key)} given twice (lines {first.start_mark.line + 1} and {key_node.start_mark.line + 1})")
+                lines = f"lines {first.start_mark.line + 1} and {key_node.start_mark.line + 1}"
+                raise _DuplicateKey(f"key {_show(key)} given twice ({lines})")
             seen[key] = key_node
         return super().construct_mapping(node, deep=deep)
 

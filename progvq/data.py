@@ -226,8 +226,9 @@ def _triangle(
 ) -> tuple[np.ndarray, slice, slice]:
     """Filled triangle; returns (bool mask (h, w), row slice, col slice).
 
-    Vertices are uniform in a square of half-side ``r`` around a centre; thin
-    small or thin ones are redrawn so triangles look like triangles. No trigonometry is used, keeping the output bit-reproducible.
+    Vertices are uniform in a square of half-side ``r`` around a centre; small
+    or thin triangles are redrawn so triangles look like triangles. No
+    trigonometry is used, keeping the output bit-reproducible.
     """
     r = rng.uniform(0.25, 0.4) * size
     cy = rng.uniform(0.8 * r, size - 0.8 * r)
@@ -347,7 +348,10 @@ def load_mnist(folder: Path, prefix: str = "t10k") -> tuple[Tensor, Tensor | Non
     """
     folder = Path(folder)
     if not folder.is_dir():
-        what = "not a folder (data.path of source mnist names the folder of the idx files)" if folder.exists() else "MNIST folder not found"
+        if folder.exists():
+            what = "not a folder (data.path of source mnist names the folder of the idx files)"
+        else:
+            what = "MNIST folder not found"
         raise DataError(f"{folder}: {what}")
     images_stem = f"{prefix}-images-idx3-ubyte"
     images_path = _find_idx(folder, images_stem)
@@ -405,7 +409,10 @@ def load_image_folder(folder: Path, channels: int) -> Tensor:
     if channels not in (1, 3):
         raise DataError(f"{folder}: channels must be 1 or 3, got {channels}")
     if not folder.is_dir():
-        what = "not a folder (data.path of source folder names a folder of images)" if folder.exists() else "image folder not found"
+        if folder.exists():
+            what = "not a folder (data.path of source folder names a folder of images)"
+        else:
+            what = "image folder not found"
         raise DataError(f"{folder}: {what}")
     try:
         files = sorted(
@@ -656,7 +663,9 @@ def load_dataset(cfg: DataConfig, total_downsample: int = 1) -> ImageData:
     canvas = Canvas.unpadded((c, h, w))
     if cfg.size is not None and cfg.source != "shapes":
         if h > cfg.size or w > cfg.size:
-            raise DataError(f"{where}: images are {h}x{w}, larger than data.size ({cfg.size}); data.size only pads, it never crops")
+            raise DataError(
+                f"{where}: images are {h}x{w}, larger than data.size ({cfg.size}); data.size only pads, it never crops"
+            )
         canvas = Canvas((c, h, w), (c, cfg.size, cfg.size))
     _, ph, pw = canvas.padded
     if ph % total_downsample or pw % total_downsample:
@@ -681,7 +690,14 @@ def load_dataset(cfg: DataConfig, total_downsample: int = 1) -> ImageData:
 #: ``data.source`` -> a loader of (uint8 images (N, C, H, W), int64 labels (N,) or None) from the
 #: flat ``data`` section, which every source shares.
 SOURCES = Registry("data source", shared_config=True)
-SOURCES.add("shapes", DataConfig, lambda cfg: (make_shapes(cfg.count, size=cfg.size or SHAPES_DEFAULT_SIZE, channels=cfg.channels, seed=cfg.seed), None))
+SOURCES.add(
+    "shapes",
+    DataConfig,
+    lambda cfg: (
+        make_shapes(cfg.count, size=cfg.size or SHAPES_DEFAULT_SIZE, channels=cfg.channels, seed=cfg.seed),
+        None,
+    ),
+)
 SOURCES.add("mnist", DataConfig, lambda cfg: load_mnist(Path(cfg.path), cfg.prefix))
 SOURCES.add("folder", DataConfig, lambda cfg: (load_image_folder(Path(cfg.path), cfg.channels), None))
 SOURCES.add("array", DataConfig, lambda cfg: (load_array(Path(cfg.path), cfg.key), None))

@@ -25,7 +25,9 @@ class Interrupted(Exception):
     """Training stopped on SIGINT or SIGTERM after writing a checkpoint at ``step``."""
 
     def __init__(self, signal_name: str, stage: str, step: int, steps: int, path: str) -> None:
-        super().__init__(f"{signal_name}: stage {stage} stopped at step {step} of {steps}; checkpoint written to {path}")
+        super().__init__(
+            f"{signal_name}: stage {stage} stopped at step {step} of {steps}; checkpoint written to {path}"
+        )
         self.signal_name = signal_name
         self.stage = stage
         self.step = step

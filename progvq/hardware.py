@@ -24,7 +24,17 @@ import torch
 #: CPU flags (``/proc/cpuinfo``) of native bf16 arithmetic.
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 #: ``ONEDNN_MAX_CPU_ISA`` values that still allow the native bf16 paths.
-_ONEDNN_BF16_ISAS = ("ALL", "DEFAULT", "AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX512_CORE_AMX_FP16", "AVX10_1_512_AMX", "AVX10_1_512_AMX_FP16", "AVX10_2_512_AMX_2")
+_ONEDNN_BF16_ISAS = (
+    "ALL",
+    "DEFAULT",
+    "AVX512_CORE_BF16",
+    "AVX512_CORE_FP16",
+    "AVX512_CORE_AMX",
+    "AVX512_CORE_AMX_FP16",
+    "AVX10_1_512_AMX",
+    "AVX10_1_512_AMX_FP16",
+    "AVX10_2_512_AMX_2",
+)
 
 
 @functools.cache
@@ -88,10 +98,16 @@ def resolve_precision(requested: str, device: torch.device, where: str = "precis
         return "bf16" if native_bf16(device) else "fp32"
     if requested == "bf16" and not native_bf16(device) and where not in _warned:
         _warned.add(where)
-        what = "this CPU has neither AMX nor AVX-512 BF16" if device.type == "cpu" else f"{device.type} has no native bf16"
+        if device.type == "cpu":
+            what = "this CPU has neither AMX nor AVX-512 BF16"
+        else:
+            what = f"{device.type} has no native bf16"
         if device.type == "cpu" and cpu_flags() & set(BF16_FLAGS):
             what = "ATEN_CPU_CAPABILITY or ONEDNN_MAX_CPU_ISA keeps torch off its AVX-512 bf16 paths"
-        warnings.warn(f"{where}: bf16 will be slow here, often far slower than fp32 ({what}); `auto` would take fp32", stacklevel=2)
+        warnings.warn(
+            f"{where}: bf16 will be slow here, often far slower than fp32 ({what}); `auto` would take fp32",
+            stacklevel=2,
+        )
     return requested
 
 

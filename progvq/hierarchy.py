@@ -101,7 +101,10 @@ class Hierarchy(nn.Module):
         classes = self.num_classes
         if not classes:
             if label is not None:
-                raise RunError("a label was given but this run's prior is not class-conditional (stages.prior.class_conditional: false)")
+                raise RunError(
+                    "a label was given but this run's prior is not class-conditional "
+                    "(stages.prior.class_conditional: false)"
+                )
             return None
         if label is None:
             return torch.arange(n, device=self.device) % classes
@@ -200,7 +203,9 @@ class Hierarchy(nn.Module):
         gen = torch.Generator(device=self.device).manual_seed(seed)
         h, w = self.grid_shape(self.num_levels)
         known = known or {}
-        top = self.prior.sample(n, h, w, temperature=temperature, generator=gen, label=labels, known=known.get(self.num_levels))
+        top = self.prior.sample(
+            n, h, w, temperature=temperature, generator=gen, label=labels, known=known.get(self.num_levels)
+        )
         return self.decode(top, self.num_levels, code_temperature=code_temperature, generator=gen, known=known)
 
     # ------------------------------------------------------------------ likelihood
@@ -211,9 +216,10 @@ class Hierarchy(nn.Module):
 
         ``images`` (B, C, H, W) uint8 are at the data's own size. The bits include
         the padding's (so the total bounds -log2 p(x) of the original image) and are
-        divided by the original C x H x W, never the padded one. Keys ``"0"`` .. ``str(L)``: level 0 is -log D_1(x | z_1), level k in
-        1..L-1 is -log D_(k+1)(z_k | z_(k+1)), level L is -log p(z_L) under the
-        prior. ``"total"`` is their sum. Each value is (B,). ``codes`` are the
+        divided by the original C x H x W, never the padded one. Keys ``"0"`` ..
+        ``str(L)``: level 0 is -log D_1(x | z_1), level k in 1..L-1 is
+        -log D_(k+1)(z_k | z_(k+1)), level L is -log p(z_L) under the prior.
+        ``"total"`` is their sum. Each value is (B,). ``codes`` are the
         encoder's codes of ``images`` when the caller already has them.
 
         A class-conditional prior gives -log p(z_L | y) for ``labels`` (B,)

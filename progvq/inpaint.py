@@ -120,7 +120,9 @@ def box_mask(height: int, width: int, box: tuple[int, int, int, int]) -> Tensor:
     for name, value, top in (("x0", x0, width), ("y0", y0, height), ("x1", x1, width), ("y1", y1, height)):
         if not 0 <= value <= top:
             axis = "x" if name[0] == "x" else "y"
-            raise InpaintError(f"--box {text}: {name} = {value} is outside the {width}x{height} image ({axis} in 0..{top})")
+            raise InpaintError(
+                f"--box {text}: {name} = {value} is outside the {width}x{height} image ({axis} in 0..{top})"
+            )
     if x1 <= x0 or y1 <= y0:
         raise InpaintError(f"--box {text}: empty box (need x0 < x1 and y0 < y1; x1 and y1 are exclusive)")
     mask = torch.zeros(height, width, dtype=torch.bool)
@@ -154,9 +156,13 @@ def _check_inputs(model: Hierarchy, images: Tensor, masks: Tensor) -> None:
     if images.dtype != torch.uint8 or images.dim() != 4:
         raise InpaintError(f"the image must be uint8 (C, H, W), got {images.dtype} of shape {tuple(images.shape[1:])}")
     if tuple(images.shape[1:]) != (c, h, w):
-        raise InpaintError(f"the image is {'x'.join(map(str, images.shape[1:]))} (C x H x W) but the run's images are {c}x{h}x{w}")
+        raise InpaintError(
+            f"the image is {'x'.join(map(str, images.shape[1:]))} (C x H x W) but the run's images are {c}x{h}x{w}"
+        )
     if masks.dtype != torch.bool or tuple(masks.shape) != (len(images), h, w):
-        raise InpaintError(f"the mask must be bool ({h}, {w}) like the image, got {masks.dtype} of shape {tuple(masks.shape[1:])}")
+        raise InpaintError(
+            f"the mask must be bool ({h}, {w}) like the image, got {masks.dtype} of shape {tuple(masks.shape[1:])}"
+        )
     if not masks.flatten(1).any(1).all():
         raise InpaintError("the mask marks no pixel as missing: nothing to complete")
     if model.prior is None:
@@ -212,7 +218,15 @@ class _Options:
     fill: int
 
 
-def _check_options(model: Hierarchy, n: int, seed: int, temperature: float, code_temperature: float | None, candidates: int, fill: int) -> _Options:
+def _check_options(
+    model: Hierarchy,
+    n: int,
+    seed: int,
+    temperature: float,
+    code_temperature: float | None,
+    candidates: int,
+    fill: int,
+) -> _Options:
     if n < 1:
         raise InpaintError(f"n must be >= 1, got {n}")
     if candidates < 1:
@@ -227,7 +241,14 @@ def _check_options(model: Hierarchy, n: int, seed: int, temperature: float, code
     return _Options(seed, temperature, code_temperature, candidates, fill)
 
 
-def _complete(model: Hierarchy, images: Tensor, masks: Tensor, n: int, opt: _Options, label: int | Tensor | None) -> Completion:
+def _complete(
+    model: Hierarchy,
+    images: Tensor,
+    masks: Tensor,
+    n: int,
+    opt: _Options,
+    label: int | Tensor | None,
+) -> Completion:
     """The method of the module docstring for a batch: images (B, C, H, W), masks (B, H, W).
 
     Returns images (B n, C, H, W), codes per level (B n, h_k, w_k), missing per level
@@ -256,8 +277,13 @@ def _complete(model: Hierarchy, images: Tensor, masks: Tensor, n: int, opt: _Opt
         labels = None if labels is None else labels[chosen]
 
     # levels below: the hierarchy's own top-down pass, unknown codes from the decoders, known ones kept
-    known = {k: (known_codes[k - 1].repeat_interleave(n, 0), (~missing[k - 1]).repeat_interleave(n, 0)) for k in range(1, model.num_levels)}
-    pixels, codes = model.decode(top, model.num_levels, code_temperature=opt.code_temperature, generator=gen, known=known, all_levels=True)
+    known = {
+        k: (known_codes[k - 1].repeat_interleave(n, 0), (~missing[k - 1]).repeat_interleave(n, 0))
+        for k in range(1, model.num_levels)
+    }
+    pixels, codes = model.decode(
+        top, model.num_levels, code_temperature=opt.code_temperature, generator=gen, known=known, all_levels=True
+    )
     out = torch.where(masks.repeat_interleave(n, 0)[:, None], pixels, images.repeat_interleave(n, 0))
     return Completion(out, codes, missing, labels)
 
@@ -289,9 +315,12 @@ def complete(
     if image.dim() != 3:
         raise InpaintError(f"the image must be uint8 (C, H, W), got {image.dtype} of shape {tuple(image.shape)}")
     if mask.dim() != 2:
-        raise InpaintError(f"the mask must be bool (H, W) like the image, got {mask.dtype} of shape {tuple(mask.shape)}")
+        raise InpaintError(
+            f"the mask must be bool (H, W) like the image, got {mask.dtype} of shape {tuple(mask.shape)}"
+        )
     _check_inputs(model, image[None], mask[None])
-    done = _complete(model, image[None], mask[None], n, opt, None if label is None else torch.as_tensor(label).expand(n)[None])
+    labels = None if label is None else torch.as_tensor(label).expand(n)[None]
+    done = _complete(model, image[None], mask[None], n, opt, labels)
     return Completion(done.images, done.codes, [m[0] for m in done.missing], done.labels)
 
 
@@ -388,7 +417,9 @@ def read_image(path: str | Path, shape: tuple[int, int, int]) -> Tensor:
     c, h, w = shape
     rgb = _open(path, "image")
     if rgb.shape[:2] != (h, w):
-        raise InpaintError(f"{path}: image is {rgb.shape[1]}x{rgb.shape[0]} (width x height), the run's images are {w}x{h}")
+        raise InpaintError(
+            f"{path}: image is {rgb.shape[1]}x{rgb.shape[0]} (width x height), the run's images are {w}x{h}"
+        )
     if c == 1:
         if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])):
             raise InpaintError(f"{path}: a colour image, but the run's images are grey (1 channel)")
@@ -401,13 +432,16 @@ def read_mask(path: str | Path, height: int, width: int) -> Tensor:
     path = Path(path)
     rgb = _open(path, "mask")
     if rgb.shape[:2] != (height, width):
-        raise InpaintError(f"{path}: mask is {rgb.shape[1]}x{rgb.shape[0]} (width x height), the image is {width}x{height}")
+        raise InpaintError(
+            f"{path}: mask is {rgb.shape[1]}x{rgb.shape[0]} (width x height), the image is {width}x{height}"
+        )
     bad = ~((rgb == 0).all(axis=2) | (rgb == 255).all(axis=2))
     if bad.any():
         y, x = (int(v) for v in np.argwhere(bad)[0])
         value = rgb[y, x, 0] if (rgb[y, x] == rgb[y, x, 0]).all() else tuple(int(v) for v in rgb[y, x])
         raise InpaintError(
-            f"{path}: not a binary mask (pixel x={x}, y={y} is {value}; use 0 (black) for known pixels, 255 (white) for missing)"
+            f"{path}: not a binary mask (pixel x={x}, y={y} is {value}; "
+            "use 0 (black) for known pixels, 255 (white) for missing)"
         )
     mask = torch.from_numpy(rgb[..., 0] == 255)
     if not mask.any():

@@ -37,12 +37,18 @@ QUANTIZERS.add("fsq", FSQConfig, FSQConfig.build)
 DECODERS = Registry("decoder")
 DECODERS.add("logistic", LogisticConfig, lambda d, t, q, dim, channels, below: PixelLevel(t, q, channels, dim))
 DECODERS.add("factorised", FactorisedConfig, lambda d, t, q, dim, channels, below: CodeLevel(t, q, below, dim))
-DECODERS.add("autoregressive", AutoregressiveConfig, lambda d, t, q, dim, channels, below: AutoregressiveCodeLevel(t, q, below, dim, d.pixelcnn))
+DECODERS.add(
+    "autoregressive",
+    AutoregressiveConfig,
+    lambda d, t, q, dim, channels, below: AutoregressiveCodeLevel(t, q, below, dim, d.pixelcnn),
+)
 #: decoder kinds that model pixels (level 1); every other kind models the codes of the level below
 PIXEL_DECODERS = ("logistic",)
 
 # a prior builder: (its config, codes of the top level, classes: 0 for an unconditional prior)
 PRIORS = Registry("prior")
-PRIORS.add("pixelcnn", PixelCNNConfig, lambda p, codes, classes: GatedPixelCNN.from_config(p, codes, num_classes=classes))
+PRIORS.add(
+    "pixelcnn", PixelCNNConfig, lambda p, codes, classes: GatedPixelCNN.from_config(p, codes, num_classes=classes)
+)
 
 __all__ = ["DECODERS", "PIXEL_DECODERS", "PRIORS", "QUANTIZERS", "Level", "MakeQuantizer", "Trunk"]

@@ -235,7 +235,14 @@ class AutoregressiveCodeLevel(CodeLevel):
 
     autoregressive = True
 
-    def __init__(self, trunk: Trunk, make_quantizer: MakeQuantizer, codes_below: int, dim: int, pixelcnn: PixelCNNConfig) -> None:
+    def __init__(
+        self,
+        trunk: Trunk,
+        make_quantizer: MakeQuantizer,
+        codes_below: int,
+        dim: int,
+        pixelcnn: PixelCNNConfig,
+    ) -> None:
         self._pixelcnn_config = pixelcnn  # read by _decoder_trunk, which the base class calls
         super().__init__(trunk, make_quantizer, codes_below, dim)
 
@@ -250,7 +257,8 @@ class AutoregressiveCodeLevel(CodeLevel):
         return self.decoder(self.quantizer.lookup(codes))
 
     def logits(self, codes: Tensor, below: Tensor | None = None) -> Tensor:
-        """Teacher-forced logits (B, K_(k-1), h, w): position (i, j) given ``below`` (B, h, w) before it and ``codes``."""
+        """Teacher-forced logits (B, K_(k-1), h, w): position (i, j) given ``below`` (B, h, w) before it
+        and ``codes``."""
         if below is None:
             raise ValueError("an autoregressive decoder's logits need the level k-1 codes (teacher forcing)")
         return _full(self.pixelcnn(below, self.condition(codes)))

@@ -39,7 +39,13 @@ def psnr(images: Tensor, recon: Tensor) -> float:
 
 
 @torch.no_grad()
-def level_metrics(level: Level, inputs: Tensor, batch_size: int = 500, *, canvas: Canvas | None = None) -> dict[str, float]:
+def level_metrics(
+    level: Level,
+    inputs: Tensor,
+    batch_size: int = 500,
+    *,
+    canvas: Canvas | None = None,
+) -> dict[str, float]:
     """Held-out figures of one level.
 
     Level 1 (``inputs``: uint8 images (N, C, H, W) of the data's own size, placed on

@@ -67,7 +67,15 @@ class Decoder(nn.Module):
     more than the rest of the decoder.
     """
 
-    def __init__(self, in_ch: int, hidden: int, out_ch: int, factor: int, res_blocks: int, head_kernel: int = 3) -> None:
+    def __init__(
+        self,
+        in_ch: int,
+        hidden: int,
+        out_ch: int,
+        factor: int,
+        res_blocks: int,
+        head_kernel: int = 3,
+    ) -> None:
         super().__init__()
         steps = _halvings(factor)
         layers: list[nn.Module] = [nn.Conv2d(in_ch, hidden, 3, padding=1)]

@@ -253,7 +253,14 @@ class GatedPixelCNN(nn.Module):
     unused_parameters = True
 
     @classmethod
-    def from_config(cls, cfg: PixelCNNConfig, num_codes: int, *, cond_channels: int = 0, num_classes: int = 0) -> GatedPixelCNN:
+    def from_config(
+        cls,
+        cfg: PixelCNNConfig,
+        num_codes: int,
+        *,
+        cond_channels: int = 0,
+        num_classes: int = 0,
+    ) -> GatedPixelCNN:
         return cls(
             num_codes,
             channels=cfg.channels,
@@ -275,7 +282,10 @@ class GatedPixelCNN(nn.Module):
         if label is not None or not self.num_classes:
             return self.log_prob_per_position(codes, label).flatten(1).sum(1)
         per_class = torch.stack(
-            [self.log_prob(codes, torch.full((len(codes),), y, dtype=torch.long, device=codes.device)) for y in range(self.num_classes)],
+            [
+                self.log_prob(codes, torch.full((len(codes),), y, dtype=torch.long, device=codes.device))
+                for y in range(self.num_classes)
+            ],
             dim=1,
         )  # (B, classes)
         return torch.logsumexp(per_class, dim=1) - math.log(self.num_classes)

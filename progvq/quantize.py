@@ -358,7 +358,9 @@ class VectorQuantizer(nn.Module):
         """
         if idx.device.type == "cpu":
             counts = torch.bincount(idx, minlength=self.num_codes).to(flat.dtype)
-            sums = torch.zeros(self.num_codes, flat.shape[1], dtype=flat.dtype).index_add_(0, idx, flat) if with_sums else None
+            sums = None
+            if with_sums:
+                sums = torch.zeros(self.num_codes, flat.shape[1], dtype=flat.dtype).index_add_(0, idx, flat)
             return counts, sums
         onehot = F.one_hot(idx, self.num_codes).type_as(flat)  # (N, K)
         return onehot.sum(0), onehot.T @ flat if with_sums else None

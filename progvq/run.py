@@ -212,7 +212,8 @@ class Run:
         step = int(ckpt["step"])
         note = f"{found.problems[0]}; using {found.path.name}" if found.fell_back else ""
         parents = {str(k): str(v) for k, v in dict(ckpt.get("parents", {})).items()}
-        return StageState(name, "done" if step >= steps else "partial", step, steps, str(ckpt["digest"]), parents, note=note)
+        state = "done" if step >= steps else "partial"
+        return StageState(name, state, step, steps, str(ckpt["digest"]), parents, note=note)
 
     def states(self, cfg: Config | None = None, upto: str | None = None) -> list[StageState]:
         """Every stage (up to ``upto``) in training order, with staleness marked."""
@@ -241,7 +242,10 @@ class Run:
         ckpt = found.checkpoint
         why = f" ({found.problems[0]}; {found.path.name} is the newest good one)" if found.fell_back else ""
         if int(ckpt["step"]) < int(ckpt["steps"]):
-            raise RunError(f"{path}: stage {name} is unfinished (step {ckpt['step']} of {ckpt['steps']}){why}; train it to the end first")
+            raise RunError(
+                f"{path}: stage {name} is unfinished (step {ckpt['step']} of {ckpt['steps']}){why}; "
+                "train it to the end first"
+            )
         if why:
             warnings.warn(f"stage {name}: using {found.path}{why}", stacklevel=3)
         return ckpt
@@ -284,7 +288,8 @@ class Run:
         try:
             model.load_state_dict(self.finished(name)["model"])
         except RuntimeError as err:
-            raise RunError(f"{self.checkpoint_path(name)}: weights do not fit its config ({str(err).splitlines()[0][:160]})") from None
+            first_line = str(err).splitlines()[0][:160]
+            raise RunError(f"{self.checkpoint_path(name)}: weights do not fit its config ({first_line})") from None
         model.to(device).eval().requires_grad_(False)
 
 
@@ -298,7 +303,10 @@ def canvas_of(ckpt: dict[str, Any], where: str | Path) -> Canvas:
     padded = tuple(int(v) for v in extra["image_shape"])
     data = ckpt.get("config", {}).get("data", {})
     if "original_shape" not in extra and data.get("size") is not None and data.get("source") != "shapes":
-        warnings.warn(f"{where}: its checkpoints predate the recording of the data's own size; figures are over the padded image", stacklevel=3)
+        warnings.warn(
+            f"{where}: its checkpoints predate the recording of the data's own size; figures are over the padded image",
+            stacklevel=3,
+        )
         return Canvas.unpadded(padded)  # type: ignore[arg-type]
     if "original_shape" not in extra:
         return Canvas.unpadded(padded)  # type: ignore[arg-type]  # never padded: generated at their size, or no data.size

@@ -228,7 +228,10 @@ class Trainer:
         self.weights = {name: float(w) for name, w in self.cfg.loss_weights.items()}
         self.order = BatchOrder(stage.num_train, self.cfg.batch_size, config.seed)
         if self.order.batch_size % self.ctx.world:
-            raise RunError(f"stages.{stage.name}.batch_size: {self.order.batch_size} does not split evenly over {self.ctx.world} processes")
+            raise RunError(
+                f"stages.{stage.name}.batch_size: {self.order.batch_size} "
+                f"does not split evenly over {self.ctx.world} processes"
+            )
         self.forward_model = _wrap(self.model, self.ctx)  # the loss runs through DDP's forward, which syncs gradients
         # bf16 autocast covers the forward pass (and so the backward); parameters, optimiser
         # state and the quantiser's statistics stay fp32. auto takes bf16 where it is native
@@ -254,7 +257,8 @@ class Trainer:
             if recorded != self.parents:
                 changed = sorted(k for k in set(self.parents) | set(recorded) if self.parents.get(k) != recorded.get(k))
                 raise RunError(
-                    f"{found.path}: stage {name} was started on another version of stage {changed[0]} (retrained since); "
+                    f"{found.path}: stage {name} was started on another version of stage {changed[0]} "
+                    "(retrained since); "
                     f"train --stage {name} --restart trains it anew on the current one"
                 )
             try:
@@ -283,7 +287,9 @@ class Trainer:
         if parts.keys() != self.weights.keys():
             # the config's weights were checked against the stage kind's parts; a stage that returns
             # others is a stage whose kind is misdeclared
-            raise RunError(f"stage {self.stage.name} returns loss parts {sorted(parts)}, its config weights {sorted(self.weights)}")
+            raise RunError(
+                f"stage {self.stage.name} returns loss parts {sorted(parts)}, its config weights {sorted(self.weights)}"
+            )
         total = sum(self.weights[name] * value for name, value in parts.items())
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
@@ -317,7 +323,8 @@ class Trainer:
             self.writer.add_scalar(f"heldout/{name}", value, self.step)
         for name, grid in self.stage.images().items():
             self.writer.add_image(name, grid, self.step)
-        return f"stage {self.stage.name} step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in self.metrics.items())
+        figures = ", ".join(f"{k} {v:.4g}" for k, v in self.metrics.items())
+        return f"stage {self.stage.name} step {self.step}: {figures}"
 
     def checkpoint(self) -> None:
         """Write the checkpoint of ``self.step`` (every rank joins: rank 0 gathers their generator states)."""
@@ -351,7 +358,13 @@ class Trainer:
             return FitResult(self.step, self.step >= cfg.steps, self.metrics)
         if self.ctx.main:
             self.writer = SummaryWriter(str(self.stage_dir), purge_step=self.step if self.step > 0 else None)
-        bar = tqdm(total=cfg.steps, initial=self.step, desc=f"stage {self.stage.name}", disable=not self.progress, dynamic_ncols=True)
+        bar = tqdm(
+            total=cfg.steps,
+            initial=self.step,
+            desc=f"stage {self.stage.name}",
+            disable=not self.progress,
+            dynamic_ncols=True,
+        )
         seen, busy, total_seen, total_busy = 0, 0.0, 0, 0.0  # items and seconds of training steps
         with _stop_requests() as stop:
             try:
@@ -373,7 +386,13 @@ class Trainer:
                     if any_rank(stop.name is not None, self.ctx) and self.step < end:
                         if self.saved_at != self.step:
                             self.checkpoint()
-                        raise Interrupted(stop.name or "a signal to another rank", self.stage.name, self.step, cfg.steps, str(self.ckpt_path))
+                        raise Interrupted(
+                            stop.name or "a signal to another rank",
+                            self.stage.name,
+                            self.step,
+                            cfg.steps,
+                            str(self.ckpt_path),
+                        )
             finally:
                 bar.close()
                 if self.writer is not None:
@@ -406,9 +425,12 @@ def fit(
     if found is True:
 
         def damaged(path: Path) -> None:
-            trainer.log(f"stage {stage.name}: {path.name} is damaged, moved to {set_aside(path).name}; it will not be loaded")
+            trainer.log(
+                f"stage {stage.name}: {path.name} is damaged, moved to {set_aside(path).name}; it will not be loaded"
+            )
 
-        found = load_latest(trainer.ckpt_path, map_location=trainer.device, on_damaged=damaged if trainer.ctx.main else None)
+        on_damaged = damaged if trainer.ctx.main else None
+        found = load_latest(trainer.ckpt_path, map_location=trainer.device, on_damaged=on_damaged)
     trainer.resume(found or None)
     if on_ready is not None:
         on_ready()
