@@ -30,7 +30,9 @@ from progvq.errors import ProgvqError
 def _parser() -> argparse.ArgumentParser:
     from progvq import __version__
 
-    parser = argparse.ArgumentParser(prog="progvq", description="Train, sample and evaluate hierarchical VQ models one level at a time.")
+    parser = argparse.ArgumentParser(
+        prog="progvq", description="Train, sample and evaluate hierarchical VQ models one level at a time."
+    )
     parser.add_argument("--version", action="version", version=f"progvq {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -39,24 +41,56 @@ def _parser() -> argparse.ArgumentParser:
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--stage", help="stage to train: 1, 2, ..., or prior")
     which.add_argument("--all", action="store_true", help="train every stage not done yet, in order")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config value, e.g. stages.1.steps=500 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. stages.1.steps=500 (repeatable)",
+    )
     p.add_argument("--run-dir", help="run directory (default: the config's run_dir, else runs/<config name>)")
-    p.add_argument("--until", type=int, metavar="STEP", help="stop (with a checkpoint) at this step; train again to continue")
-    p.add_argument("--restart", action="store_true", help="keep the stage's old training aside (stage-N.old-M) and train it anew")
+    p.add_argument(
+        "--until", type=int, metavar="STEP", help="stop (with a checkpoint) at this step; train again to continue"
+    )
+    p.add_argument(
+        "--restart", action="store_true", help="keep the stage's old training aside (stage-N.old-M) and train it anew"
+    )
     p.add_argument("--force", action="store_true", help="adopt this config for a run directory created with another")
-    p.add_argument("--from", dest="reuse", metavar="OTHER_RUN", help="reuse OTHER_RUN's finished stages whose config equals this one's (with --all)")
+    p.add_argument(
+        "--from",
+        dest="reuse",
+        metavar="OTHER_RUN",
+        help="reuse OTHER_RUN's finished stages whose config equals this one's (with --all)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = sub.add_parser("sample", help="sample images from the whole hierarchy")
     p.add_argument("run_dir")
     p.add_argument("-n", type=int, default=64, help="number of images (default 64)")
-    p.add_argument("--temperature", type=float, default=1.0, help="prior temperature; 0 takes the most likely code (default 1)")
-    p.add_argument("--code-temperature", type=float, default=None, help="temperature of the code decoders of levels >= 2 (default: the run's sample.code_temperature)")
+    p.add_argument(
+        "--temperature", type=float, default=1.0, help="prior temperature; 0 takes the most likely code (default 1)"
+    )
+    p.add_argument(
+        "--code-temperature",
+        type=float,
+        default=None,
+        help="temperature of the code decoders of levels >= 2 (default: the run's sample.code_temperature)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="samples.png", help="PNG grid; the images also go to the same name with .npz")
     p.add_argument("--nrow", type=int, default=None, help="images per row of the grid")
-    p.add_argument("--label", type=int, default=None, help="class of every sample (class-conditional prior only; default: the classes in turn)")
-    p.add_argument("--allow-stale", action="store_true", help="use the hierarchy even if a stage was trained on a lower stage since retrained")
+    p.add_argument(
+        "--label",
+        type=int,
+        default=None,
+        help="class of every sample (class-conditional prior only; default: the classes in turn)",
+    )
+    p.add_argument(
+        "--allow-stale",
+        action="store_true",
+        help="use the hierarchy even if a stage was trained on a lower stage since retrained",
+    )
 
     p = sub.add_parser("inpaint", help="complete the masked part of an image")
     p.add_argument("run_dir")
@@ -67,18 +101,45 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=int, default=16, help="number of completions (default 16)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--temperature", type=float, default=1.0, help="prior temperature (default 1)")
-    p.add_argument("--code-temperature", type=float, default=None, help="temperature of the code decoders of levels >= 2 (default: the run's sample.code_temperature)")
-    p.add_argument("--candidates", type=int, default=1, help="top-level draws per completion, one kept by importance weight (default 1)")
-    p.add_argument("--label", type=int, default=None, help="class of the completions (class-conditional prior only; default: inferred)")
-    p.add_argument("--out", default="inpainted.png", help="PNG grid (original, masked input, completions); arrays to the same name with .npz")
+    p.add_argument(
+        "--code-temperature",
+        type=float,
+        default=None,
+        help="temperature of the code decoders of levels >= 2 (default: the run's sample.code_temperature)",
+    )
+    p.add_argument(
+        "--candidates",
+        type=int,
+        default=1,
+        help="top-level draws per completion, one kept by importance weight (default 1)",
+    )
+    p.add_argument(
+        "--label",
+        type=int,
+        default=None,
+        help="class of the completions (class-conditional prior only; default: inferred)",
+    )
+    p.add_argument(
+        "--out",
+        default="inpainted.png",
+        help="PNG grid (original, masked input, completions); arrays to the same name with .npz",
+    )
     p.add_argument("--nrow", type=int, default=None, help="images per row of the grid")
-    p.add_argument("--allow-stale", action="store_true", help="use the hierarchy even if a stage was trained on a lower stage since retrained")
+    p.add_argument(
+        "--allow-stale",
+        action="store_true",
+        help="use the hierarchy even if a stage was trained on a lower stage since retrained",
+    )
 
     p = sub.add_parser("eval", help="held-out figures: bits/dim by level, reconstruction, codebook usage")
     p.add_argument("run_dir")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--split", choices=["heldout", "train"], default="heldout")
-    p.add_argument("--allow-stale", action="store_true", help="evaluate even if a stage was trained on a lower stage since retrained")
+    p.add_argument(
+        "--allow-stale",
+        action="store_true",
+        help="evaluate even if a stage was trained on a lower stage since retrained",
+    )
 
     p = sub.add_parser("status", help="each stage: done, partial (step N of M) or missing, and whether it is stale")
     p.add_argument("run_dir")
@@ -109,7 +170,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         if args.reuse is not None:
             raise ProgvqError("--from goes with --all: it adopts the stages it can and trains the rest")
-        train_stage(cfg, args.stage, run_dir, until=args.until, restart=args.restart, force=args.force, progress=progress)
+        train_stage(
+            cfg, args.stage, run_dir, until=args.until, restart=args.restart, force=args.force, progress=progress
+        )
     return 0
 
 
@@ -134,7 +197,9 @@ def _check_label(label: int | None, classes: int, run_dir: str) -> None:
     if label is None:
         return
     if not classes:
-        raise ProgvqError(f"--label {label}: the prior of {run_dir} is not class-conditional (stages.prior.class_conditional: false)")
+        raise ProgvqError(
+            f"--label {label}: the prior of {run_dir} is not class-conditional (stages.prior.class_conditional: false)"
+        )
     if not 0 <= label < classes:
         raise ProgvqError(f"--label {label}: out of range; the prior of {run_dir} has classes 0..{classes - 1}")
 
@@ -148,7 +213,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     _check_label(args.label, model.num_classes, args.run_dir)
     code_temperature = model.config.sample.code_temperature if args.code_temperature is None else args.code_temperature
     _positive(code_temperature, "--code-temperature", 0)
-    images = model.sample(args.n, temperature=args.temperature, code_temperature=code_temperature, seed=args.seed, label=args.label)
+    images = model.sample(
+        args.n, temperature=args.temperature, code_temperature=code_temperature, seed=args.seed, label=args.label
+    )
     # a class-conditional prior cycles the classes: one class per column
     nrow = args.nrow or (model.num_classes if model.num_classes and args.label is None else None)
     save_png(image_grid(images, nrow=nrow), out)
@@ -209,9 +276,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
         return 0
     c, h, w = canvas.shape
-    padded = f" (padded to {canvas.padded[1]}x{canvas.padded[2]} for the model; the padding's bits stay in the bound)" if canvas.is_padded else ""
-    print(f"{args.run_dir}: {args.split} split, {len(images)} images; figures over the data's own {c}x{h}x{w} pixels{padded}")
-    trained = ", ".join(f"{'prior' if n == 'prior' else 'stage ' + n} {info.get('precision', '?')}" for n, info in model.trained_with.items())
+    padded = ""
+    if canvas.is_padded:
+        padded = (
+            f" (padded to {canvas.padded[1]}x{canvas.padded[2]} for the model; the padding's bits stay in the bound)"
+        )
+    print(
+        f"{args.run_dir}: {args.split} split, {len(images)} images; "
+        f"figures over the data's own {c}x{h}x{w} pixels{padded}"
+    )
+    trained = ", ".join(
+        f"{'prior' if n == 'prior' else 'stage ' + n} {info.get('precision', '?')}"
+        for n, info in model.trained_with.items()
+    )
     places = sorted({str(info.get("hardware", "?")) for info in model.trained_with.values()})
     if trained:
         print(f"  trained in {trained}, on {'; '.join(places)}")
@@ -220,10 +297,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if "psnr" in fig:
             main = f"PSNR {fig['psnr']:.2f} dB, {fig['bits_per_dim']:.4f} bits/dim"
         else:
-            main = f"code accuracy {fig['accuracy']:.3f}, {fig['bits_per_code']:.3f} bits/code, PSNR through level {k} {fig['psnr_through']:.2f} dB"
-        print(f"  level {k}: {main}; codes used {int(fig['codes_used'])} ({fig['usage']:.0%}), perplexity {fig['perplexity']:.1f}")
+            main = (
+                f"code accuracy {fig['accuracy']:.3f}, {fig['bits_per_code']:.3f} bits/code, "
+                f"PSNR through level {k} {fig['psnr_through']:.2f} dB"
+            )
+        print(
+            f"  level {k}: {main}; codes used {int(fig['codes_used'])} ({fig['usage']:.0%}), "
+            f"perplexity {fig['perplexity']:.1f}"
+        )
     prior = report["prior"]
-    given = f" ({prior['bits_per_code_given_label']:.3f} given the class)" if "bits_per_code_given_label" in prior else ""
+    given = ""
+    if "bits_per_code_given_label" in prior:
+        given = f" ({prior['bits_per_code_given_label']:.3f} given the class)"
     print(f"  prior: {prior['bits_per_code']:.3f} bits/code{given}")
     bpd = report["bits_per_dim"]
     top = model.num_levels
@@ -247,7 +332,12 @@ COMMANDS = {"train": cmd_train, "sample": cmd_sample, "inpaint": cmd_inpaint, "e
 
 
 def _one_line_warnings(
-    message: Warning | str, category: type[Warning], filename: str, lineno: int, file: TextIO | None = None, line: str | None = None
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
 ) -> None:
     """warnings.showwarning for users: one line, no source location."""
     print(f"progvq: warning: {message}", file=sys.stderr if file is None else file)

@@ -123,9 +123,15 @@ def _lower_parents(cfg: Config, run: Run, name: str) -> dict[str, str]:
     for state in run.states(cfg, upto=names[names.index(name) - 1]) if names.index(name) else []:
         lower = state.name
         if state.state != "done":
-            raise RunError(f"stage {name} needs stage {lower}, which is {state.describe()}; train stage {lower} first (--stage {lower})")
+            raise RunError(
+                f"stage {name} needs stage {lower}, which is {state.describe()}; "
+                f"train stage {lower} first (--stage {lower})"
+            )
         if state.stale:
-            raise RunError(f"stage {name} needs stage {lower}, which is stale ({state.stale}); retrain it first (--stage {lower} --restart)")
+            raise RunError(
+                f"stage {name} needs stage {lower}, which is stale ({state.stale}); "
+                f"retrain it first (--stage {lower} --restart)"
+            )
         parents[lower] = state.digest
     return parents
 
@@ -191,12 +197,27 @@ def train_stage(
 
     extra = {**stage.canvas.to_list(), **getattr(stage, "extra", {})}  # the shapes the models take and the data's own
     try:
-        result = fit(stage, cfg, stage_dir, parents=parents, until=until, progress=progress, log=log, extra=extra, ctx=ctx, on_ready=record_config, found=found)
+        result = fit(
+            stage,
+            cfg,
+            stage_dir,
+            parents=parents,
+            until=until,
+            progress=progress,
+            log=log,
+            extra=extra,
+            ctx=ctx,
+            on_ready=record_config,
+            found=found,
+        )
     finally:
         pipeline.trained(name)
     barrier(ctx)  # the next stage on any rank reads the checkpoint rank 0 has just written
     if not result.done:
-        log(f"stage {name}: stopped at step {result.step} of {cfg.stages[name].steps}; run the same train command to continue")
+        log(
+            f"stage {name}: stopped at step {result.step} of {cfg.stages[name].steps}; "
+            "run the same train command to continue"
+        )
     return result
 
 

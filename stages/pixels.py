@@ -37,7 +37,8 @@ class PixelStage:
         self.rate = uniform_rate(grid, self.settings.codes, self.canvas.shape)
 
     def batch(self, index: Tensor) -> Tensor:
-        return to_unit(self.train_images[index]).contiguous(memory_format=torch.channels_last)  # (B, C, H, W) in [-1, 1]
+        # (B, C, H, W) in [-1, 1]
+        return to_unit(self.train_images[index]).contiguous(memory_format=torch.channels_last)
 
     def loss(self, model: nn.Module, x: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         out = model(x)

@@ -20,7 +20,8 @@ if TYPE_CHECKING:
 
 
 class PriorStage:
-    """Fits p(z_L), or p(z_L | y) with ``class_conditional``, by maximum likelihood on the frozen hierarchy's top codes."""
+    """Fits p(z_L), or p(z_L | y) with ``class_conditional``, by maximum likelihood on the frozen
+    hierarchy's top codes."""
 
     def __init__(self, cfg: Config, pipeline: Pipeline) -> None:
         self.name = "prior"
@@ -52,7 +53,9 @@ class PriorStage:
         """Top codes (B, h, w) int64 and their classes (B,) int64 (None when unconditional)."""
         return self.train_codes[index], None if self.train_labels is None else self.train_labels[index]
 
-    def loss(self, model: nn.Module, batch: tuple[Tensor, Tensor | None]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    def loss(
+        self, model: nn.Module, batch: tuple[Tensor, Tensor | None]
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         codes, labels = batch
         nll = -code_log_prob(model(codes, label=labels), codes).mean()  # nats per code
         return {"nll": nll}, {"bits_per_code": nll.detach() / math.log(2)}
