@@ -31,7 +31,8 @@ def overrides(steps: int, measured: str | None) -> list[str]:
     flags = []
     for stage in STAGES:
         n = steps if stage == measured else 4
-        for key, value in (("steps", n), ("log_every", 10), ("eval_every", 10**6), ("checkpoint_every", 10**6), ("warmup", 1)):
+        settings = (("steps", n), ("log_every", 10), ("eval_every", 10**6), ("checkpoint_every", 10**6), ("warmup", 1))
+        for key, value in settings:
             flags += ["--set", f"stages.{stage}.{key}={value}"]
     return flags
 
@@ -51,9 +52,14 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="progvq-ddp-"))
     base = work / "base"
-    cli = [str(ROOT / "run_stage.py"), "train", args.config, "--no-progress", "--force"]  # --force: other step counts than the base run
+    # --force: other step counts than the base run
+    cli = [str(ROOT / "run_stage.py"), "train", args.config, "--no-progress", "--force"]
     for stage in STAGES[:-1]:  # lower stages, briefly
-        subprocess.run([sys.executable, *cli, "--stage", stage, "--run-dir", str(base), *overrides(args.steps, None)], check=True, capture_output=True)
+        subprocess.run(
+            [sys.executable, *cli, "--stage", stage, "--run-dir", str(base), *overrides(args.steps, None)],
+            check=True,
+            capture_output=True,
+        )
     report = {"config": args.config, "steps": args.steps, "stages": {}}
     for stage in STAGES:
         row = {}

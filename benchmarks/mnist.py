@@ -37,7 +37,8 @@ def step_speed(cfg, steps: int = 20) -> float:
     level = PixelLevel(cfg.level(1), cfg.data.channels).to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(level.parameters(), lr=1e-3)
     size = cfg.data.size or 32
-    x = (torch.rand(cfg.level(1).batch_size, cfg.data.channels, size, size) * 2 - 1).contiguous(memory_format=torch.channels_last)
+    x = torch.rand(cfg.level(1).batch_size, cfg.data.channels, size, size) * 2 - 1
+    x = x.contiguous(memory_format=torch.channels_last)
     for i in range(steps + 5):
         if i == 5:
             start = time.perf_counter()
@@ -66,7 +67,8 @@ def main() -> None:
         result = train_stage(cfg, name, run_dir, progress=False, log=lambda s: print(s, file=sys.stderr))
         seconds = time.perf_counter() - start
         figures["stages"][name] = {
-            "seconds": round(seconds, 1),  # everything: data, encoding of lower levels, training, evaluations, checkpoints
+            # everything: data, encoding of lower levels, training, evaluations, checkpoints
+            "seconds": round(seconds, 1),
             "train_seconds": round(result.train_seconds, 1),  # training steps alone
             "steps": result.step,
             "images_per_s": round(result.images / max(result.train_seconds, 1e-9), 1),
@@ -79,7 +81,10 @@ def main() -> None:
     data = load_dataset(model.config.data, model.config.total_downsample())
     start = time.perf_counter()
     figures["trained_with"] = model.trained_with
-    figures["pixels"] = f"per dim of the data's own {'x'.join(map(str, model.image_shape))} images; the padding's bits stay in the bound"
+    figures["pixels"] = (
+        f"per dim of the data's own {'x'.join(map(str, model.image_shape))} images; "
+        "the padding's bits stay in the bound"
+    )
     figures["heldout"] = model.evaluate(data.heldout)
     figures["eval_seconds"] = round(time.perf_counter() - start, 1)
     start = time.perf_counter()

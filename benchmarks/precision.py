@@ -38,7 +38,9 @@ def train(config: str, precision: str, steps: int) -> dict:
     from progvq.config import load_config
     from stages import train_stage
 
-    cfg = load_config(config, [f"stages.1.precision={precision}", f"stages.1.steps={steps}", f"stages.1.eval_every={steps}"])
+    cfg = load_config(
+        config, [f"stages.1.precision={precision}", f"stages.1.steps={steps}", f"stages.1.eval_every={steps}"]
+    )
     run = Path(tempfile.mkdtemp(prefix=f"precision-{precision}-"))
     result = train_stage(cfg, "1", run, progress=False, log=lambda m: None)
     return {
@@ -62,7 +64,10 @@ def speed_ratio(config: str, rounds: int = 5, steps: int = 40) -> list[float]:
     for _ in range(rounds):
         speed = {}
         for precision in ("fp32", "bf16"):
-            cfg = load_config(config, [f"stages.1.precision={precision}", f"stages.1.steps={steps}", f"stages.1.eval_every={10**6}"])
+            cfg = load_config(
+                config,
+                [f"stages.1.precision={precision}", f"stages.1.steps={steps}", f"stages.1.eval_every={10**6}"],
+            )
             seed_everything(0)
             stage = build_stage(cfg, "1", Path("unused"), torch.device("cpu"))
             stage_dir = Path(tempfile.mkdtemp(prefix="probe-"))

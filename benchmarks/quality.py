@@ -50,15 +50,24 @@ from progvq.run import Run
 from stages import adopt, train_stage
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICK = [f"stages.{s}.{k}={v}" for s in ("1", "2", "prior") for k, v in (("steps", 20), ("eval_every", 20), ("warmup", 5))]
+QUICK = [
+    f"stages.{s}.{k}={v}" for s in ("1", "2", "prior") for k, v in (("steps", 20), ("eval_every", 20), ("warmup", 5))
+]
 
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def train(config: Path, run_dir: Path, overrides: list[str], reuse: Path | None = None, stages: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Train every stage not done yet, after reusing ``reuse``'s equal stages (``train --all --from``); seconds per stage.
+def train(
+    config: Path,
+    run_dir: Path,
+    overrides: list[str],
+    reuse: Path | None = None,
+    stages: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """Train every stage not done yet, after reusing ``reuse``'s equal stages (``train --all --from``);
+    seconds per stage.
 
     ``stages`` names the stages expected to be reused, so a config that drifted from the run it
     reuses shows up as an error here rather than as a silently retrained stage.
@@ -75,7 +84,11 @@ def train(config: Path, run_dir: Path, overrides: list[str], reuse: Path | None 
         before = run.state(name, cfg).state == "done"
         start = time.perf_counter()
         result = train_stage(cfg, name, run, progress=False, log=log)
-        times[name] = {"seconds": round(time.perf_counter() - start, 1), "train_seconds": round(result.train_seconds, 1), "steps": result.step}
+        times[name] = {
+            "seconds": round(time.perf_counter() - start, 1),
+            "train_seconds": round(result.train_seconds, 1),
+            "steps": result.step,
+        }
         if before:
             times[name]["trained_before"] = str(reuse) if name in stages else "in this run directory"
     return times
@@ -144,12 +157,22 @@ MASKS = {"bottom": (0, 14, 28, 28), "right": (14, 0, 28, 28)}  # x0, y0, x1, y1 
 
 
 def inpainting(
-    model: Hierarchy, classifier: Classifier, images: Tensor, labels: Tensor, mask: Tensor, n: int, candidates: int, chunk: int = 100
+    model: Hierarchy,
+    classifier: Classifier,
+    images: Tensor,
+    labels: Tensor,
+    mask: Tensor,
+    n: int,
+    candidates: int,
+    chunk: int = 100,
 ) -> tuple[dict[str, Any], Tensor]:
     """Complete every image n times; how often the classifier calls a completion the original digit."""
     start = time.perf_counter()
     done = torch.cat(
-        [inpaint_batch(model, images[i : i + chunk], mask, n, seed=i, candidates=candidates) for i in range(0, len(images), chunk)]
+        [
+            inpaint_batch(model, images[i : i + chunk], mask, n, seed=i, candidates=candidates)
+            for i in range(0, len(images), chunk)
+        ]
     )  # (N, n, 1, 28, 28)
     seconds = time.perf_counter() - start
     pred = classifier.predict(done.flatten(0, 1)).view(len(images), n)
@@ -189,10 +212,26 @@ def main() -> None:
     plan = {
         "factorised": (mnist, [], fact, None, ()),
         "autoregressive": (mnist_ar, [], ar, fact, ("1",)),
-        "factorised_class_conditional": (mnist, ["stages.prior.class_conditional=true"], fact.with_name(fact.name + "-cc"), fact, ("1", "2")),
-        "autoregressive_unconditional": (mnist_ar, ["stages.prior.class_conditional=false"], ar.with_name(ar.name + "-uncond"), ar, ("1", "2")),
+        "factorised_class_conditional": (
+            mnist,
+            ["stages.prior.class_conditional=true"],
+            fact.with_name(fact.name + "-cc"),
+            fact,
+            ("1", "2"),
+        ),
+        "autoregressive_unconditional": (
+            mnist_ar,
+            ["stages.prior.class_conditional=false"],
+            ar.with_name(ar.name + "-uncond"),
+            ar,
+            ("1", "2"),
+        ),
     }
-    figures: dict[str, Any] = {"hardware": describe(torch.device("cpu")), "threads": torch.get_num_threads(), "training": {}}
+    figures: dict[str, Any] = {
+        "hardware": describe(torch.device("cpu")),
+        "threads": torch.get_num_threads(),
+        "training": {},
+    }
     wall = time.perf_counter()
 
     # 1. training, each run after the one it reuses stages from
@@ -234,13 +273,19 @@ def main() -> None:
     figures["classifier"]["heldout_accuracy"] = accuracy(classifier.predict(data.heldout), data.heldout_labels)
     for kind in ("factorised", "autoregressive"):
         model = models[kind]
-        recon = torch.cat([model.reconstruct(heldout[i : i + 500], level=model.num_levels) for i in range(0, len(heldout), 500)])
-        figures["classifier"][f"accuracy_on_{kind}_reconstructions_through_level_2"] = accuracy(classifier.predict(recon), heldout_labels)
+        recon = torch.cat(
+            [model.reconstruct(heldout[i : i + 500], level=model.num_levels) for i in range(0, len(heldout), 500)]
+        )
+        key = f"accuracy_on_{kind}_reconstructions_through_level_2"
+        figures["classifier"][key] = accuracy(classifier.predict(recon), heldout_labels)
     wanted = torch.arange(1000) % 10
     figures["class_conditional_samples"] = {"samples": 1000}
     for kind in ("autoregressive", "factorised_class_conditional"):
-        samples = torch.cat([models[kind].sample(200, seed=10 + i, label=wanted[i : i + 200]) for i in range(0, 1000, 200)])
-        figures["class_conditional_samples"][f"{kind}_classified_as_the_class_asked_for"] = accuracy(classifier.predict(samples), wanted)
+        samples = torch.cat(
+            [models[kind].sample(200, seed=10 + i, label=wanted[i : i + 200]) for i in range(0, 1000, 200)]
+        )
+        key = f"{kind}_classified_as_the_class_asked_for"
+        figures["class_conditional_samples"][key] = accuracy(classifier.predict(samples), wanted)
     for kind in ("factorised", "autoregressive_unconditional"):
         counts = torch.bincount(classifier.predict(models[kind].sample(1000, seed=10)), minlength=10).tolist()
         figures["class_conditional_samples"][f"{kind}_unconditional_samples_per_class"] = counts
@@ -253,9 +298,14 @@ def main() -> None:
     for name, box in MASKS.items():
         mask = box_mask(28, 28, box)
         baseline = heldout.masked_fill(mask, 0)  # the hole left black
-        part: dict[str, Any] = {"box_x0_y0_x1_y1": list(box), "baseline_masked_input_accuracy": accuracy(classifier.predict(baseline), heldout_labels)}
+        part: dict[str, Any] = {
+            "box_x0_y0_x1_y1": list(box),
+            "baseline_masked_input_accuracy": accuracy(classifier.predict(baseline), heldout_labels),
+        }
         for kind, candidates in settings:
-            result, done = inpainting(models[kind], classifier, heldout, heldout_labels, mask, args.completions, candidates)
+            result, done = inpainting(
+                models[kind], classifier, heldout, heldout_labels, mask, args.completions, candidates
+            )
             part[f"{kind}_candidates_{candidates}"] = result
             log(f"inpainting {name} {kind} x{candidates}: {result}")
             if (kind, candidates) in (("factorised", 1), ("autoregressive", 10)):

@@ -61,8 +61,14 @@ def _overrides(steps: int, precision: str, prepare: bool) -> list[str]:
     flags = []
     for stage in ("1", "2", "prior"):
         n = 4 if prepare else steps
-        flags += [f"stages.{stage}.steps={n}", f"stages.{stage}.eval_every={10**6}", f"stages.{stage}.checkpoint_every={10**6}",
-                  f"stages.{stage}.log_every={10**6}", f"stages.{stage}.precision={precision}", f"stages.{stage}.warmup=1"]
+        flags += [
+            f"stages.{stage}.steps={n}",
+            f"stages.{stage}.eval_every={10**6}",
+            f"stages.{stage}.checkpoint_every={10**6}",
+            f"stages.{stage}.log_every={10**6}",
+            f"stages.{stage}.precision={precision}",
+            f"stages.{stage}.warmup=1",
+        ]
     return flags
 
 
@@ -121,7 +127,9 @@ def measure_sampling(run_dir: Path) -> dict:
         with torch.no_grad():
             prior(codes)
             forward = median(_timed(lambda: prior(codes)) for _ in range(7))
-        cached = median(_timed(lambda: prior.sample(64, h, w, generator=torch.Generator().manual_seed(0))) for _ in range(5))
+        cached = median(
+            _timed(lambda: prior.sample(64, h, w, generator=torch.Generator().manual_seed(0))) for _ in range(5)
+        )
         naive = _timed(lambda: prior.sample(64, h, w, generator=torch.Generator().manual_seed(0), method="naive"))
         return {
             "params": sum(p.numel() for p in prior.parameters()),
@@ -162,7 +170,9 @@ def main() -> None:
     parser.add_argument("--config", default=str(ROOT / "configs" / "mnist.yaml"))
     parser.add_argument("--steps", type=int, default=60, help="training steps timed per stage and precision")
     parser.add_argument("--precisions", default="fp32,bf16")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating measurements per stage and precision (median kept)")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="alternating measurements per stage and precision (median kept)"
+    )
     parser.add_argument("--out", default=None, help="also write the JSON here")
     parser.add_argument("--measure", nargs=3, metavar=("STAGE", "RUN_DIR", "PRECISION"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -175,20 +185,29 @@ def main() -> None:
     from progvq.config import load_config
     from stages import train_all
 
-    report: dict = {"torch": torch.__version__, "hardware": describe(torch.device("cpu")), "threads": torch.get_num_threads()}
-    report["matmul"] = {"fp32_gflop_s": round(matmul_peak(torch.float32), 1), "bf16_gflop_s": round(matmul_peak(torch.bfloat16), 1)}
+    report: dict = {
+        "torch": torch.__version__,
+        "hardware": describe(torch.device("cpu")),
+        "threads": torch.get_num_threads(),
+    }
+    report["matmul"] = {
+        "fp32_gflop_s": round(matmul_peak(torch.float32), 1),
+        "bf16_gflop_s": round(matmul_peak(torch.bfloat16), 1),
+    }
     peak = report["matmul"]["fp32_gflop_s"]
 
     run_dir = Path(tempfile.mkdtemp(prefix="speed-run-"))
-    train_all(load_config(args.config, _overrides(args.steps, "fp32", prepare=True)), run_dir, progress=False, log=lambda m: None)
+    base = load_config(args.config, _overrides(args.steps, "fp32", prepare=True))
+    train_all(base, run_dir, progress=False, log=lambda m: None)
     rows = []
     for name in ("1", "2", "prior"):
         # precisions alternate over rounds, so a neighbour's load hits each alike; medians are kept
         runs: dict[str, list[dict]] = {p: [] for p in args.precisions.split(",")}
         for _ in range(args.rounds):
             for precision, measured in runs.items():
+                measure = ["--measure", name, str(run_dir), precision]
                 child = subprocess.run(
-                    [sys.executable, __file__, "--config", args.config, "--steps", str(args.steps), "--measure", name, str(run_dir), precision],
+                    [sys.executable, __file__, "--config", args.config, "--steps", str(args.steps), *measure],
                     capture_output=True, text=True, check=True, cwd=Path.cwd(),
                 )
                 measured.append(json.loads(child.stdout.strip().splitlines()[-1]))
@@ -200,7 +219,9 @@ def main() -> None:
             row["fraction_of_fp32_peak"] = round(row["achieved_gflop_s"] / peak, 3)
             if precision != "fp32" and "fp32" in runs:
                 pairs = zip(measured, runs["fp32"], strict=True)
-                row["speedup_over_fp32_each_round"] = [round(m["images_per_s"] / f["images_per_s"], 2) for m, f in pairs]
+                row["speedup_over_fp32_each_round"] = [
+                    round(m["images_per_s"] / f["images_per_s"], 2) for m, f in pairs
+                ]
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
     report["stages"] = rows
