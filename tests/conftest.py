@@ -49,6 +49,7 @@ def tiny_conditional_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if not MNIST_DIR.exists():
         pytest.skip("no ../shared/data/mnist")
     run = tmp_path_factory.mktemp("tiny_conditional") / "run"
-    args = ["train", str(TINY_CONDITIONAL), "--all", "--run-dir", str(run), "--no-progress", "--set", f"data.path={MNIST_DIR}"]
+    args = ["train", str(TINY_CONDITIONAL), "--all", "--run-dir", str(run), "--no-progress"]
+    args += ["--set", f"data.path={MNIST_DIR}"]
     assert main(args) == 0
     return run

@@ -60,7 +60,14 @@ def overrides(steps: int) -> list[str]:
 
 
 def train_command(run_dir: Path, stage: str, steps: int) -> list[str]:
-    return [sys.executable, str(ROOT / "run_stage.py"), "train", str(TINY), "--stage", stage, "--run-dir", str(run_dir), "--no-progress", *overrides(steps)]
+    return [
+        sys.executable,
+        str(ROOT / "run_stage.py"),
+        "train",
+        str(TINY),
+        *("--stage", stage, "--run-dir", str(run_dir), "--no-progress"),
+        *overrides(steps),
+    ]
 
 
 @dataclass
@@ -115,7 +122,8 @@ def _wait_for_write(proc: subprocess.Popen, stage_dir: Path, timeout: float) -> 
 
 
 def _kill_with_both_checkpoints(proc: subprocess.Popen, stage_dir: Path, rng: random.Random, timeout: float) -> bool:
-    """SIGKILL ``proc`` at a moment when ``checkpoint.pt`` and its previous one are both complete; False if it ended first.
+    """SIGKILL ``proc`` at a moment when ``checkpoint.pt`` and its previous one are both complete;
+    False if it ended first.
 
     The process is frozen with SIGSTOP before the files are looked at, so what is
     seen is what the kill leaves: no write in progress (a write renames the newest
@@ -127,7 +135,8 @@ def _kill_with_both_checkpoints(proc: subprocess.Popen, stage_dir: Path, rng: ra
         if proc.poll() is not None:
             return False
         proc.send_signal(signal.SIGSTOP)
-        ready = not unfinished_writes(stage_dir) and (stage_dir / "checkpoint.pt").exists() and (stage_dir / PREVIOUS_NAME).exists()
+        both_there = (stage_dir / "checkpoint.pt").exists() and (stage_dir / PREVIOUS_NAME).exists()
+        ready = not unfinished_writes(stage_dir) and both_there
         if ready:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
@@ -166,7 +175,17 @@ def reference(work: Path, steps: int) -> Path:
     return run
 
 
-def interrupt_stage(ref: Path, work: Path, stage: str, steps: int, *, kills: int, signals: int, seed: int, log: bool = False) -> Report:
+def interrupt_stage(
+    ref: Path,
+    work: Path,
+    stage: str,
+    steps: int,
+    *,
+    kills: int,
+    signals: int,
+    seed: int,
+    log: bool = False,
+) -> Report:
     """Train ``stage`` in a copy of ``ref`` through ``kills`` SIGKILLs and ``signals`` SIGTERM/SIGINT stops."""
     rng = random.Random(f"{seed}-{stage}")
     run = work / f"interrupted-{stage}"
@@ -183,7 +202,9 @@ def interrupt_stage(ref: Path, work: Path, stage: str, steps: int, *, kills: int
     logs = work / f"log-{stage}.txt"
     with open(logs, "w") as out:
         for what in plan:
-            proc = subprocess.Popen(train_command(run, stage, steps), env=ENV, stdout=out, stderr=subprocess.STDOUT, text=True)
+            proc = subprocess.Popen(
+                train_command(run, stage, steps), env=ENV, stdout=out, stderr=subprocess.STDOUT, text=True
+            )
             report.restarts += 1
             if not _wait_for_write(proc, stage_dir, timeout=300):
                 break  # the stage finished before this interruption: the plan was too long for the steps
@@ -220,11 +241,24 @@ def interrupt_stage(ref: Path, work: Path, stage: str, steps: int, *, kills: int
                 expected = 128 + int(sig)
                 if proc.returncode != expected and proc.returncode != 0:
                     raise AssertionError(f"{sig.name}: exit status {proc.returncode}, expected {expected}")
-                event = Event(sig.name.lower(), _newest_step(stage_dir), bool(unfinished_writes(stage_dir)), returncode=proc.returncode)
+                event = Event(
+                    sig.name.lower(),
+                    _newest_step(stage_dir),
+                    bool(unfinished_writes(stage_dir)),
+                    returncode=proc.returncode,
+                )
             report.events.append(event)
             if log:
                 print(f"  stage {stage}: {event}", flush=True)
-        final = subprocess.run(train_command(run, stage, steps), check=False, env=ENV, stdout=out, stderr=subprocess.STDOUT, text=True, timeout=600)
+        final = subprocess.run(
+            train_command(run, stage, steps),
+            check=False,
+            env=ENV,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=600,
+        )
         report.restarts += 1
     if final.returncode != 0:
         raise AssertionError(f"final run of stage {stage} failed; see {logs}")
@@ -251,14 +285,23 @@ def main(argv: list[str] | None = None) -> int:
     ref = reference(work, steps)
     reports = []
     for stage in STAGES:
-        report = interrupt_stage(ref, work, stage, steps, kills=args.kills, signals=args.signals, seed=args.seed, log=True)
+        report = interrupt_stage(
+            ref, work, stage, steps, kills=args.kills, signals=args.signals, seed=args.seed, log=True
+        )
         reports.append(report)
         print(f"stage {stage}: {report.kills} kills ({report.kills_mid_write} mid-write), {report.signals} signals, "
               f"{report.damaged} damaged, {report.fallbacks} fallbacks, identical: {report.identical}", flush=True)
-    summary = {"steps": steps, "seconds": round(time.perf_counter() - started, 1), "stages": [asdict(r) for r in reports]}
+    summary = {
+        "steps": steps,
+        "seconds": round(time.perf_counter() - started, 1),
+        "stages": [asdict(r) for r in reports],
+    }
     print(json.dumps(summary, indent=1))
     ok = all(
-        r.identical and r.kills >= args.kills and r.signals >= args.signals and r.damaged == r.damage_planned == r.fallbacks
+        r.identical
+        and r.kills >= args.kills
+        and r.signals >= args.signals
+        and r.damaged == r.damage_planned == r.fallbacks
         for r in reports
     )
     return 0 if ok else 1

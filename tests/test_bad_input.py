@@ -268,7 +268,8 @@ def other_architecture_resume(ctx: Ctx) -> list[str]:
     """Stage 1 trained to step 3 of 6, then resumed with another width and --force."""
     run = ctx.tmp / "r"
     assert main(["train", str(TINY), "--stage", "1", "--until", "3", "--run-dir", str(run), "--no-progress"]) == 0
-    return ["train", str(TINY), "--stage", "1", "--run-dir", str(run), "--no-progress", "--set", "stages.1.hidden=32", "--force"]
+    args = ["train", str(TINY), "--stage", "1", "--run-dir", str(run), "--no-progress"]
+    return [*args, "--set", "stages.1.hidden=32", "--force"]
 
 
 def unreadable_config(ctx: Ctx) -> list[str]:
@@ -303,81 +304,238 @@ CASES: list[Case] = [
     Case("yaml", "tab-indent", with_text("stages:\n\t1: {}\n"), ("bad.yaml", "malformed YAML at line 2", "\\t")),
     Case("yaml", "unclosed-bracket", with_text("stages: {1: {steps: 3}\n"), ("bad.yaml", "malformed YAML")),
     Case("yaml", "scalar-top-level", with_text("42\n"), ("bad.yaml", "expected a mapping at the top level, got int")),
-    Case("yaml", "list-top-level", with_text("- 1\n- 2\n"), ("bad.yaml", "expected a mapping at the top level, got list")),
+    Case(
+        "yaml", "list-top-level", with_text("- 1\n- 2\n"),
+        ("bad.yaml", "expected a mapping at the top level, got list"),
+    ),
     Case("yaml", "empty-file", with_text(""), ("bad.yaml", "empty config")),
     Case("yaml", "only-comments", with_text("# a config\n"), ("bad.yaml", "empty config")),
     Case("yaml", "duplicate-key", appended("seed: 3\n"), ("bad.yaml", "key 'seed' given twice", "lines 7 and ")),
-    Case("yaml", "duplicate-stage", with_text(TINY.read_text().replace("  2:", "  1:")), ("bad.yaml", "key 1 given twice")),
-    Case("yaml", "not-utf8", with_text(b"stages:\n  1: {steps: \xff\xfe}\n"), ("bad.yaml", "not a YAML text file", "UTF-8")),
-    Case("yaml", "stages-not-a-mapping", with_text("stages: [1, 2]\n"), ("bad.yaml", "stages: expected a mapping of stages", "[1, 2]")),
-    Case("yaml", "impossible-date", with_text(TINY.read_text().replace("seed: 0", "seed: 2001-02-30")), ("bad.yaml", "line 7", "cannot read '2001-02-30' as timestamp")),
-    Case("yaml", "nested-too-deeply", with_text("seed: " + "[" * 3000 + "]" * 3000 + "\n"), ("bad.yaml", "nested too deeply")),
+    Case(
+        "yaml", "duplicate-stage", with_text(TINY.read_text().replace("  2:", "  1:")),
+        ("bad.yaml", "key 1 given twice"),
+    ),
+    Case(
+        "yaml", "not-utf8", with_text(b"stages:\n  1: {steps: \xff\xfe}\n"),
+        ("bad.yaml", "not a YAML text file", "UTF-8"),
+    ),
+    Case(
+        "yaml", "stages-not-a-mapping", with_text("stages: [1, 2]\n"),
+        ("bad.yaml", "stages: expected a mapping of stages", "[1, 2]"),
+    ),
+    Case(
+        "yaml", "impossible-date", with_text(TINY.read_text().replace("seed: 0", "seed: 2001-02-30")),
+        ("bad.yaml", "line 7", "cannot read '2001-02-30' as timestamp"),
+    ),
+    Case(
+        "yaml", "nested-too-deeply", with_text("seed: " + "[" * 3000 + "]" * 3000 + "\n"),
+        ("bad.yaml", "nested too deeply"),
+    ),
     # ---- unknown keys, at every level
     Case("unknown-key", "top", with_sets("colour=red"), ("tiny.yaml", "colour: unknown key", "known: data, device")),
     Case("unknown-key", "data", with_sets("data.colour=red"), ("data.colour: unknown key",)),
     Case("unknown-key", "stage", with_sets("stages.1.colour=red"), ("stages.1.colour: unknown key",)),
     Case("unknown-key", "prior", with_sets("stages.prior.colour=red"), ("stages.prior.colour: unknown key",)),
-    Case("unknown-key", "quantizer", with_sets("stages.2.quantizer.colour=red"), ("stages.2.quantizer.colour: unknown key", "known: codes, decay, dim, ema")),
-    Case("unknown-key", "fsq-quantizer", with_sets("stages.2.quantizer.kind=fsq"), ("stages.2.quantizer.codes: unknown key (known: levels)",)),
-    Case("unknown-key", "decoder-pixelcnn", with_sets("stages.2.decoder.kind=autoregressive", "stages.2.decoder.pixelcnn.colour=red"), ("stages.2.decoder.pixelcnn.colour: unknown key", "known: channels, dropout, kernel_size, layers")),
-    Case("unknown-key", "prior-pixelcnn", with_sets("stages.prior.pixelcnn.colour=red"), ("stages.prior.pixelcnn.colour: unknown key", "known: channels, dropout, kernel_size, layers")),
-    Case("unknown-key", "quantizer-kind", with_sets("stages.1.quantizer.kind=x"), ("stages.1.quantizer.kind: must be one of vq, fsq, got 'x'",)),
-    Case("unknown-key", "decoder-kind", with_sets("stages.2.decoder.kind=x"), ("stages.2.decoder.kind: must be one of logistic, factorised, autoregressive, got 'x'",)),
-    Case("unknown-key", "prior-kind", with_sets("stages.prior.kind=made"), ("stages.prior.kind: must be one of pixelcnn, got 'made'",)),
-    Case("unknown-key", "loss-weights", with_sets("stages.1.loss_weights.kl=1"), ("stages.1.loss_weights.kl: this stage has no such loss part (its parts: recon, codebook, commit, mse)",)),
-    Case("unknown-key", "prior-loss-weights", with_sets("stages.prior.loss_weights.recon=1"), ("stages.prior.loss_weights.recon: this stage has no such loss part (its parts: nll)",)),
+    Case(
+        "unknown-key", "quantizer", with_sets("stages.2.quantizer.colour=red"),
+        ("stages.2.quantizer.colour: unknown key", "known: codes, decay, dim, ema"),
+    ),
+    Case(
+        "unknown-key", "fsq-quantizer", with_sets("stages.2.quantizer.kind=fsq"),
+        ("stages.2.quantizer.codes: unknown key (known: levels)",),
+    ),
+    Case(
+        "unknown-key", "decoder-pixelcnn",
+        with_sets("stages.2.decoder.kind=autoregressive", "stages.2.decoder.pixelcnn.colour=red"),
+        ("stages.2.decoder.pixelcnn.colour: unknown key", "known: channels, dropout, kernel_size, layers"),
+    ),
+    Case(
+        "unknown-key", "prior-pixelcnn", with_sets("stages.prior.pixelcnn.colour=red"),
+        ("stages.prior.pixelcnn.colour: unknown key", "known: channels, dropout, kernel_size, layers"),
+    ),
+    Case(
+        "unknown-key", "quantizer-kind", with_sets("stages.1.quantizer.kind=x"),
+        ("stages.1.quantizer.kind: must be one of vq, fsq, got 'x'",),
+    ),
+    Case(
+        "unknown-key", "decoder-kind", with_sets("stages.2.decoder.kind=x"),
+        ("stages.2.decoder.kind: must be one of logistic, factorised, autoregressive, got 'x'",),
+    ),
+    Case(
+        "unknown-key", "prior-kind", with_sets("stages.prior.kind=made"),
+        ("stages.prior.kind: must be one of pixelcnn, got 'made'",),
+    ),
+    Case(
+        "unknown-key", "loss-weights", with_sets("stages.1.loss_weights.kl=1"),
+        ("stages.1.loss_weights.kl: this stage has no such loss part (its parts: recon, codebook, commit, mse)",),
+    ),
+    Case(
+        "unknown-key", "prior-loss-weights", with_sets("stages.prior.loss_weights.recon=1"),
+        ("stages.prior.loss_weights.recon: this stage has no such loss part (its parts: nll)",),
+    ),
     Case("unknown-key", "sample", with_sets("sample.colour=red"), ("sample.colour: unknown key",)),
     Case("unknown-key", "stage-gap", with_sets("stages.4.steps=1"), ("stages.4: unknown stage",)),
-    Case("unknown-key", "stage-1-twice", with_text("stages:\n  1: {}\n  '1': {}\n  prior: {}\n"), ("stages.1: given twice",)),
+    Case(
+        "unknown-key", "stage-1-twice", with_text("stages:\n  1: {}\n  '1': {}\n  prior: {}\n"),
+        ("stages.1: given twice",),
+    ),
     Case("unknown-key", "key-with-newline", appended('"a\\nb": 1\n'), ("'a\\nb': unknown key",)),
     # ---- wrong types
-    Case("type", "string-for-int", with_sets("stages.1.steps=ten"), ("stages.1.steps: expected an integer, got 'ten'",)),
+    Case(
+        "type", "string-for-int", with_sets("stages.1.steps=ten"),
+        ("stages.1.steps: expected an integer, got 'ten'",),
+    ),
     Case("type", "float-for-int", with_sets("stages.1.steps=2.5"), ("stages.1.steps: expected an integer, got 2.5",)),
-    Case("type", "bool-for-int", with_sets("stages.1.batch_size=true"), ("stages.1.batch_size: expected an integer, got True",)),
-    Case("type", "bool-for-float", with_change(set_key(S, 1, "lr", True)), ("stages.1.lr: expected a number, got True",)),
-    Case("type", "list-for-mapping", with_sets("stages.1.quantizer=[1, 2]"), ("stages.1.quantizer: expected a mapping with a kind (vq, fsq), got [1, 2]",)),
-    Case("type", "list-for-prior-network", with_sets("stages.prior.pixelcnn=[1, 2]"), ("stages.prior.pixelcnn: expected a mapping, got [1, 2]",)),
+    Case(
+        "type", "bool-for-int", with_sets("stages.1.batch_size=true"),
+        ("stages.1.batch_size: expected an integer, got True",),
+    ),
+    Case(
+        "type", "bool-for-float", with_change(set_key(S, 1, "lr", True)),
+        ("stages.1.lr: expected a number, got True",),
+    ),
+    Case(
+        "type", "list-for-mapping", with_sets("stages.1.quantizer=[1, 2]"),
+        ("stages.1.quantizer: expected a mapping with a kind (vq, fsq), got [1, 2]",),
+    ),
+    Case(
+        "type", "list-for-prior-network", with_sets("stages.prior.pixelcnn=[1, 2]"),
+        ("stages.prior.pixelcnn: expected a mapping, got [1, 2]",),
+    ),
     Case("type", "list-for-data", with_sets("data=[1]"), ("data: expected a mapping, got [1]",)),
     Case("type", "null-for-int", with_sets("stages.1.steps=null"), ("stages.1.steps: expected an integer, got None",)),
-    Case("type", "null-for-loss-weights", with_sets("stages.1.loss_weights=null"), ("stages.1.loss_weights: expected a mapping, got None",)),
+    Case(
+        "type", "null-for-loss-weights", with_sets("stages.1.loss_weights=null"),
+        ("stages.1.loss_weights: expected a mapping, got None",),
+    ),
     Case("type", "int-for-path", with_sets("data.path=5"), ("data.path: expected a string or null, got 5",)),
-    Case("type", "text-for-bool", with_sets("stages.1.quantizer.ema=yes please"), ("stages.1.quantizer.ema: expected true or false, got 'yes please'",)),
-    Case("type", "date-for-int", with_sets("seed=2001-01-01"), ("seed: expected an integer, got datetime.date(2001, 1, 1)",)),
-    Case("type", "int-beyond-64-bits", with_sets("stages.1.steps=" + "9" * 30), ("stages.1.steps: expected an integer that fits in 64 bits",)),
-    Case("type", "int-beyond-float", with_sets("stages.1.lr=1" + "0" * 400), ("stages.1.lr: expected a finite number",)),
+    Case(
+        "type", "text-for-bool", with_sets("stages.1.quantizer.ema=yes please"),
+        ("stages.1.quantizer.ema: expected true or false, got 'yes please'",),
+    ),
+    Case(
+        "type", "date-for-int", with_sets("seed=2001-01-01"),
+        ("seed: expected an integer, got datetime.date(2001, 1, 1)",),
+    ),
+    Case(
+        "type", "int-beyond-64-bits", with_sets("stages.1.steps=" + "9" * 30),
+        ("stages.1.steps: expected an integer that fits in 64 bits",),
+    ),
+    Case(
+        "type", "int-beyond-float", with_sets("stages.1.lr=1" + "0" * 400),
+        ("stages.1.lr: expected a finite number",),
+    ),
     Case("type", "nan-lr", with_sets("stages.1.lr=.nan"), ("stages.1.lr: expected a finite number, got nan",)),
-    Case("type", "nul-in-path", with_sets("data.source=folder", 'data.path="a\\0b"'), ("data.path: must not contain a NUL character",)),
+    Case(
+        "type", "nul-in-path", with_sets("data.source=folder", 'data.path="a\\0b"'),
+        ("data.path: must not contain a NUL character",),
+    ),
     # ---- out-of-range values
     Case("range", "negative-lr", with_sets("stages.1.lr=-0.1"), ("stages.1.lr: must be > 0, got -0.1",)),
     Case("range", "zero-steps", with_sets("stages.2.steps=0"), ("stages.2.steps: must be >= 1, got 0",)),
-    Case("range", "batch-size-0", with_sets("stages.prior.batch_size=0"), ("stages.prior.batch_size: must be >= 1, got 0",)),
-    Case("range", "negative-beta", with_sets("stages.1.loss_weights.commit=-1"), ("stages.1.loss_weights.commit: must be >= 0, got -1.0",)),
-    Case("range", "one-code", with_sets("stages.2.quantizer.codes=1"), ("stages.2.quantizer.codes: must be >= 2, got 1",)),
-    Case("range", "fsq-one-level", with_sets("stages.2.quantizer={{kind: fsq, levels: [1, 5]}}"), ("stages.2.quantizer.levels: must be a non-empty list of integers >= 2, got [1, 5]",)),
-    Case("range", "code-decoder-at-level-1", with_sets("stages.1.decoder.kind=factorised"), ("stages.1.decoder.kind: must be logistic (level 1 decodes pixels), got 'factorised'",)),
-    Case("range", "pixel-decoder-at-level-2", with_sets("stages.2.decoder.kind=logistic"), ("stages.2.decoder.kind: must be one of factorised, autoregressive (level 2 decodes the codes of level 1), got 'logistic'",)),
-    Case("range", "decoder-layers-0", with_sets("stages.2.decoder.kind=autoregressive", "stages.2.decoder.pixelcnn.layers=0"), ("stages.2.decoder.pixelcnn.layers: must be >= 1, got 0",)),
-    Case("range", "downsample-not-power-of-2", with_sets("stages.1.downsample=3"), ("stages.1.downsample: must be a power of 2, got 3",)),
-    Case("range", "downsample-too-big", with_sets("stages.1.downsample=32"), ("stages.1.downsample", "data.size (16)", "(32)")),
-    Case("range", "downsample-too-big-default-size", with_sets("data.size=null", "stages.1.downsample=32"), ("stages.2.downsample", "image side (32", "(64)")),
-    Case("range", "dropout-1", with_sets("stages.prior.pixelcnn.dropout=1"), ("stages.prior.pixelcnn.dropout: must be in [0, 1), got 1.0",)),
-    Case("range", "negative-code-temperature", with_sets("sample.code_temperature=-1"), ("sample.code_temperature: must be >= 0, got -1.0",)),
+    Case(
+        "range", "batch-size-0", with_sets("stages.prior.batch_size=0"),
+        ("stages.prior.batch_size: must be >= 1, got 0",),
+    ),
+    Case(
+        "range", "negative-beta", with_sets("stages.1.loss_weights.commit=-1"),
+        ("stages.1.loss_weights.commit: must be >= 0, got -1.0",),
+    ),
+    Case(
+        "range", "one-code", with_sets("stages.2.quantizer.codes=1"),
+        ("stages.2.quantizer.codes: must be >= 2, got 1",),
+    ),
+    Case(
+        "range", "fsq-one-level", with_sets("stages.2.quantizer={{kind: fsq, levels: [1, 5]}}"),
+        ("stages.2.quantizer.levels: must be a non-empty list of integers >= 2, got [1, 5]",),
+    ),
+    Case(
+        "range", "code-decoder-at-level-1", with_sets("stages.1.decoder.kind=factorised"),
+        ("stages.1.decoder.kind: must be logistic (level 1 decodes pixels), got 'factorised'",),
+    ),
+    Case(
+        "range", "pixel-decoder-at-level-2", with_sets("stages.2.decoder.kind=logistic"),
+        (
+            (
+                "stages.2.decoder.kind: must be one of factorised, autoregressive "
+                "(level 2 decodes the codes of level 1), got 'logistic'"
+            ),
+        ),
+    ),
+    Case(
+        "range", "decoder-layers-0",
+        with_sets("stages.2.decoder.kind=autoregressive", "stages.2.decoder.pixelcnn.layers=0"),
+        ("stages.2.decoder.pixelcnn.layers: must be >= 1, got 0",),
+    ),
+    Case(
+        "range", "downsample-not-power-of-2", with_sets("stages.1.downsample=3"),
+        ("stages.1.downsample: must be a power of 2, got 3",),
+    ),
+    Case(
+        "range", "downsample-too-big", with_sets("stages.1.downsample=32"),
+        ("stages.1.downsample", "data.size (16)", "(32)"),
+    ),
+    Case(
+        "range", "downsample-too-big-default-size", with_sets("data.size=null", "stages.1.downsample=32"),
+        ("stages.2.downsample", "image side (32", "(64)"),
+    ),
+    Case(
+        "range", "dropout-1", with_sets("stages.prior.pixelcnn.dropout=1"),
+        ("stages.prior.pixelcnn.dropout: must be in [0, 1), got 1.0",),
+    ),
+    Case(
+        "range", "negative-code-temperature", with_sets("sample.code_temperature=-1"),
+        ("sample.code_temperature: must be >= 0, got -1.0",),
+    ),
     Case("range", "negative-warmup", with_sets("stages.1.warmup=-1"), ("stages.1.warmup: must be >= 0, got -1",)),
-    Case("range", "checkpoint-every-0", with_sets("stages.1.checkpoint_every=0"), ("stages.1.checkpoint_every: must be >= 1, got 0",)),
-    Case("range", "decay-1", with_sets("stages.1.quantizer.decay=1"), ("stages.1.quantizer.decay: must be in (0, 1), got 1.0",)),
-    Case("range", "even-kernel", with_sets("stages.prior.pixelcnn.kernel_size=4"), ("stages.prior.pixelcnn.kernel_size: must be odd and >= 3, got 4",)),
-    Case("range", "min-lr-ratio-2", with_sets("stages.2.min_lr_ratio=2"), ("stages.2.min_lr_ratio: must be in [0, 1], got 2.0",)),
+    Case(
+        "range", "checkpoint-every-0", with_sets("stages.1.checkpoint_every=0"),
+        ("stages.1.checkpoint_every: must be >= 1, got 0",),
+    ),
+    Case(
+        "range", "decay-1", with_sets("stages.1.quantizer.decay=1"),
+        ("stages.1.quantizer.decay: must be in (0, 1), got 1.0",),
+    ),
+    Case(
+        "range", "even-kernel", with_sets("stages.prior.pixelcnn.kernel_size=4"),
+        ("stages.prior.pixelcnn.kernel_size: must be odd and >= 3, got 4",),
+    ),
+    Case(
+        "range", "min-lr-ratio-2", with_sets("stages.2.min_lr_ratio=2"),
+        ("stages.2.min_lr_ratio: must be in [0, 1], got 2.0",),
+    ),
     Case("range", "two-channels", with_sets("data.channels=2"), ("data.channels: must be 1 or 3, got 2",)),
     Case("range", "shapes-size-4", with_sets("data.size=4"), ("data.size: must be >= 8 for source 'shapes', got 4",)),
     Case("range", "negative-seed", with_sets("seed=-1"), ("seed: must be in [0, 4294967295], got -1",)),
     Case("range", "negative-data-seed", with_sets("data.seed=-5"), ("data.seed: must be in [0, 4294967295], got -5",)),
-    Case("range", "limit-below-heldout", with_sets("data.limit=10"), ("data.limit: must be > data.heldout (64), got 10",)),
-    Case("range", "heldout-above-count", with_sets("data.heldout=500"), ("data.count: must be > data.heldout (500), got 192",)),
-    Case("range", "empty-data-path", with_sets("data.source=folder", 'data.path=""'), ("data.path: must be a path, not empty",)),
-    Case("range", "empty-run-dir", with_change(set_key("run_dir", "")), ("run_dir: must be a path or null, not empty",)),
-    Case("range", "unknown-device", with_sets("device=tpu"), ("device: must be one of auto, cpu, cuda, mps", "got 'tpu'")),
-    Case("range", "unknown-source", with_sets("data.source=web"), ("data.source: must be one of shapes, mnist, folder, array, got 'web'",)),
-    Case("range", "mse-above-level-1", with_sets("stages.2.loss_weights.mse=1"), ("stages.2.loss_weights.mse: this stage has no such loss part (its parts: recon, codebook, commit)",)),
+    Case(
+        "range", "limit-below-heldout", with_sets("data.limit=10"),
+        ("data.limit: must be > data.heldout (64), got 10",),
+    ),
+    Case(
+        "range", "heldout-above-count", with_sets("data.heldout=500"),
+        ("data.count: must be > data.heldout (500), got 192",),
+    ),
+    Case(
+        "range", "empty-data-path", with_sets("data.source=folder", 'data.path=""'),
+        ("data.path: must be a path, not empty",),
+    ),
+    Case(
+        "range", "empty-run-dir", with_change(set_key("run_dir", "")),
+        ("run_dir: must be a path or null, not empty",),
+    ),
+    Case(
+        "range", "unknown-device", with_sets("device=tpu"),
+        ("device: must be one of auto, cpu, cuda, mps", "got 'tpu'"),
+    ),
+    Case(
+        "range", "unknown-source", with_sets("data.source=web"),
+        ("data.source: must be one of shapes, mnist, folder, array, got 'web'",),
+    ),
+    Case(
+        "range", "mse-above-level-1", with_sets("stages.2.loss_weights.mse=1"),
+        ("stages.2.loss_weights.mse: this stage has no such loss part (its parts: recon, codebook, commit)",),
+    ),
     # ---- bad --set overrides
     Case("set", "no-equals", with_sets("stages.1.steps"), ("--set 'stages.1.steps': expected KEY=VALUE",)),
     Case("set", "empty-key", with_sets("=5"), ("--set '=5': expected KEY=VALUE",)),
@@ -386,66 +544,214 @@ CASES: list[Case] = [
     Case("set", "bad-yaml-value", with_sets("stages.1.steps=[1"), ("stages.1.steps: expected an integer, got '[1'",)),
     Case("set", "through-a-scalar", with_sets("seed.x=1"), ("--set 'seed.x=1': seed is not a mapping",)),
     # ---- the config file itself
-    Case("config-file", "missing", lambda ctx: train_args(ctx, ctx.tmp / "absent.yaml"), ("{tmp}/absent.yaml: config file not found",)),
+    Case(
+        "config-file", "missing", lambda ctx: train_args(ctx, ctx.tmp / "absent.yaml"),
+        ("{tmp}/absent.yaml: config file not found",),
+    ),
     Case("config-file", "is-a-directory", config_is_a_directory, ("{tmp}/cfgdir.yaml: is a directory",)),
-    Case("config-file", "unreadable", unreadable_config, ("locked.yaml: cannot read config (Permission denied)",), skip_if_root=True),
+    Case(
+        "config-file", "unreadable", unreadable_config,
+        ("locked.yaml: cannot read config (Permission denied)",),
+        skip_if_root=True,
+    ),
     # ---- data
-    Case("data", "missing-folder", with_sets("data.source=folder", "data.path={tmp}/nowhere"), ("{tmp}/nowhere: image folder not found",)),
+    Case(
+        "data", "missing-folder", with_sets("data.source=folder", "data.path={tmp}/nowhere"),
+        ("{tmp}/nowhere: image folder not found",),
+    ),
     Case("data", "folder-is-a-file", with_sets("data.source=folder", f"data.path={TINY}"), (f"{TINY}: not a folder",)),
-    Case("data", "truncated-idx", mnist_folder(lambda f: (f / "t10k-images-idx3-ubyte").write_bytes(idx_bytes(images16())[:-10])), ("t10k-images-idx3-ubyte: idx payload is 3062 bytes, header announces 12 x 16 x 16 = 3072",)),
-    Case("data", "bad-idx-magic", mnist_folder(lambda f: (f / "t10k-images-idx3-ubyte").write_bytes(idx_bytes(images16(), magic=1234))), ("t10k-images-idx3-ubyte: not an idx file (magic 1234",)),
-    Case("data", "truncated-gzip-idx", mnist_folder(lambda f: (f / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(idx_bytes(images16()))[:-20])), ("t10k-images-idx3-ubyte.gz: cannot read idx file",)),
-    Case("data", "no-idx-file", mnist_folder(lambda f: (f / "readme.txt").write_text("x")), ("{tmp}/mnist: no MNIST images file",)),
-    Case("data", "label-count", mnist_folder(images_and_labels(12, 11)), ("t10k-labels-idx1-ubyte: 11 labels for 12 images",)),
-    Case("data", "npz-without-images", array_file("other.npz", lambda p: np.savez(p, pixels=images16(), labels=np.zeros(12))), ("other.npz: npz holds several arrays and no 'images'", "pixels, labels")),
-    Case("data", "npz-key-not-there", array_file("other.npz", lambda p: np.savez(p, pixels=images16()), "data.key=imgs"), ("other.npz: no array 'imgs' in npz (keys: pixels)",)),
-    Case("data", "npz-not-a-zip", array_file("cut.npz", lambda p: p.write_bytes(b"PK\x03\x04 cut short")), ("cut.npz: cannot load array",)),
-    Case("data", "npy-pickled-objects", array_file("obj.npy", lambda p: np.save(p, np.array([{"a": 1}], dtype=object), allow_pickle=True)), ("obj.npy: cannot load array", "allow_pickle=False")),
-    Case("data", "npy-int64", array_file("wide.npy", lambda p: np.save(p, images16().astype(np.int64))), ("wide.npy: dtype int64 not supported",)),
-    Case("data", "npy-float-0-255", array_file("f.npy", lambda p: np.save(p, images16().astype(np.float32))), ("f.npy: float values must lie in [0, 1], found 0..",)),
-    Case("data", "npy-2d", array_file("flat.npy", lambda p: np.save(p, images16()[:, 0])), ("flat.npy: 2-d array of shape (12, 16)",)),
-    Case("data", "npy-two-channels", array_file("c2.npy", lambda p: np.save(p, np.zeros((12, 2, 16, 16), np.uint8))), ("c2.npy: shape (12, 2, 16, 16) has no channel axis of size 1 or 3",)),
-    Case("data", "rgb-array-grey-config", array_file("rgb.npy", lambda p: np.save(p, np.zeros((12, 3, 16, 16), np.uint8))), ("rgb.npy: images have 3 channels but data.channels is 1",)),
-    Case("data", "array-path-is-a-directory", lambda ctx: train_args(ctx, TINY, *data_source("array", str(ctx.tmp))), ("{tmp}: is a directory, expected a .npy or .npz file",)),
-    Case("data", "images-larger-than-size", array_file("big.npy", lambda p: np.save(p, np.zeros((12, 20, 20), np.uint8))), ("big.npy: images are 20x20, larger than data.size (16)",)),
-    Case("data", "images-not-divisible", array_file("odd.npy", lambda p: np.save(p, np.zeros((12, 12, 12), np.uint8)), "data.size=null"), ("odd.npy: images are 12x12, not divisible by the levels' total downsampling 8",)),
-    Case("data", "png-not-a-png", png_folder(lambda f: (f / "05.png").write_bytes(b"hello, not a png")), ("pngs/05.png: cannot read image (UnidentifiedImageError",)),
-    Case("data", "png-truncated", png_folder(lambda f: truncate(f / "05.png", 60)), ("pngs/05.png: cannot read image",)),
-    Case("data", "png-mixed-sizes", png_folder(lambda f: Image.new("L", (16, 20)).save(f / "05.png")), ("pngs/05.png: image size 16x20 differs from 00.png's 16x16",)),
-    Case("data", "png-rgb-with-3-channels-mixed-sizes", png_folder(lambda f: Image.new("RGB", (8, 8)).save(f / "07.png"), channels=3), ("pngs/07.png: image size 8x8 differs",)),
-    Case("data", "empty-image-folder", png_folder(lambda f: [p.unlink() for p in f.glob("*.png")]), ("{tmp}/pngs: no image files (.png, .jpg, .jpeg)",)),
-    Case("data", "fewer-images-than-heldout", array_file("few.npy", lambda p: np.save(p, images16(5)), "data.heldout=8"), ("few.npy: 5 images, need more than data.heldout (8)",)),
-    Case("data", "nothing-left-to-train", array_file("few.npy", lambda p: np.save(p, images16(5)), "data.heldout=5"), ("few.npy: 5 images, need more than data.heldout (5)",)),
-    Case("data", "no-data-path", with_sets("data.source=array"), ("data.path: must be a path for source 'array', got None",)),
+    Case(
+        "data", "truncated-idx",
+        mnist_folder(lambda f: (f / "t10k-images-idx3-ubyte").write_bytes(idx_bytes(images16())[:-10])),
+        ("t10k-images-idx3-ubyte: idx payload is 3062 bytes, header announces 12 x 16 x 16 = 3072",),
+    ),
+    Case(
+        "data", "bad-idx-magic",
+        mnist_folder(lambda f: (f / "t10k-images-idx3-ubyte").write_bytes(idx_bytes(images16(), magic=1234))),
+        ("t10k-images-idx3-ubyte: not an idx file (magic 1234",),
+    ),
+    Case(
+        "data", "truncated-gzip-idx",
+        mnist_folder(
+            lambda f: (f / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(idx_bytes(images16()))[:-20])
+        ),
+        ("t10k-images-idx3-ubyte.gz: cannot read idx file",),
+    ),
+    Case(
+        "data", "no-idx-file", mnist_folder(lambda f: (f / "readme.txt").write_text("x")),
+        ("{tmp}/mnist: no MNIST images file",),
+    ),
+    Case(
+        "data", "label-count", mnist_folder(images_and_labels(12, 11)),
+        ("t10k-labels-idx1-ubyte: 11 labels for 12 images",),
+    ),
+    Case(
+        "data", "npz-without-images",
+        array_file("other.npz", lambda p: np.savez(p, pixels=images16(), labels=np.zeros(12))),
+        ("other.npz: npz holds several arrays and no 'images'", "pixels, labels"),
+    ),
+    Case(
+        "data", "npz-key-not-there", array_file("other.npz", lambda p: np.savez(p, pixels=images16()), "data.key=imgs"),
+        ("other.npz: no array 'imgs' in npz (keys: pixels)",),
+    ),
+    Case(
+        "data", "npz-not-a-zip", array_file("cut.npz", lambda p: p.write_bytes(b"PK\x03\x04 cut short")),
+        ("cut.npz: cannot load array",),
+    ),
+    Case(
+        "data", "npy-pickled-objects",
+        array_file("obj.npy", lambda p: np.save(p, np.array([{"a": 1}], dtype=object), allow_pickle=True)),
+        ("obj.npy: cannot load array", "allow_pickle=False"),
+    ),
+    Case(
+        "data", "npy-int64", array_file("wide.npy", lambda p: np.save(p, images16().astype(np.int64))),
+        ("wide.npy: dtype int64 not supported",),
+    ),
+    Case(
+        "data", "npy-float-0-255", array_file("f.npy", lambda p: np.save(p, images16().astype(np.float32))),
+        ("f.npy: float values must lie in [0, 1], found 0..",),
+    ),
+    Case(
+        "data", "npy-2d", array_file("flat.npy", lambda p: np.save(p, images16()[:, 0])),
+        ("flat.npy: 2-d array of shape (12, 16)",),
+    ),
+    Case(
+        "data", "npy-two-channels", array_file("c2.npy", lambda p: np.save(p, np.zeros((12, 2, 16, 16), np.uint8))),
+        ("c2.npy: shape (12, 2, 16, 16) has no channel axis of size 1 or 3",),
+    ),
+    Case(
+        "data", "rgb-array-grey-config",
+        array_file("rgb.npy", lambda p: np.save(p, np.zeros((12, 3, 16, 16), np.uint8))),
+        ("rgb.npy: images have 3 channels but data.channels is 1",),
+    ),
+    Case(
+        "data", "array-path-is-a-directory", lambda ctx: train_args(ctx, TINY, *data_source("array", str(ctx.tmp))),
+        ("{tmp}: is a directory, expected a .npy or .npz file",),
+    ),
+    Case(
+        "data", "images-larger-than-size",
+        array_file("big.npy", lambda p: np.save(p, np.zeros((12, 20, 20), np.uint8))),
+        ("big.npy: images are 20x20, larger than data.size (16)",),
+    ),
+    Case(
+        "data", "images-not-divisible",
+        array_file("odd.npy", lambda p: np.save(p, np.zeros((12, 12, 12), np.uint8)), "data.size=null"),
+        ("odd.npy: images are 12x12, not divisible by the levels' total downsampling 8",),
+    ),
+    Case(
+        "data", "png-not-a-png", png_folder(lambda f: (f / "05.png").write_bytes(b"hello, not a png")),
+        ("pngs/05.png: cannot read image (UnidentifiedImageError",),
+    ),
+    Case(
+        "data", "png-truncated", png_folder(lambda f: truncate(f / "05.png", 60)),
+        ("pngs/05.png: cannot read image",),
+    ),
+    Case(
+        "data", "png-mixed-sizes", png_folder(lambda f: Image.new("L", (16, 20)).save(f / "05.png")),
+        ("pngs/05.png: image size 16x20 differs from 00.png's 16x16",),
+    ),
+    Case(
+        "data", "png-rgb-with-3-channels-mixed-sizes",
+        png_folder(lambda f: Image.new("RGB", (8, 8)).save(f / "07.png"), channels=3),
+        ("pngs/07.png: image size 8x8 differs",),
+    ),
+    Case(
+        "data", "empty-image-folder", png_folder(lambda f: [p.unlink() for p in f.glob("*.png")]),
+        ("{tmp}/pngs: no image files (.png, .jpg, .jpeg)",),
+    ),
+    Case(
+        "data", "fewer-images-than-heldout", array_file("few.npy", lambda p: np.save(p, images16(5)), "data.heldout=8"),
+        ("few.npy: 5 images, need more than data.heldout (8)",),
+    ),
+    Case(
+        "data", "nothing-left-to-train", array_file("few.npy", lambda p: np.save(p, images16(5)), "data.heldout=5"),
+        ("few.npy: 5 images, need more than data.heldout (5)",),
+    ),
+    Case(
+        "data", "no-data-path", with_sets("data.source=array"),
+        ("data.path: must be a path for source 'array', got None",),
+    ),
     # ---- run directories and checkpoints
-    Case("run", "other-config-without-force", on_run("train", trained, "--stage", "1", "--set", "stages.1.quantizer.codes=32"), ("was created with a different config (stages.1.quantizer.codes: 16 there, 32 now)", "--force")),
-    Case("run", "other-architecture-with-force", other_architecture_resume, ("{tmp}/r/stage-1/checkpoint.pt: does not fit this stage's model",), new_files_ok=True),
-    Case("run", "truncated-checkpoint-status", on_run("status", damage_checkpoints("2", truncate)), ("{tmp}/run/stage-2/checkpoint.pt: not a loadable checkpoint",)),
-    Case("run", "truncated-checkpoint-train", on_run("train", damage_checkpoints("2", truncate), "--stage", "prior"), ("{tmp}/run/stage-2/checkpoint.pt: not a loadable checkpoint",)),
-    Case("run", "truncated-checkpoint-sample", on_run("sample", damage_checkpoints("1", truncate)), ("{tmp}/run/stage-1/checkpoint.pt: not a loadable checkpoint",)),
-    Case("run", "plain-tensor-checkpoint-sample", on_run("sample", damage_checkpoints("prior", lambda p: torch.save(torch.zeros(3), p))), ("{tmp}/run/prior/checkpoint.pt: not a progvq checkpoint",)),
-    Case("run", "plain-tensor-checkpoint-eval", on_run("eval", damage_checkpoints("1", lambda p: torch.save(torch.zeros(3), p))), ("{tmp}/run/stage-1/checkpoint.pt: not a progvq checkpoint",)),
+    Case(
+        "run", "other-config-without-force",
+        on_run("train", trained, "--stage", "1", "--set", "stages.1.quantizer.codes=32"),
+        ("was created with a different config (stages.1.quantizer.codes: 16 there, 32 now)", "--force"),
+    ),
+    Case(
+        "run", "other-architecture-with-force", other_architecture_resume,
+        ("{tmp}/r/stage-1/checkpoint.pt: does not fit this stage's model",),
+        new_files_ok=True,
+    ),
+    Case(
+        "run", "truncated-checkpoint-status", on_run("status", damage_checkpoints("2", truncate)),
+        ("{tmp}/run/stage-2/checkpoint.pt: not a loadable checkpoint",),
+    ),
+    Case(
+        "run", "truncated-checkpoint-train", on_run("train", damage_checkpoints("2", truncate), "--stage", "prior"),
+        ("{tmp}/run/stage-2/checkpoint.pt: not a loadable checkpoint",),
+    ),
+    Case(
+        "run", "truncated-checkpoint-sample", on_run("sample", damage_checkpoints("1", truncate)),
+        ("{tmp}/run/stage-1/checkpoint.pt: not a loadable checkpoint",),
+    ),
+    Case(
+        "run", "plain-tensor-checkpoint-sample",
+        on_run("sample", damage_checkpoints("prior", lambda p: torch.save(torch.zeros(3), p))),
+        ("{tmp}/run/prior/checkpoint.pt: not a progvq checkpoint",),
+    ),
+    Case(
+        "run", "plain-tensor-checkpoint-eval",
+        on_run("eval", damage_checkpoints("1", lambda p: torch.save(torch.zeros(3), p))),
+        ("{tmp}/run/stage-1/checkpoint.pt: not a progvq checkpoint",),
+    ),
     Case("run", "sample-missing-run", on_run("sample", missing_dir), ("{tmp}/no/such/run: no such run directory",)),
     Case("run", "eval-missing-run", on_run("eval", missing_dir), ("{tmp}/no/such/run: no such run directory",)),
     Case("run", "status-missing-run", on_run("status", missing_dir), ("{tmp}/no/such/run: no such run directory",)),
-    Case("run", "sample-not-a-run", on_run("sample", not_a_run), ("{tmp}/notrun/config.yaml: missing", "not a progvq run directory")),
+    Case(
+        "run", "sample-not-a-run", on_run("sample", not_a_run),
+        ("{tmp}/notrun/config.yaml: missing", "not a progvq run directory"),
+    ),
     Case("run", "eval-not-a-run", on_run("eval", not_a_run), ("{tmp}/notrun/config.yaml: missing",)),
     Case("run", "status-not-a-run", on_run("status", not_a_run), ("{tmp}/notrun/config.yaml: missing",)),
-    Case("run", "run-config-malformed", on_run("status", run_config(b"stages: [\n")), ("{tmp}/run/config.yaml: unreadable run config",)),
+    Case(
+        "run", "run-config-malformed", on_run("status", run_config(b"stages: [\n")),
+        ("{tmp}/run/config.yaml: unreadable run config",),
+    ),
     Case("run", "run-config-not-utf8", on_run("status", run_config(b"\xff\xfe\x00junk")), ("{tmp}/run/config.yaml",)),
     Case("run", "run-dir-is-a-file", run_dir_is_a_file, ("{tmp}/afile",)),
     # ---- command-line values
     Case("cli", "n-0", on_run("sample", trained, "-n", "0"), ("-n: must be >= 1, got 0",)),
-    Case("cli", "negative-temperature", on_run("sample", trained, "--temperature", "-1"), ("--temperature: must be >= 0, got -1.0",)),
-    Case("cli", "negative-code-temperature", on_run("sample", trained, "--code-temperature", "-1"), ("--code-temperature: must be >= 0, got -1.0",)),
-    Case("cli", "out-not-png", on_run("sample", trained, "--out", "{tmp}/s.jpg"), ("--out {tmp}/s.jpg: must end in .png",)),
+    Case(
+        "cli", "negative-temperature", on_run("sample", trained, "--temperature", "-1"),
+        ("--temperature: must be >= 0, got -1.0",),
+    ),
+    Case(
+        "cli", "negative-code-temperature", on_run("sample", trained, "--code-temperature", "-1"),
+        ("--code-temperature: must be >= 0, got -1.0",),
+    ),
+    Case(
+        "cli", "out-not-png", on_run("sample", trained, "--out", "{tmp}/s.jpg"),
+        ("--out {tmp}/s.jpg: must end in .png",),
+    ),
     Case("cli", "out-under-a-file", out_under_a_file, ("{tmp}/blocker",)),
     Case("cli", "negative-nrow", on_run("sample", trained, "-n", "2", "--nrow", "-1"), ("--nrow",)),
     Case("cli", "seed-beyond-64-bits", on_run("sample", trained, "-n", "2", "--seed", str(2**70)), ("--seed",)),
-    Case("cli", "until-0", lambda ctx: train_args(ctx, TINY, verb=("--stage", "1", "--until", "0")), ("--until: must be >= 1, got 0",)),
-    Case("cli", "until-with-all", lambda ctx: train_args(ctx, TINY, verb=("--all", "--until", "3")), ("--until and --restart go with --stage, not --all",)),
-    Case("cli", "unknown-stage", lambda ctx: train_args(ctx, TINY, verb=("--stage", "7")), ("--stage 7: no such stage in this config (stages: 1, 2, prior)",)),
-    Case("cli", "stage-out-of-order", lambda ctx: train_args(ctx, TINY, verb=("--stage", "prior")), ("stage prior needs stage 1, which is missing",)),
+    Case(
+        "cli", "until-0", lambda ctx: train_args(ctx, TINY, verb=("--stage", "1", "--until", "0")),
+        ("--until: must be >= 1, got 0",),
+    ),
+    Case(
+        "cli", "until-with-all", lambda ctx: train_args(ctx, TINY, verb=("--all", "--until", "3")),
+        ("--until and --restart go with --stage, not --all",),
+    ),
+    Case(
+        "cli", "unknown-stage", lambda ctx: train_args(ctx, TINY, verb=("--stage", "7")),
+        ("--stage 7: no such stage in this config (stages: 1, 2, prior)",),
+    ),
+    Case(
+        "cli", "stage-out-of-order", lambda ctx: train_args(ctx, TINY, verb=("--stage", "prior")),
+        ("stage prior needs stage 1, which is missing",),
+    ),
 ]
 
 
@@ -468,7 +774,11 @@ def test_table_is_big_and_unique() -> None:
 
 @pytest.mark.parametrize("case", _params())
 def test_bad_input_is_one_line_status_2_and_keeps_files(
-    case: Case, tmp_path: Path, request: pytest.FixtureRequest, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    case: Case,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.chdir(tmp_path)  # relative defaults (runs/<name>, samples.png) land here too
     argv = case.setup(Ctx(tmp_path, request))
@@ -500,7 +810,11 @@ def _no_space(*_: Any) -> None:
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
-def _disk_full_while_saving(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, Path, bytes]:
+def _disk_full_while_saving(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> tuple[int, str, Path, bytes]:
     """Stage 1 to step 3, then resume with every fsync failing with ENOSPC (the step-6 checkpoint cannot land)."""
     import progvq.fileio
 
@@ -516,7 +830,11 @@ def _disk_full_while_saving(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cap
 
 
 @pytest.mark.trains
-def test_disk_full_while_saving_a_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_disk_full_while_saving_a_checkpoint(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     code, err, run, old = _disk_full_while_saving(tmp_path, monkeypatch, capsys)
     assert code == 2
     assert len(err.splitlines()) == 1 and err.startswith("progvq: error: ") and "Traceback" not in err
@@ -533,13 +851,21 @@ def test_disk_full_while_saving_a_checkpoint(tmp_path: Path, monkeypatch: pytest
 
 
 @pytest.mark.trains
-def test_disk_full_message_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_disk_full_message_names_the_file(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     code, err, run, _ = _disk_full_while_saving(tmp_path, monkeypatch, capsys)
     assert code == 2
     assert str(checkpoint_path(run, "1")) in err
 
 
-def test_disk_full_while_writing_a_new_run_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_disk_full_while_writing_a_new_run_config(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     import progvq.fileio
 
     monkeypatch.setattr(progvq.fileio.os, "fsync", _no_space)

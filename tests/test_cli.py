@@ -32,7 +32,11 @@ def train(run_dir: Path, *args: str) -> int:
 @pytest.mark.trains
 def test_status_of_trained_run(tiny_run: Path, capsys: pytest.CaptureFixture) -> None:
     assert run("status", str(tiny_run)) == 0
-    assert capsys.readouterr().out.splitlines() == ["stage 1: done (6 steps)", "stage 2: done (6 steps)", "prior: done (6 steps)"]
+    assert capsys.readouterr().out.splitlines() == [
+        "stage 1: done (6 steps)",
+        "stage 2: done (6 steps)",
+        "prior: done (6 steps)",
+    ]
 
 
 @pytest.mark.trains
@@ -40,7 +44,11 @@ def test_status_partial_and_missing(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert train(tmp_path / "r", "--stage", "1", "--until", "3") == 0
     capsys.readouterr()
     assert run("status", str(tmp_path / "r")) == 0
-    assert capsys.readouterr().out.splitlines() == ["stage 1: partial (step 3 of 6)", "stage 2: missing", "prior: missing"]
+    assert capsys.readouterr().out.splitlines() == [
+        "stage 1: partial (step 3 of 6)",
+        "stage 2: missing",
+        "prior: missing",
+    ]
 
 
 def _uniform_prior(run_dir: Path) -> None:
@@ -62,7 +70,12 @@ def _uniform_prior(run_dir: Path) -> None:
 
 
 @pytest.mark.trains
-def test_sample_writes_png_and_uint8_npz(tiny_run: Path, tiny_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sample_writes_png_and_uint8_npz(
+    tiny_run: Path,
+    tiny_copy: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     out = tmp_path / "grid.png"
     assert run("sample", str(tiny_run), "-n", "10", "--seed", "3", "--out", str(out)) == 0
     images = np.load(out.with_suffix(".npz"))["images"]
@@ -90,7 +103,8 @@ def test_sample_writes_png_and_uint8_npz(tiny_run: Path, tiny_copy: Path, tmp_pa
         drawn.append(codes.clone())
         return codes
 
-    monkeypatch.setattr(GatedPixelCNN, "sample", recording)  # the tiny run's level 2 decoder is factorised: no draw of its own
+    # the tiny run's level 2 decoder is factorised: no draw of its own
+    monkeypatch.setattr(GatedPixelCNN, "sample", recording)
 
     def top_codes(seed: int) -> tuple[torch.Tensor, np.ndarray]:
         target = tmp_path / f"uniform-{seed}.png"
@@ -200,7 +214,14 @@ def test_run_dir_with_other_config_is_refused(tiny_copy: Path, capsys: pytest.Ca
     assert "was created with a different config (stages.1.quantizer.codes: 16 there, 32 now)" in err
     assert (tiny_copy / "config.yaml").read_text() == before
     # how a run is computed (device, logging, precision, sampling defaults) is no part of what it is
-    runtime = ["device=auto", "stages.1.log_every=1", "stages.1.eval_every=7", "stages.1.checkpoint_every=5", "stages.1.precision=fp32", "sample.code_temperature=0.5"]
+    runtime = [
+        "device=auto",
+        "stages.1.log_every=1",
+        "stages.1.eval_every=7",
+        "stages.1.checkpoint_every=5",
+        "stages.1.precision=fp32",
+        "sample.code_temperature=0.5",
+    ]
     assert train(tiny_copy, "--stage", "1", *[x for o in runtime for x in ("--set", o)]) == 0
     assert "already done" in capsys.readouterr().out
     assert (tiny_copy / "config.yaml").read_text() == before
@@ -211,13 +232,22 @@ def test_run_dir_with_other_config_is_refused(tiny_copy: Path, capsys: pytest.Ca
     [
         (["train", "absent.yaml", "--all"], "absent.yaml: config file not found"),
         (["train", str(TINY), "--stage", "7"], "--stage 7: no such stage"),
-        (["train", str(TINY), "--all", "--set", "stages.1.quantizer.codes=1"], "stages.1.quantizer.codes: must be >= 2, got 1"),
+        (
+            ["train", str(TINY), "--all", "--set", "stages.1.quantizer.codes=1"],
+            "stages.1.quantizer.codes: must be >= 2, got 1",
+        ),
         (["sample", "no/such/run"], "no/such/run: no such run directory"),
         (["eval", "no/such/run"], "no/such/run: no such run directory"),
         (["status", "no/such/run"], "no/such/run: no such run directory"),
     ],
 )
-def test_user_errors_are_one_line_with_status_2(args: list[str], needle: str, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_user_errors_are_one_line_with_status_2(
+    args: list[str],
+    needle: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.chdir(tmp_path)
     if args[0] == "train":
         args = [*args, "--run-dir", str(tmp_path / "r")]
@@ -292,7 +322,12 @@ def test_checkpoint_contents(tiny_run: Path) -> None:
 @pytest.mark.trains
 def test_run_stage_script_and_console_command(tiny_run: Path, tmp_path: Path) -> None:
     """``python run_stage.py`` and the installed ``progvq`` are one program."""
-    script = subprocess.run([sys.executable, str(ROOT / "run_stage.py"), "status", str(tiny_run)], capture_output=True, text=True, check=False)
+    script = subprocess.run(
+        [sys.executable, str(ROOT / "run_stage.py"), "status", str(tiny_run)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert script.returncode == 0 and "prior: done" in script.stdout
     exe = shutil.which("progvq")
     if exe is None:
@@ -305,7 +340,9 @@ def test_run_stage_script_and_console_command(tiny_run: Path, tmp_path: Path) ->
 
 def test_bad_data_path_leaves_nothing_behind(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     mnist = ROOT / "configs" / "mnist.yaml"
-    code = run("train", str(mnist), "--all", "--run-dir", str(tmp_path / "r"), "--set", f"data.path={tmp_path / 'nowhere'}")
+    code = run(
+        "train", str(mnist), "--all", "--run-dir", str(tmp_path / "r"), "--set", f"data.path={tmp_path / 'nowhere'}"
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert err.startswith("progvq: error: ") and "nowhere" in err and err.count("\n") == 1
@@ -328,7 +365,12 @@ def test_train_stage_reports_what_it_trained(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("stage", ["1", "prior"])
 @pytest.mark.trains
-def test_checkpoint_whose_weights_do_not_fit_is_refused(stage: str, tiny_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_checkpoint_whose_weights_do_not_fit_is_refused(
+    stage: str,
+    tiny_copy: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+) -> None:
     path = checkpoint_path(tiny_copy, stage)
     ckpt = load_checkpoint(path)
     section, key = ("quantizer", "codes") if stage == "1" else ("pixelcnn", "channels")
@@ -342,7 +384,11 @@ def test_checkpoint_whose_weights_do_not_fit_is_refused(stage: str, tiny_copy: P
 
 @pytest.mark.parametrize("source", ["mnist", "folder", "array"])
 @pytest.mark.trains
-def test_every_data_source_trains_from_the_command_line(source: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_every_data_source_trains_from_the_command_line(
+    source: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+) -> None:
     from progvq.data import make_shapes
 
     from .conftest import MNIST_DIR

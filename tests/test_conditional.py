@@ -102,7 +102,15 @@ def test_autoregressive_decode_is_the_cached_sampler_and_equals_naive() -> None:
     for seed, temperature in itertools.product(range(3), (1.0, 0.5)):
         drawn = level.decode(codes, temperature, torch.Generator().manual_seed(seed))
         assert drawn.shape == (4, 4, 4)
-        naive = level.pixelcnn.sample(4, 4, 4, temperature=temperature, cond=cond, generator=torch.Generator().manual_seed(seed), method="naive")
+        naive = level.pixelcnn.sample(
+            4,
+            4,
+            4,
+            temperature=temperature,
+            cond=cond,
+            generator=torch.Generator().manual_seed(seed),
+            method="naive",
+        )
         assert torch.equal(drawn, naive)
     # temperature 0: every code is the most likely one given the codes before it
     greedy = level.decode(codes, 0.0)
@@ -117,7 +125,8 @@ def test_autoregressive_decode_is_the_cached_sampler_and_equals_naive() -> None:
 
 def test_factorised_decode_keeps_known_codes_without_changing_the_stream() -> None:
     torch.manual_seed(0)
-    level = build_level(LevelConfig(downsample=2, hidden=8, res_blocks=1, quantizer=VQConfig(codes=4, dim=4)), 1, 6).eval()
+    cfg = LevelConfig(downsample=2, hidden=8, res_blocks=1, quantizer=VQConfig(codes=4, dim=4))
+    level = build_level(cfg, 1, 6).eval()
     assert isinstance(level, CodeLevel)
     codes = torch.randint(4, (3, 2, 2))
     free = level.decode(codes, 1.0, torch.Generator().manual_seed(0))
@@ -127,7 +136,10 @@ def test_factorised_decode_keeps_known_codes_without_changing_the_stream() -> No
     assert torch.equal(kept[mask], known[mask]) and torch.equal(kept[~mask], free[~mask])
 
 
-@pytest.mark.parametrize(("h", "w", "layers", "kernel_size"), [(4, 4, 2, 3), (4, 4, 3, 3), (3, 5, 2, 5), (1, 5, 1, 5), (1, 5, 1, 3), (5, 2, 1, 7)])
+@pytest.mark.parametrize(
+    ("h", "w", "layers", "kernel_size"),
+    [(4, 4, 2, 3), (4, 4, 3, 3), (3, 5, 2, 5), (1, 5, 1, 5), (1, 5, 1, 3), (5, 2, 1, 7)],
+)
 def test_covers_matches_the_gradient_support(h: int, w: int, layers: int, kernel_size: int) -> None:
     """covers() says whether the last position sees every earlier one, as the gradients do."""
     torch.manual_seed(0)
@@ -149,20 +161,45 @@ _AR = ["stages.2.decoder.kind=autoregressive"]
 @pytest.mark.parametrize(
     ("sets", "needle"),
     [
-        (["stages.1.decoder.kind=autoregressive"], "stages.1.decoder.kind: must be logistic (level 1 decodes pixels), got 'autoregressive'"),
-        (["stages.2.decoder.kind=logistic"], "stages.2.decoder.kind: must be one of factorised, autoregressive (level 2 decodes the codes of level 1), got 'logistic'"),
-        (["stages.2.decoder.kind=pixelcnn"], "stages.2.decoder.kind: must be one of logistic, factorised, autoregressive, got 'pixelcnn'"),
-        ([*_AR, "stages.2.decoder.pixelcnn.kernel_size=4"], "stages.2.decoder.pixelcnn.kernel_size: must be odd and >= 3, got 4"),
-        ([*_AR, "stages.2.decoder.pixelcnn.dropout=1"], "stages.2.decoder.pixelcnn.dropout: must be in [0, 1), got 1.0"),
+        (
+            ["stages.1.decoder.kind=autoregressive"],
+            "stages.1.decoder.kind: must be logistic (level 1 decodes pixels), got 'autoregressive'",
+        ),
+        (
+            ["stages.2.decoder.kind=logistic"],
+            (
+                "stages.2.decoder.kind: must be one of factorised, autoregressive "
+                "(level 2 decodes the codes of level 1), got 'logistic'"
+            ),
+        ),
+        (
+            ["stages.2.decoder.kind=pixelcnn"],
+            "stages.2.decoder.kind: must be one of logistic, factorised, autoregressive, got 'pixelcnn'",
+        ),
+        (
+            [*_AR, "stages.2.decoder.pixelcnn.kernel_size=4"],
+            "stages.2.decoder.pixelcnn.kernel_size: must be odd and >= 3, got 4",
+        ),
+        (
+            [*_AR, "stages.2.decoder.pixelcnn.dropout=1"],
+            "stages.2.decoder.pixelcnn.dropout: must be in [0, 1), got 1.0",
+        ),
         ([*_AR, "stages.2.decoder.pixelcnn.colour=1"], "stages.2.decoder.pixelcnn.colour: unknown key"),
         # a factorised decoder has no network to configure
-        (["stages.2.decoder.kind=factorised", "stages.2.decoder.pixelcnn.layers=3"], "stages.2.decoder.pixelcnn: unknown key"),
+        (
+            ["stages.2.decoder.kind=factorised", "stages.2.decoder.pixelcnn.layers=3"],
+            "stages.2.decoder.pixelcnn: unknown key",
+        ),
         # a decoder section names its kind
-        (["stages.2.decoder.pixelcnn.layers=3"], "stages.2.decoder.kind: missing (one of logistic, factorised, autoregressive)"),
+        (
+            ["stages.2.decoder.pixelcnn.layers=3"],
+            "stages.2.decoder.kind: missing (one of logistic, factorised, autoregressive)",
+        ),
         (
             [*_AR, "stages.2.decoder.pixelcnn.layers=1"],
             (
-                "stages.2.decoder.pixelcnn.layers: 1 layers of kernel 5 do not reach every earlier code of level 1's 4x4 grid; "
+                "stages.2.decoder.pixelcnn.layers: 1 layers of kernel 5 "
+                "do not reach every earlier code of level 1's 4x4 grid; "
                 "need layers * (kernel_size // 2) >= 3, e.g. 2 layers of kernel 5"
             ),
         ),
@@ -171,12 +208,19 @@ _AR = ["stages.2.decoder.kind=autoregressive"]
         (
             ["stages.2.decoder=autoregressive", "stages.2.pixelcnn.layers=1"],
             (
-                "stages.2.decoder.pixelcnn.layers: 1 layers of kernel 5 do not reach every earlier code of level 1's 4x4 grid; "
+                "stages.2.decoder.pixelcnn.layers: 1 layers of kernel 5 "
+                "do not reach every earlier code of level 1's 4x4 grid; "
                 "need layers * (kernel_size // 2) >= 3, e.g. 2 layers of kernel 5"
             ),
         ),
-        (["stages.1.decoder=autoregressive"], "stages.1.decoder.kind: must be logistic (level 1 decodes pixels), got 'autoregressive'"),
-        (["stages.prior.class_conditional=true"], "stages.prior.class_conditional: must be false for data source 'shapes', which has no labels"),
+        (
+            ["stages.1.decoder=autoregressive"],
+            "stages.1.decoder.kind: must be logistic (level 1 decodes pixels), got 'autoregressive'",
+        ),
+        (
+            ["stages.prior.class_conditional=true"],
+            "stages.prior.class_conditional: must be false for data source 'shapes', which has no labels",
+        ),
     ],
 )
 def test_config_refusals(sets: list[str], needle: str) -> None:
@@ -186,7 +230,10 @@ def test_config_refusals(sets: list[str], needle: str) -> None:
 
 
 @pytest.mark.trains
-def test_coverage_is_checked_when_only_the_data_knows_the_image_side(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_coverage_is_checked_when_only_the_data_knows_the_image_side(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     """An array source without data.size: the level-2 decoder's reach is checked once the images are read."""
     from progvq.data import make_shapes
 
@@ -200,7 +247,10 @@ def test_coverage_is_checked_when_only_the_data_knows_the_image_side(tmp_path: P
     capsys.readouterr()
     assert main([*args, "--stage", "2"]) == 2
     err = capsys.readouterr().err
-    assert "stages.2.decoder.pixelcnn.layers: 2 layers of kernel 5 do not reach every earlier code of level 1's 8x8 grid" in err
+    assert (
+        "stages.2.decoder.pixelcnn.layers: 2 layers of kernel 5 do not reach every earlier code of level 1's 8x8 grid"
+        in err
+    )
     assert err.count("\n") == 1
     assert not (run / "stage-2").exists()
 
@@ -219,11 +269,13 @@ def test_conditional_run_is_what_its_config_says(tiny_conditional_run: Path) -> 
 
 
 def test_prior_logits_depend_on_the_label() -> None:
-    """Any two classes give other distributions at every position, the first one (which sees only the label) included."""
+    """Any two classes give other distributions at every position, the first one (which sees only the label)
+    included."""
     torch.manual_seed(0)
     prior = GatedPixelCNN(8, channels=16, layers=3, num_classes=10).double().eval()
     codes = torch.randint(8, (2, 4, 4))
-    log_probs = torch.stack([torch.log_softmax(prior(codes, label=torch.full((2,), y)), 1) for y in range(10)])  # (10, 2, 8, 4, 4)
+    # (10, 2, 8, 4, 4)
+    log_probs = torch.stack([torch.log_softmax(prior(codes, label=torch.full((2,), y)), 1) for y in range(10)])
     for a, b in itertools.combinations(range(10), 2):
         gap = (log_probs[a] - log_probs[b]).abs().amax(dim=1)  # (2, 4, 4): the largest difference at each position
         assert (gap > 1e-6).all(), (a, b)
@@ -306,11 +358,22 @@ def test_samples_follow_the_label(tiny_conditional_run: Path, tmp_path: Path, mo
     [
         ("tiny_conditional_run", "10", "--label 10: out of range; the prior of {run} has classes 0..9"),
         ("tiny_conditional_run", "-1", "--label -1: out of range"),
-        ("tiny_run", "3", "--label 3: the prior of {run} is not class-conditional (stages.prior.class_conditional: false)"),
+        (
+            "tiny_run",
+            "3",
+            "--label 3: the prior of {run} is not class-conditional (stages.prior.class_conditional: false)",
+        ),
     ],
 )
 @pytest.mark.trains
-def test_label_refusals(run: str, label: str, needle: str, request: pytest.FixtureRequest, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_label_refusals(
+    run: str,
+    label: str,
+    needle: str,
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     run_dir = request.getfixturevalue(run)
     capsys.readouterr()
     assert main(["sample", str(run_dir), f"--label={label}", "--out", str(tmp_path / "s.png")]) == 2
@@ -338,7 +401,13 @@ def test_eval_of_the_conditional_run(tiny_conditional_run: Path, capsys: pytest.
     assert model.prior is not None and labels is not None
     top = model.encode(data.heldout)[-1]
     per_class = torch.stack(
-        [-torch.nn.functional.cross_entropy(model.prior(top, label=torch.full((len(top),), y)), top, reduction="none").sum((1, 2)) for y in range(10)], 1
+        [
+            -torch.nn.functional.cross_entropy(
+                model.prior(top, label=torch.full((len(top),), y)), top, reduction="none"
+            ).sum((1, 2))
+            for y in range(10)
+        ],
+        1,
     )
     marginal = (torch.logsumexp(per_class, 1) - math.log(10)).mean().item()
     assert -marginal / 16 / math.log(2) == pytest.approx(prior["bits_per_code"], rel=1e-5)
@@ -417,7 +486,10 @@ def test_class_conditional_prior_needs_a_labels_file(tmp_path: Path, capsys: pyt
     capsys.readouterr()
     assert main([*args, "--stage", "prior"]) == 2
     err = capsys.readouterr().err
-    assert f"{folder}: no labels (t10k-labels-idx1-ubyte[.gz]) beside the images, but stages.prior.class_conditional is true" in err
+    assert (
+        f"{folder}: no labels (t10k-labels-idx1-ubyte[.gz]) beside the images, "
+        "but stages.prior.class_conditional is true"
+    ) in err
     assert not (run / "prior").exists()
 
 
@@ -457,7 +529,13 @@ def _as_saved_before_these_options(name: str, section: dict) -> dict:
     assert quantizer.pop("kind") == "vq"
     section.pop("decoder")
     loss_weights = {"mse": 0.0, **section.pop("loss_weights")}
-    return {**section, "codes": quantizer.pop("codes"), "code_dim": quantizer.pop("dim"), "quantizer": quantizer, "loss_weights": loss_weights}
+    return {
+        **section,
+        "codes": quantizer.pop("codes"),
+        "code_dim": quantizer.pop("dim"),
+        "quantizer": quantizer,
+        "loss_weights": loss_weights,
+    }
 
 
 @pytest.mark.trains
@@ -469,8 +547,14 @@ def test_checkpoints_from_before_these_options_still_load(tiny_copy: Path) -> No
         path = checkpoint_path(tiny_copy, stage)
         ckpt = load_checkpoint(path)
         stages = ckpt["config"]["stages"]
-        ckpt["config"]["stages"] = {name: _as_saved_before_these_options(name, section) for name, section in stages.items()}
-        assert not any(key in section for section in ckpt["config"]["stages"].values() for key in ("decoder", "pixelcnn", "class_conditional"))
+        ckpt["config"]["stages"] = {
+            name: _as_saved_before_these_options(name, section) for name, section in stages.items()
+        }
+        assert not any(
+            key in section
+            for section in ckpt["config"]["stages"].values()
+            for key in ("decoder", "pixelcnn", "class_conditional")
+        )
         save_checkpoint(ckpt, path)
     model = Hierarchy.load(tiny_copy, allow_stale=True)  # new digests: the stages above stage 1 read as retrained
     assert type(model.levels[1]) is CodeLevel and model.num_classes == 0

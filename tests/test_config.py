@@ -54,7 +54,9 @@ def test_overrides_apply_with_yaml_types() -> None:
     assert cfg.data.path == "some/dir"
     cfg = load_config(TINY, ["stages.1.quantizer.ema=false"])
     assert cfg.level(1).quantizer.ema is False
-    cfg = load_config(TINY, ["stages.1.quantizer.codes=32", "stages.2.decoder={kind: autoregressive, pixelcnn: {layers: 3}}"])
+    cfg = load_config(
+        TINY, ["stages.1.quantizer.codes=32", "stages.2.decoder={kind: autoregressive, pixelcnn: {layers: 3}}"]
+    )
     assert cfg.level(1).codes == 32 and cfg.level(2).decoder.pixelcnn.layers == 3
 
 
@@ -70,23 +72,62 @@ def test_to_dict_round_trip() -> None:
     [
         (("stages", "1", "quantizer", "codes", 1), "stages.1.quantizer.codes: must be >= 2, got 1"),
         (("stages", "1", "codez", 4), "stages.1.codez: unknown key"),
-        (("stages", "1", "quantizer", "codez", 4), "stages.1.quantizer.codez: unknown key (known: codes, decay, dim, ema, init_from_data, restart, restart_every, restart_threshold)"),
+        (
+            ("stages", "1", "quantizer", "codez", 4),
+            (
+                "stages.1.quantizer.codez: unknown key (known: codes, decay, dim, ema, init_from_data, restart, "
+                "restart_every, restart_threshold)"
+            ),
+        ),
         (("stages", "1", "quantizer", "kind", "x"), "stages.1.quantizer.kind: must be one of vq, fsq, got 'x'"),
-        (("stages", "1", "quantizer", {"kind": "fsq", "levels": [8, 1]}), "stages.1.quantizer.levels: must be a non-empty list of integers >= 2, got [8, 1]"),
-        (("stages", "1", "quantizer", {"kind": "fsq", "codes": 8}), "stages.1.quantizer.codes: unknown key (known: levels)"),
-        (("stages", "1", "decoder", {"kind": "factorised"}), "stages.1.decoder.kind: must be logistic (level 1 decodes pixels), got 'factorised'"),
-        (("stages", "2", "decoder", {"kind": "logistic"}), "stages.2.decoder.kind: must be one of factorised, autoregressive (level 2 decodes the codes of level 1), got 'logistic'"),
-        (("stages", "2", "decoder", {"kind": "autoregressive", "pixelcnn": {"layers": 0}}), "stages.2.decoder.pixelcnn.layers: must be >= 1, got 0"),
+        (
+            ("stages", "1", "quantizer", {"kind": "fsq", "levels": [8, 1]}),
+            "stages.1.quantizer.levels: must be a non-empty list of integers >= 2, got [8, 1]",
+        ),
+        (
+            ("stages", "1", "quantizer", {"kind": "fsq", "codes": 8}),
+            "stages.1.quantizer.codes: unknown key (known: levels)",
+        ),
+        (
+            ("stages", "1", "decoder", {"kind": "factorised"}),
+            "stages.1.decoder.kind: must be logistic (level 1 decodes pixels), got 'factorised'",
+        ),
+        (
+            ("stages", "2", "decoder", {"kind": "logistic"}),
+            (
+                "stages.2.decoder.kind: must be one of factorised, autoregressive "
+                "(level 2 decodes the codes of level 1), got 'logistic'"
+            ),
+        ),
+        (
+            ("stages", "2", "decoder", {"kind": "autoregressive", "pixelcnn": {"layers": 0}}),
+            "stages.2.decoder.pixelcnn.layers: must be >= 1, got 0",
+        ),
         (("stages", "1", "steps", "ten"), "stages.1.steps: expected an integer, got 'ten'"),
         (("stages", "1", "lr", True), "stages.1.lr: expected a number, got True"),
         (("stages", "1", "downsample", 3), "stages.1.downsample: must be a power of 2, got 3"),
-        (("stages", "2", "downsample", 8), "stages.2.downsample: must be such that data.size (16) is divisible by the total downsampling (32), got 8"),
+        (
+            ("stages", "2", "downsample", 8),
+            "stages.2.downsample: must be such that data.size (16) is divisible by the total downsampling (32), got 8",
+        ),
         (("stages", "1", "quantizer", "decay", 1.5), "stages.1.quantizer.decay: must be in (0, 1), got 1.5"),
-        (("stages", "1", "loss_weights", {"recon": 1, "kl": 1}), "stages.1.loss_weights.kl: this stage has no such loss part (its parts: recon, codebook, commit, mse)"),
-        (("stages", "2", "loss_weights", {"mse": 1}), "stages.2.loss_weights.mse: this stage has no such loss part (its parts: recon, codebook, commit)"),
+        (
+            ("stages", "1", "loss_weights", {"recon": 1, "kl": 1}),
+            "stages.1.loss_weights.kl: this stage has no such loss part (its parts: recon, codebook, commit, mse)",
+        ),
+        (
+            ("stages", "2", "loss_weights", {"mse": 1}),
+            "stages.2.loss_weights.mse: this stage has no such loss part (its parts: recon, codebook, commit)",
+        ),
         (("stages", "1", "loss_weights", {"commit": -1}), "stages.1.loss_weights.commit: must be >= 0, got -1.0"),
-        (("stages", "prior", "pixelcnn", "kernel_size", 4), "stages.prior.pixelcnn.kernel_size: must be odd and >= 3, got 4"),
-        (("stages", "prior", "pixelcnn", "size", 4), "stages.prior.pixelcnn.size: unknown key (known: channels, dropout, kernel_size, layers)"),
+        (
+            ("stages", "prior", "pixelcnn", "kernel_size", 4),
+            "stages.prior.pixelcnn.kernel_size: must be odd and >= 3, got 4",
+        ),
+        (
+            ("stages", "prior", "pixelcnn", "size", 4),
+            "stages.prior.pixelcnn.size: unknown key (known: channels, dropout, kernel_size, layers)",
+        ),
         (("stages", "prior", "kind", "made"), "stages.prior.kind: must be one of pixelcnn, got 'made'"),
         (("data", "source", "web"), "data.source: must be one of shapes, mnist, folder, array, got 'web'"),
         (("data", "heldout", 500), "data.count: must be > data.heldout (500), got 192"),
@@ -150,7 +191,8 @@ def old_layout_raw() -> dict:
 
 
 def test_old_layout_loads_as_the_kind_tagged_one(tmp_path: Path) -> None:
-    assert load_config(write(tmp_path, old_layout_raw())).identity() == load_config(TINY).identity()  # all but run_dir & co.
+    # all but run_dir & co.
+    assert load_config(write(tmp_path, old_layout_raw())).identity() == load_config(TINY).identity()
     raw = old_layout_raw()
     raw["stages"][2]["decoder"] = "autoregressive"
     cfg = load_config(write(tmp_path, raw))
@@ -163,7 +205,10 @@ def test_old_layout_loads_as_the_kind_tagged_one(tmp_path: Path) -> None:
         (("stages", "1", "codes", 1), "stages.1.quantizer.codes: must be >= 2, got 1"),
         (("stages", "2", "code_dim", 0), "stages.2.quantizer.dim: must be >= 1, got 0"),
         (("stages", "prior", "kernel_size", 4), "stages.prior.pixelcnn.kernel_size: must be odd and >= 3, got 4"),
-        (("stages", "2", "loss_weights", {"mse": 1}), "stages.2.loss_weights.mse: this stage has no such loss part (its parts: recon, codebook, commit)"),
+        (
+            ("stages", "2", "loss_weights", {"mse": 1}),
+            "stages.2.loss_weights.mse: this stage has no such loss part (its parts: recon, codebook, commit)",
+        ),
     ],
 )
 def test_old_layout_errors_name_the_new_key_path(tmp_path: Path, change: tuple, message: str) -> None:

@@ -92,7 +92,9 @@ def check_cli_refuses(path: Path, workdir: Path, expected: str) -> None:
 
 # values and keys that once got through as tracebacks or multi-line messages
 TRICKY_VALUES = st.sampled_from(["a\nb", "\x00", "", " ", "k" * 300, 10**400, -(10**400), 2**63, float("nan")])
-TRICKY_YAML = st.sampled_from(["2001-02-30", "!!int x", "!!float x", "!!binary ?", "{a: 1, a: 2}", "[" * 200, "&a [*a]", "!!set {1}"])
+TRICKY_YAML = st.sampled_from(
+    ["2001-02-30", "!!int x", "!!float x", "!!binary ?", "{a: 1, a: 2}", "[" * 200, "&a [*a]", "!!set {1}"]
+)
 SCALARS = st.one_of(
     TRICKY_VALUES,
     st.none(),
@@ -103,7 +105,11 @@ SCALARS = st.one_of(
     st.binary(max_size=4),
 )
 KEYS = st.one_of(
-    st.text(min_size=1, max_size=10), st.integers(-3, 5), st.booleans(), st.none(), st.sampled_from(["a\nb", "", "k" * 300, "1.0"])
+    st.text(min_size=1, max_size=10),
+    st.integers(-3, 5),
+    st.booleans(),
+    st.none(),
+    st.sampled_from(["a\nb", "", "k" * 300, "1.0"]),
 )
 JUNK = st.recursive(
     SCALARS,
@@ -212,7 +218,8 @@ def edited_text(draw: st.DrawFn) -> str:
         at = draw(st.integers(0, len(text)))
         kind = draw(st.sampled_from(["insert", "delete", "duplicate-line"]))
         if kind == "insert":
-            bit = draw(st.one_of(st.sampled_from([":", "-", "\t", "[", "{", "'", '"', "&a", "*a", "!!", "#", " ", "\n", "?", "%", "\x00", "é"]), TRICKY_YAML))
+            marks = [":", "-", "\t", "[", "{", "'", '"', "&a", "*a", "!!", "#", " ", "\n", "?", "%", "\x00", "é"]
+            bit = draw(st.one_of(st.sampled_from(marks), TRICKY_YAML))
             text = text[:at] + bit + text[at:]
         elif kind == "delete":
             text = text[:at] + text[at + draw(st.integers(1, 8)) :]
@@ -286,9 +293,13 @@ VQ_FIELDS = {
     "restart_threshold": NONNEG,
     "restart_every": SMALL_INT,
 }
-VQ = st.fixed_dictionaries({"kind": st.just("vq")}, optional={"codes": st.integers(2, 4096), "dim": st.integers(1, 256), **VQ_FIELDS})
+VQ = st.fixed_dictionaries(
+    {"kind": st.just("vq")}, optional={"codes": st.integers(2, 4096), "dim": st.integers(1, 256), **VQ_FIELDS}
+)
 # at most 16**4 = 65536 codes, far below the 2**24 limit
-FSQ = st.fixed_dictionaries({"kind": st.just("fsq")}, optional={"levels": st.lists(st.integers(2, 16), min_size=1, max_size=4)})
+FSQ = st.fixed_dictionaries(
+    {"kind": st.just("fsq")}, optional={"levels": st.lists(st.integers(2, 16), min_size=1, max_size=4)}
+)
 
 
 def pixelcnn_section(min_reach: int = 0) -> st.SearchStrategy[dict[str, Any]]:
@@ -316,7 +327,8 @@ def level_section(draw: st.DrawFn, level: int, downsample: int, grid_below: int)
     at the top, the decoder a string with ``pixelcnn`` beside it), which loads into the same Config.
     """
     out = {"downsample": downsample}
-    out.update(draw(st.fixed_dictionaries({}, optional={"hidden": st.integers(1, 512), "res_blocks": st.integers(0, 4), **train_fields(False, level)})))
+    optional = {"hidden": st.integers(1, 512), "res_blocks": st.integers(0, 4), **train_fields(False, level)}
+    out.update(draw(st.fixed_dictionaries({}, optional=optional)))
     quantizer = draw(st.one_of(VQ, st.none(), FSQ))  # None: the default quantiser
     reach = reach_needed(grid_below, grid_below) if level >= 2 else 0
     if level == 1:
@@ -324,7 +336,8 @@ def level_section(draw: st.DrawFn, level: int, downsample: int, grid_below: int)
     else:
         decoder = draw(st.sampled_from(["autoregressive", None, "factorised"]))
         if decoder is not None:
-            decoder = {"kind": decoder, **({"pixelcnn": draw(pixelcnn_section(reach))} if decoder == "autoregressive" else {})}
+            network = {"pixelcnn": draw(pixelcnn_section(reach))} if decoder == "autoregressive" else {}
+            decoder = {"kind": decoder, **network}
     old = (quantizer is None or quantizer["kind"] == "vq") and draw(st.integers(0, 3)) == 3
     if not old:
         return {**out, **({"quantizer": quantizer} if quantizer else {}), **({"decoder": decoder} if decoder else {})}
@@ -336,7 +349,8 @@ def level_section(draw: st.DrawFn, level: int, downsample: int, grid_below: int)
     if quantizer:
         out["quantizer"] = quantizer
     if decoder is not None:
-        out["decoder"] = "factorised" if decoder["kind"] == "logistic" else decoder["kind"]  # 0.1 called level 1's factorised
+        # 0.1 called level 1's factorised
+        out["decoder"] = "factorised" if decoder["kind"] == "logistic" else decoder["kind"]
         out["pixelcnn"] = decoder.get("pixelcnn") or draw(pixelcnn_section())
     if level >= 2 and draw(st.booleans()):
         out["loss_weights"] = {**out.get("loss_weights", {}), "mse": 0.0}  # 0.1 listed level 1's part at every level
@@ -352,7 +366,8 @@ def prior_section(draw: st.DrawFn, labelled: bool) -> dict[str, Any]:
     network = draw(pixelcnn_section())
     if draw(st.booleans()):
         return {**out, **network}
-    return {**out, **draw(st.fixed_dictionaries({}, optional={"kind": st.just("pixelcnn"), "pixelcnn": st.just(network)}))}
+    optional = {"kind": st.just("pixelcnn"), "pixelcnn": st.just(network)}
+    return {**out, **draw(st.fixed_dictionaries({}, optional=optional))}
 
 
 @st.composite
@@ -426,4 +441,5 @@ def test_mutations_do_reach_every_kind_of_error() -> None:
                 return needle in str(err)
             return False
 
-        assert refused_with(find(mutated(), refused_with, settings=settings(database=None, derandomize=True, max_examples=500)))
+        search = settings(database=None, derandomize=True, max_examples=500)
+        assert refused_with(find(mutated(), refused_with, settings=search))

@@ -69,7 +69,9 @@ def test_killed_and_signalled_runs_end_bit_identical(stage: str, reference: tupl
 def test_sigterm_checkpoints_the_current_step_and_says_how_to_resume(tmp_path: Path) -> None:
     run = tmp_path / "run"
     command = crash_harness.train_command(run, "1", 400)
-    proc = subprocess.Popen(command, env=crash_harness.ENV, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        command, env=crash_harness.ENV, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
+    )
     stage_dir = checkpoint_path(run, "1").parent
     assert crash_harness._wait_for_write(proc, stage_dir, timeout=120)
     time.sleep(0.2)
@@ -77,7 +79,11 @@ def test_sigterm_checkpoints_the_current_step_and_says_how_to_resume(tmp_path: P
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err
     last = err.strip().splitlines()[-1]
-    found = re.search(r"SIGTERM: stage 1 stopped at step (\d+) of 400; checkpoint written to (\S+); to resume, run the same command again: progvq train ", last)
+    found = re.search(
+        r"SIGTERM: stage 1 stopped at step (\d+) of 400; checkpoint written to (\S+); "
+        r"to resume, run the same command again: progvq train ",
+        last,
+    )
     assert found, last
     ckpt = load_checkpoint(found.group(2))
     assert ckpt["step"] == int(found.group(1)) > 0
@@ -102,7 +108,12 @@ def _damage(path: Path, how: str) -> None:
 
 @pytest.mark.parametrize("how", ["truncate", "flip", "empty", "garbage"])
 @pytest.mark.trains
-def test_damaged_checkpoint_is_set_aside_and_the_previous_used(how: str, tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_damaged_checkpoint_is_set_aside_and_the_previous_used(
+    how: str,
+    tiny_run: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+) -> None:
     run = tmp_path / "run"
     assert train(run, "--stage", "1") == 0  # checkpoints at steps 3 (previous) and 6 (newest)
     latest = checkpoint_path(run, "1")
@@ -170,7 +181,11 @@ def test_leftover_temporary_file_of_a_cut_write_is_removed(tmp_path: Path, capsy
 
 
 @pytest.mark.trains
-def test_retraining_a_lower_stage_makes_the_stages_above_stale(tiny_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_retraining_a_lower_stage_makes_the_stages_above_stale(
+    tiny_copy: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+) -> None:
     run = tiny_copy
     out = str(tmp_path / "s.png")
     # retrain stage 1 differently (another learning rate)
@@ -218,7 +233,8 @@ def test_retraining_identically_is_not_stale(tiny_copy: Path, capsys: pytest.Cap
 def test_removed_lower_stage_makes_the_stages_above_stale(tiny_copy: Path, capsys: pytest.CaptureFixture) -> None:
     shutil.rmtree(checkpoint_path(tiny_copy, "2").parent)
     assert main(["status", str(tiny_copy)]) == 0
-    assert capsys.readouterr().out.splitlines()[2].startswith("prior: done (6 steps), STALE: stage 2 it was trained on is gone")
+    prior_line = capsys.readouterr().out.splitlines()[2]
+    assert prior_line.startswith("prior: done (6 steps), STALE: stage 2 it was trained on is gone")
 
 
 # ---------------------------------------------------------------------------- hostile files
@@ -236,7 +252,12 @@ class _Payload:
 
 @pytest.mark.parametrize("kind", ["torch", "pickle", "inside"])
 @pytest.mark.trains
-def test_checkpoint_that_runs_code_when_unpickled_is_refused(kind: str, tiny_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_checkpoint_that_runs_code_when_unpickled_is_refused(
+    kind: str,
+    tiny_copy: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+) -> None:
     marker = tmp_path / "pwned"
     path = checkpoint_path(tiny_copy, "prior")
     evil = _Payload(marker)
@@ -275,7 +296,10 @@ def test_pickle_that_torch_cannot_read_is_refused(tmp_path: Path) -> None:
 def test_two_fresh_processes_write_identical_checkpoints(tmp_path: Path) -> None:
     for name in ("a", "b"):
         subprocess.run(
-            [sys.executable, str(ROOT / "run_stage.py"), "train", str(TINY), "--stage", "1", "--run-dir", str(tmp_path / name), "--no-progress"],
+            [
+                *(sys.executable, str(ROOT / "run_stage.py"), "train", str(TINY)),
+                *("--stage", "1", "--run-dir", str(tmp_path / name), "--no-progress"),
+            ],
             env=crash_harness.ENV,
             check=True,
             capture_output=True,

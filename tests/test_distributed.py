@@ -21,7 +21,11 @@ from .conftest import ROOT, TINY
 
 STAGES = ("1", "2", "prior")
 # a few steps of every stage, the loss logged at each
-STEPS = [f"stages.{s}.{k}={v}" for s in STAGES for k, v in (("steps", 4), ("log_every", 1), ("eval_every", 4), ("checkpoint_every", 2))]
+STEPS = [
+    f"stages.{s}.{k}={v}"
+    for s in STAGES
+    for k, v in (("steps", 4), ("log_every", 1), ("eval_every", 4), ("checkpoint_every", 2))
+]
 # fp32: one process and two must compute alike; bf16 rounding would part them (precision auto takes bf16 on AMX CPUs)
 STEPS += [f"stages.{s}.precision=fp32" for s in STAGES]
 # against one process: no prior dropout, whose masks depend on the per-rank batch shape and so
@@ -29,7 +33,12 @@ STEPS += [f"stages.{s}.precision=fp32" for s in STAGES]
 OVERRIDES = [*STEPS, "stages.prior.pixelcnn.dropout=0"]
 # interrupted against uninterrupted, two processes each: with dropout, each rank its own masks;
 # every code counts as dead, so each restart (at steps 2 and 4) draws a new vector for every code
-DROPOUT = [*STEPS, "stages.prior.pixelcnn.dropout=0.1", "stages.1.quantizer.restart_threshold=1000", "stages.2.quantizer.restart_threshold=1000"]
+DROPOUT = [
+    *STEPS,
+    "stages.prior.pixelcnn.dropout=0.1",
+    "stages.1.quantizer.restart_threshold=1000",
+    "stages.2.quantizer.restart_threshold=1000",
+]
 SPLIT = 3  # the step the interrupted run stops at: between checkpoints, before a quantiser restart
 TORCHRUN = ["torchrun", "--standalone", "--nproc_per_node", "2"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -146,7 +155,8 @@ def test_only_rank_0_writes_to_the_run(runs: dict[str, Path]) -> None:
         # the watch sees what rank 0 writes: checkpoints (a temporary file renamed) and events
         for stage in STAGES:
             folder = checkpoint_path(runs[name] / "run", stage).parent
-            assert any(line.startswith("os.rename") and line.endswith(f"{folder}/checkpoint.pt") for line in rank0), (name, stage)
+            renamed = f"{folder}/checkpoint.pt"
+            assert any(line.startswith("os.rename") and line.endswith(renamed) for line in rank0), (name, stage)
             assert any(line.startswith(f"open {folder}/events.out.tfevents.") for line in rank0), (name, stage)
     # and what the watch cannot see (a write from C++) would show as a file one process does not write
     assert _files(runs["two"] / "run") == _files(runs["one"] / "run")
@@ -166,7 +176,8 @@ def test_a_resumed_run_equals_the_uninterrupted_one_on_every_rank(runs: dict[str
     _assert_equal(split["rng_ranks"], whole["rng_ranks"], "rng_ranks")
     _assert_equal(split["rng"], whole["rng_ranks"][0], "rng")
     # and the split run did stop: each of its two sessions wrote its own event file
-    events = [p for p in checkpoint_path(runs["split"] / "run", stage).parent.iterdir() if p.name.startswith("events.out")]
+    stage_dir = checkpoint_path(runs["split"] / "run", stage).parent
+    events = [p for p in stage_dir.iterdir() if p.name.startswith("events.out")]
     assert len(events) == 2
 
 
@@ -181,7 +192,8 @@ def test_each_rank_draws_its_own_dropout_masks(runs: dict[str, Path]) -> None:
     assert not torch.equal(drawn[0]["dropped"] & both, drawn[1]["dropped"] & both)
     states = load_checkpoint(checkpoint_path(runs["whole"] / "run", "prior"))["rng_ranks"]
     assert not torch.equal(states[0]["torch"], states[1]["torch"])
-    assert states[0]["python"] != states[1]["python"] and states[0]["numpy"]["keys"].ne(states[1]["numpy"]["keys"]).any()
+    assert states[0]["python"] != states[1]["python"]
+    assert states[0]["numpy"]["keys"].ne(states[1]["numpy"]["keys"]).any()
 
 
 def test_global_batch_is_split_in_contiguous_slices() -> None:
@@ -197,9 +209,13 @@ def test_a_stage_resumes_with_another_number_of_processes(tmp_path: Path) -> Non
         pytest.skip("torchrun is not on PATH")
     run = tmp_path / "run"
     cli = [str(ROOT / "run_stage.py"), "train", str(TINY), "--stage", "1", "--run-dir", str(run), "--no-progress"]
-    subprocess.run([sys.executable, *cli, "--until", "3"], env=ENV, cwd=ROOT, check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [sys.executable, *cli, "--until", "3"], env=ENV, cwd=ROOT, check=True, capture_output=True, timeout=300
+    )
     assert len(load_checkpoint(checkpoint_path(run, "1"))["rng_ranks"]) == 1
-    done = subprocess.run([*TORCHRUN, *cli], env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    done = subprocess.run(
+        [*TORCHRUN, *cli], env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming at step 3 of 6" in done.stdout
     ckpt = load_checkpoint(checkpoint_path(run, "1"))

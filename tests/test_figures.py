@@ -198,7 +198,8 @@ def test_canvas_pads_and_crops_as_pad_to() -> None:
 def test_pixel_samples_follow_the_logistic_scale(scale: float, temperature: float) -> None:
     """Samples of D_1 at temperature t spread as a logistic of scale t s: std t s pi / sqrt(3) in [-1, 1] units."""
     torch.manual_seed(0)
-    level = build_level(LevelConfig(downsample=2, hidden=4, res_blocks=0, quantizer=VQConfig(codes=2, dim=2)), 1, 0).eval()
+    cfg = LevelConfig(downsample=2, hidden=4, res_blocks=0, quantizer=VQConfig(codes=2, dim=2))
+    level = build_level(cfg, 1, 0).eval()
     head = level.decoder.net[-1]  # the last conv: (loc, log_scale) maps
     with torch.no_grad():
         head.weight.zero_()
@@ -231,7 +232,10 @@ def _array_run(tmp_path: Path) -> tuple[Path, Path]:
 
 
 @pytest.mark.trains
-def test_eval_reports_figures_of_the_original_pixels_and_the_heldout_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_eval_reports_figures_of_the_original_pixels_and_the_heldout_codes(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     config, run = _array_run(tmp_path)
     assert main(["train", str(config), "--all", "--run-dir", str(run), "--no-progress"]) == 0
     capsys.readouterr()
@@ -277,7 +281,11 @@ def test_eval_reports_figures_of_the_original_pixels_and_the_heldout_codes(tmp_p
 
 
 @pytest.mark.trains
-def test_a_padded_run_samples_and_inpaints_at_the_data_size(tiny_conditional_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_padded_run_samples_and_inpaints_at_the_data_size(
+    tiny_conditional_run: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     """MNIST digits are 28x28 on a 32x32 canvas: every image in or out of the command line is 28x28."""
     from PIL import Image
 
@@ -287,7 +295,8 @@ def test_a_padded_run_samples_and_inpaints_at_the_data_size(tiny_conditional_run
     digit = data.heldout[0]  # (1, 28, 28)
     Image.fromarray(digit[0].numpy()).save(tmp_path / "digit.png")
     out = tmp_path / "done.png"
-    assert main(["inpaint", str(tiny_conditional_run), "--image", str(tmp_path / "digit.png"), "--box", "0,14,28,28", "-n", "3", "--out", str(out)]) == 0
+    args = ["inpaint", str(tiny_conditional_run), "--image", str(tmp_path / "digit.png"), "--box", "0,14,28,28"]
+    assert main([*args, "-n", "3", "--out", str(out)]) == 0
     saved = np.load(out.with_suffix(".npz"))
     assert saved["images"].shape == (3, 28, 28) and saved["mask"].shape == (28, 28)
     known = ~saved["mask"]
@@ -299,5 +308,6 @@ def test_a_padded_run_samples_and_inpaints_at_the_data_size(tiny_conditional_run
     # a padded-size image is refused: the canvas is the model's business, not the user's
     Image.fromarray(model.canvas.pad(digit)[0].numpy()).save(tmp_path / "padded.png")
     capsys.readouterr()
-    assert main(["inpaint", str(tiny_conditional_run), "--image", str(tmp_path / "padded.png"), "--box", "0,0,4,4", "--out", str(tmp_path / "x.png")]) == 2
+    args = ["inpaint", str(tiny_conditional_run), "--image", str(tmp_path / "padded.png"), "--box", "0,0,4,4"]
+    assert main([*args, "--out", str(tmp_path / "x.png")]) == 2
     assert "the run's images are 28x28" in capsys.readouterr().err

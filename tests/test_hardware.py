@@ -57,7 +57,8 @@ def test_auto_takes_bf16_only_where_native(fake_cpu, monkeypatch: pytest.MonkeyP
 
 def test_explicit_bf16_without_native_support_warns_once(fake_cpu) -> None:
     fake_cpu()
-    with pytest.warns(UserWarning, match=r"stages\.1\.precision: bf16 will be slow here.*neither AMX nor AVX-512 BF16") as caught:
+    slow = r"stages\.1\.precision: bf16 will be slow here.*neither AMX nor AVX-512 BF16"
+    with pytest.warns(UserWarning, match=slow) as caught:
         assert resolve_precision("bf16", CPU, "stages.1.precision") == "bf16"  # kept: the user asked
     assert len(caught) == 1 and "\n" not in str(caught[0].message)
     with warnings.catch_warnings():
@@ -82,20 +83,32 @@ def test_default_precision_is_auto() -> None:
 
 @pytest.mark.trains
 @pytest.mark.parametrize("flags, expected", [(("amx_bf16",), "bf16"), ((), "fp32")])
-def test_a_stage_records_the_precision_auto_chose(fake_cpu, tmp_path: Path, capsys: pytest.CaptureFixture[str], flags, expected) -> None:
+def test_a_stage_records_the_precision_auto_chose(
+    fake_cpu,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    flags,
+    expected,
+) -> None:
     fake_cpu(*flags)
     run = tmp_path / "run"
-    assert main(["train", str(TINY), "--stage", "1", "--run-dir", str(run), "--no-progress", "--set", "stages.1.steps=2"]) == 0
+    args = ["train", str(TINY), "--stage", "1", "--run-dir", str(run), "--no-progress", "--set", "stages.1.steps=2"]
+    assert main(args) == 0
     info = load_checkpoint(checkpoint_path(run, "1"))["trained_with"]
     assert info["precision"] == expected and info["hardware"].startswith("cpu: ")
     assert "warning" not in capsys.readouterr().err
 
 
 @pytest.mark.trains
-def test_cli_says_once_that_explicit_bf16_will_be_slow(fake_cpu, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_says_once_that_explicit_bf16_will_be_slow(
+    fake_cpu,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     fake_cpu()
     run = tmp_path / "run"
-    args = ["train", str(TINY), "--stage", "1", "--run-dir", str(run), "--no-progress", "--set", "stages.1.steps=2", "--set", "stages.1.precision=bf16"]
+    args = ["train", str(TINY), "--stage", "1", "--run-dir", str(run), "--no-progress"]
+    args += ["--set", "stages.1.steps=2", "--set", "stages.1.precision=bf16"]
     assert main(args) == 0
     err = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
     assert len(err) == 1 and err[0].startswith("progvq: warning: stages.1.precision: bf16 will be slow here")

@@ -90,7 +90,9 @@ def test_seeds_repeat_and_differ(name: str, request: pytest.FixtureRequest) -> N
     filled = torch.where(mask[None], torch.zeros_like(image), image)
     known = {
         k: (codes.expand(8, -1, -1), (~missing).expand(8, -1, -1))
-        for k, (codes, missing) in enumerate(zip(model.encode(filled[None]), level_masks(model, mask[None]), strict=True), start=1)
+        for k, (codes, missing) in enumerate(
+            zip(model.encode(filled[None]), level_masks(model, mask[None]), strict=True), start=1
+        )
     }
     sampled = model.sample(8, seed=1, label=label, code_temperature=model.config.sample.code_temperature, known=known)
     assert torch.equal(torch.where(mask, sampled, image), inpaint(model, image, mask, 8, seed=1, label=label))
@@ -228,7 +230,8 @@ def test_cli_writes_grid_and_arrays_like_the_api(name: str, request: pytest.Fixt
     png, mask_png = _files(tmp_path, model, image)
     run = str(request.getfixturevalue(name))
     out = tmp_path / "out.png"
-    assert main(["inpaint", run, "--image", str(png), "--mask", str(mask_png), "-n", "7", "--seed", "5", "--out", str(out)]) == 0
+    args = ["inpaint", run, "--image", str(png), "--mask", str(mask_png)]
+    assert main([*args, "-n", "7", "--seed", "5", "--out", str(out)]) == 0
     arrays = np.load(out.with_suffix(".npz"))
     _, h, w = model.image_shape
     assert arrays["images"].shape == (7, h, w) and arrays["images"].dtype == np.uint8
@@ -255,15 +258,35 @@ BAD = [
     ("box-negative", ["--box=-1,8,16,16"], "x0 = -1 is outside"),
     ("box-empty", ["--box", "4,8,4,16"], "--box 4,8,4,16: empty box"),
     ("box-not-four-numbers", ["--box", "1,2,3"], "--box 1,2,3: expected four integers x0,y0,x1,y1"),
-    ("mask-wrong-size", ["--mask", "{tmp}/small_mask.png"], "{tmp}/small_mask.png: mask is 8x8 (width x height), the image is 16x16"),
-    ("mask-not-binary", ["--mask", "{tmp}/grey_mask.png"], "{tmp}/grey_mask.png: not a binary mask (pixel x=3, y=2 is 128;"),
+    (
+        "mask-wrong-size",
+        ["--mask", "{tmp}/small_mask.png"],
+        "{tmp}/small_mask.png: mask is 8x8 (width x height), the image is 16x16",
+    ),
+    (
+        "mask-not-binary",
+        ["--mask", "{tmp}/grey_mask.png"],
+        "{tmp}/grey_mask.png: not a binary mask (pixel x=3, y=2 is 128;",
+    ),
     ("mask-empty", ["--mask", "{tmp}/black_mask.png"], "{tmp}/black_mask.png: the mask marks no pixel as missing"),
     ("mask-missing", ["--mask", "{tmp}/nowhere.png"], "{tmp}/nowhere.png: mask not found"),
     ("mask-not-an-image", ["--mask", "{tmp}/text.png"], "{tmp}/text.png: cannot read mask"),
     ("mask-16-bit", ["--mask", "{tmp}/deep_mask.png"], "{tmp}/deep_mask.png: mask in Pillow mode"),
-    ("image-wrong-size", ["--image", "{tmp}/small.png", "--box", "0,0,4,4"], "{tmp}/small.png: image is 8x8 (width x height), the run's images are 16x16"),
-    ("image-colour", ["--image", "{tmp}/colour.png", "--box", "0,0,4,4"], "{tmp}/colour.png: a colour image, but the run's images are grey"),
-    ("label-unconditional", ["--box", "0,0,4,4", "--label", "1"], "--label 1: the prior of {run} is not class-conditional"),
+    (
+        "image-wrong-size",
+        ["--image", "{tmp}/small.png", "--box", "0,0,4,4"],
+        "{tmp}/small.png: image is 8x8 (width x height), the run's images are 16x16",
+    ),
+    (
+        "image-colour",
+        ["--image", "{tmp}/colour.png", "--box", "0,0,4,4"],
+        "{tmp}/colour.png: a colour image, but the run's images are grey",
+    ),
+    (
+        "label-unconditional",
+        ["--box", "0,0,4,4", "--label", "1"],
+        "--label 1: the prior of {run} is not class-conditional",
+    ),
     ("n-zero", ["--box", "0,0,4,4", "-n", "0"], "-n: must be >= 1, got 0"),
     ("candidates-zero", ["--box", "0,0,4,4", "--candidates", "0"], "--candidates: must be >= 1, got 0"),
     ("out-not-png", ["--box", "0,0,4,4", "--out", "{tmp}/x.jpg"], "--out {tmp}/x.jpg: must end in .png"),
@@ -303,7 +326,11 @@ def test_cli_refusals_are_one_line_status_2_and_write_nothing(
 
 
 @pytest.mark.trains
-def test_cli_needs_a_mask_or_a_box_but_not_both(tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_needs_a_mask_or_a_box_but_not_both(
+    tiny_run: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     png = _write(tmp_path / "in.png", np.zeros((16, 16), dtype=np.uint8))
     for extra in ([], ["--box", "0,0,4,4", "--mask", str(png)]):
         with pytest.raises(SystemExit) as exit_info:
@@ -323,7 +350,8 @@ def test_cli_respects_stale_stages(tiny_copy: Path, tmp_path: Path, capsys: pyte
     ckpt["metrics"] = {"retrained": 1.0}  # another digest: stage 1 "retrained", the stages above stale
     save_checkpoint(ckpt, path)
     png = _write(tmp_path / "in.png", np.zeros((16, 16), dtype=np.uint8))
-    args = ["inpaint", str(tiny_copy), "--image", str(png), "--box", "0,8,16,16", "-n", "2", "--out", str(tmp_path / "o.png")]
+    args = ["inpaint", str(tiny_copy), "--image", str(png), "--box", "0,8,16,16"]
+    args += ["-n", "2", "--out", str(tmp_path / "o.png")]
     assert main(args) == 2
     assert "stage 2 is stale" in capsys.readouterr().err
     assert main([*args, "--allow-stale"]) == 0

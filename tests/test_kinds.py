@@ -43,7 +43,9 @@ def test_registries_map_each_kind_to_its_dataclass_and_builder() -> None:
 
 
 def test_kind_tagged_sections_round_trip_and_refuse_unknown_kinds() -> None:
-    cfg = load_config(TINY, [*FSQ, "stages.2.decoder={kind: autoregressive, pixelcnn: {channels: 8, layers: 3, kernel_size: 3}}"])
+    cfg = load_config(
+        TINY, [*FSQ, "stages.2.decoder={kind: autoregressive, pixelcnn: {channels: 8, layers: 3, kernel_size: 3}}"]
+    )
     assert cfg.level(1).codes == 16 and cfg.level(1).code_dim == 2 and cfg.level(2).codes == 9
     assert isinstance(cfg.level(2).decoder, AutoregressiveConfig) and cfg.level(2).decoder.pixelcnn.channels == 8
     again = config_from_dict(cfg.to_dict())
@@ -52,12 +54,16 @@ def test_kind_tagged_sections_round_trip_and_refuse_unknown_kinds() -> None:
     assert cfg.to_dict()["stages"]["prior"]["kind"] == "pixelcnn" and "pixelcnn" in cfg.to_dict()["stages"]["prior"]
     cases = {
         "stages.1.quantizer={kind: lfq}": "stages.1.quantizer.kind: must be one of vq, fsq, got 'lfq'",
-        "stages.1.quantizer={kind: fsq, levels: [4, 1]}": "stages.1.quantizer.levels: must be a non-empty list of integers >= 2",
+        "stages.1.quantizer={kind: fsq, levels: [4, 1]}": (
+            "stages.1.quantizer.levels: must be a non-empty list of integers >= 2"
+        ),
         "stages.1.quantizer={kind: fsq, codes: 8}": "stages.1.quantizer.codes: unknown key (known: levels)",
         "stages.2.decoder={kind: logistic}": "stages.2.decoder.kind: must be one of factorised, autoregressive",
         "stages.1.decoder={kind: factorised}": "stages.1.decoder.kind: must be logistic (level 1 decodes pixels)",
         "stages.prior.kind=transformer": "stages.prior.kind: must be one of pixelcnn, got 'transformer'",
-        "stages.2.loss_weights.mse=1": "stages.2.loss_weights.mse: this stage has no such loss part (its parts: recon, codebook, commit)",
+        "stages.2.loss_weights.mse=1": (
+            "stages.2.loss_weights.mse: this stage has no such loss part (its parts: recon, codebook, commit)"
+        ),
     }
     for setting, message in cases.items():
         with pytest.raises(ConfigError) as err:
@@ -105,7 +111,8 @@ def test_fsq_works_everywhere_a_vq_level_does(tmp_path: Path, capsys: pytest.Cap
     from PIL import Image
 
     Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / "in.png")
-    assert main(["inpaint", str(run), "--image", str(tmp_path / "in.png"), "--box", "0,8,16,16", "-n", "2", "--out", str(tmp_path / "i.png")]) == 0
+    args = ["inpaint", str(run), "--image", str(tmp_path / "in.png"), "--box", "0,8,16,16"]
+    assert main([*args, "-n", "2", "--out", str(tmp_path / "i.png")]) == 0
 
 
 @pytest.mark.trains
@@ -139,7 +146,9 @@ def _imports() -> dict[str, set[str]]:
                     found.add(node.module)
             elif isinstance(node, ast.Import):
                 found |= {a.name for a in node.names if a.name.split(".")[0] in ("progvq", "stages")}
-        graph[name] = {m for m in found if m != name and m not in ("progvq", "stages") or m == "stages" and package != "stages"}
+        graph[name] = {
+            m for m in found if m != name and m not in ("progvq", "stages") or m == "stages" and package != "stages"
+        }
     return graph
 
 
@@ -147,7 +156,15 @@ def test_the_import_graph_has_no_circle_and_points_one_way() -> None:
     graph = _imports()
     assert all(not any(m.startswith("stages") for m in deps) for mod, deps in graph.items() if mod.startswith("progvq"))
     # the loop imports no model: no quantiser, level, prior, kind or hierarchy
-    models = {"progvq.quantize", "progvq.fsq", "progvq.levels", "progvq.pixelcnn", "progvq.kinds", "progvq.hierarchy", "progvq.build"}
+    models = {
+        "progvq.quantize",
+        "progvq.fsq",
+        "progvq.levels",
+        "progvq.pixelcnn",
+        "progvq.kinds",
+        "progvq.hierarchy",
+        "progvq.build",
+    }
     assert not graph["progvq.train"] & models
     # no circle: a depth-first walk never meets a module on its own path
     state: dict[str, int] = {}

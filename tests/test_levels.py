@@ -63,7 +63,9 @@ def test_pixel_level_shapes_and_likelihood_agree() -> None:
 
 def test_code_level_decode_and_likelihood() -> None:
     torch.manual_seed(0)
-    cfg = LevelConfig(downsample=2, hidden=16, res_blocks=1, quantizer=VQConfig(codes=8, dim=8), decoder=FactorisedConfig())
+    cfg = LevelConfig(
+        downsample=2, hidden=16, res_blocks=1, quantizer=VQConfig(codes=8, dim=8), decoder=FactorisedConfig()
+    )
     level = build_level(cfg, channels=1, codes_below=16).eval()
     assert type(level) is CodeLevel
     below = torch.randint(0, 16, (4, 4, 4))

@@ -421,7 +421,8 @@ def test_log_prob_is_the_sum_of_the_forward_logits_per_position_log_probs() -> N
     assert not torch.allclose(per_class[:, 0], per_class[:, 1])  # the classes differ, so the marginal is no one class's
     plain = _model()
     logits = plain(codes)
-    torch.testing.assert_close(plain.log_prob(codes), torch.log_softmax(logits, 1).gather(1, codes[:, None]).sum((1, 2, 3)), rtol=0, atol=1e-10)
+    by_hand = torch.log_softmax(logits, 1).gather(1, codes[:, None]).sum((1, 2, 3))
+    torch.testing.assert_close(plain.log_prob(codes), by_hand, rtol=0, atol=1e-10)
     # bf16 logits are read in float32: a likelihood needs more than bf16's 8 bits of mantissa
     coarse = logits.bfloat16()
     assert code_log_prob(coarse, codes).dtype == torch.float32
@@ -438,7 +439,10 @@ def test_from_config_builds_the_configured_network() -> None:
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (built.num_codes, built.cond_channels, built.num_classes) == (K, 6, 2)
     assert {m.p for m in built.modules() if isinstance(m, torch.nn.Dropout)} == {0.2}
-    assert PixelCNNConfig(kernel_size=4, dropout=1.0).problems() == [("kernel_size", 4, "odd and >= 3"), ("dropout", 1.0, "in [0, 1)")]
+    assert PixelCNNConfig(kernel_size=4, dropout=1.0).problems() == [
+        ("kernel_size", 4, "odd and >= 3"),
+        ("dropout", 1.0, "in [0, 1)"),
+    ]
 
 
 def test_unused_parameters_is_what_a_backward_leaves_without_a_gradient() -> None:

@@ -285,7 +285,8 @@ def test_an_injected_gather_updates_the_state_on_every_ranks_vectors(ema: bool) 
     assert no_gather(torch.zeros(3, 2)) is None and gather_ranks(torch.zeros(3, 2)) is None
     kw = {"ema": ema, "restart_every": 2, "buffer_size": 16, "restart_threshold": 100.0}
     g = torch.Generator().manual_seed(7)
-    batches = [torch.randn(4, 4, 2, 2, generator=g) for _ in range(4)]  # 16 vectors each; every code restarts at calls 2 and 4
+    # 16 vectors each; every code restarts at calls 2 and 4
+    batches = [torch.randn(4, 4, 2, 2, generator=g) for _ in range(4)]
     torch.manual_seed(0)
     whole = VectorQuantizer(16, 4, **kw)  # type: ignore[arg-type]
     part = VectorQuantizer(16, 4, **kw)  # type: ignore[arg-type]

@@ -89,7 +89,8 @@ def shell_lines(block: Block) -> list[list[list[str]]]:
 
 
 def progvq_argv(words: list[str]) -> list[str] | None:
-    """The program's arguments if ``words`` run progvq (``progvq ...``, ``python run_stage.py ...``, ``torchrun ... run_stage.py ...``)."""
+    """The program's arguments if ``words`` run progvq (``progvq ...``, ``python run_stage.py ...``,
+    ``torchrun ... run_stage.py ...``)."""
     if words[0] == "progvq":
         return words[1:]
     for i, word in enumerate(words):
@@ -129,7 +130,9 @@ def test_the_readme_shows_progvq_commands() -> None:
     assert blocks("python"), "no python block in README.md"
 
 
-@pytest.mark.parametrize(("where", "argv"), readme_commands(), ids=lambda x: shlex.join(x) if isinstance(x, list) else str(x))
+@pytest.mark.parametrize(
+    ("where", "argv"), readme_commands(), ids=lambda x: shlex.join(x) if isinstance(x, list) else str(x)
+)
 def test_every_readme_command_parses(where: int, argv: list[str]) -> None:
     args = parse(argv, where)
     if args.command == "train":

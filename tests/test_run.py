@@ -80,7 +80,11 @@ def old_run(tmp_path: Path) -> Path:
     return dest
 
 
-def test_an_old_run_folder_loads_samples_and_evaluates(old_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_an_old_run_folder_loads_samples_and_evaluates(
+    old_run: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     raw = yaml.safe_load((old_run / "config.yaml").read_text())
     assert "code_dim" in raw["stages"]["1"] and "channels" in raw["stages"]["prior"]  # truly the old layout
     assert main(["status", str(old_run)]) == 0
@@ -94,7 +98,10 @@ def test_an_old_run_folder_loads_samples_and_evaluates(old_run: Path, tmp_path: 
 
 
 @pytest.mark.trains
-def test_an_old_run_folder_resumes_and_retrains_with_todays_config(old_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_an_old_run_folder_resumes_and_retrains_with_todays_config(
+    old_run: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     base = ["train", str(TINY), "--run-dir", str(old_run), "--no-progress"]
     # the same config in today's layout is the same run: nothing to train, nothing refused
     assert main([*base, "--all"]) == 0
@@ -112,10 +119,15 @@ def test_an_old_run_folder_resumes_and_retrains_with_todays_config(old_run: Path
 
 
 @pytest.mark.trains
-def test_from_reuses_equal_stages_and_keeps_their_provenance(tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_from_reuses_equal_stages_and_keeps_their_provenance(
+    tiny_run: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     run = tmp_path / "new"
     # the same stage 1, another stage 2: stage 1 is reused, stage 2 and the prior train here
-    args = ["train", str(TINY), "--all", "--run-dir", str(run), "--no-progress", "--from", str(tiny_run), "--set", "stages.2.hidden=8"]
+    args = ["train", str(TINY), "--all", "--run-dir", str(run), "--no-progress", "--from", str(tiny_run)]
+    args += ["--set", "stages.2.hidden=8"]
     capsys.readouterr()
     assert main(args) == 0
     out = capsys.readouterr().out
@@ -133,13 +145,19 @@ def test_from_reuses_equal_stages_and_keeps_their_provenance(tiny_run: Path, tmp
     assert capsys.readouterr().out.count("reused from") == 3
 
 
-def test_from_refuses_when_not_even_stage_1_fits(tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_from_refuses_when_not_even_stage_1_fits(
+    tiny_run: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     run = tmp_path / "new"
-    args = ["train", str(TINY), "--all", "--run-dir", str(run), "--no-progress", "--from", str(tiny_run), "--set", "stages.1.quantizer.codes=32"]
+    args = ["train", str(TINY), "--all", "--run-dir", str(run), "--no-progress", "--from", str(tiny_run)]
+    args += ["--set", "stages.1.quantizer.codes=32"]
     capsys.readouterr()
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "stage 1 differs (stages.1.quantizer.codes: 16 there, 32 here); nothing to reuse" in err
+    assert err.count("\n") == 1
+    assert "stage 1 differs (stages.1.quantizer.codes: 16 there, 32 here); nothing to reuse" in err
     assert not run.exists()
     assert main(["train", str(TINY), "--stage", "1", "--run-dir", str(run), "--from", str(tiny_run)]) == 2
     assert "--from goes with --all" in capsys.readouterr().err

@@ -169,7 +169,11 @@ def test_truncated_and_foreign_checkpoints_are_refused(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("stage_name", ["1", "2", "prior"])
 @pytest.mark.trains
-def test_bf16_autocast_runs_the_nets_in_bf16_and_keeps_state_fp32(stage_name: str, tiny_run: Path, tmp_path: Path) -> None:
+def test_bf16_autocast_runs_the_nets_in_bf16_and_keeps_state_fp32(
+    stage_name: str,
+    tiny_run: Path,
+    tmp_path: Path,
+) -> None:
     from progvq.config import load_config
     from progvq.run import Run
     from progvq.train import fit
@@ -183,7 +187,10 @@ def test_bf16_autocast_runs_the_nets_in_bf16_and_keeps_state_fp32(stage_name: st
     seen: set[torch.dtype] = set()
     convs = [m for m in stage.model.modules() if isinstance(m, torch.nn.Conv2d)]
     # training forwards only (with gradients); held-out evaluation runs in fp32 under no_grad
-    hooks = [m.register_forward_hook(lambda mod, inp, out: seen.add(out.dtype) if torch.is_grad_enabled() else None) for m in convs]
+    hooks = [
+        m.register_forward_hook(lambda mod, inp, out: seen.add(out.dtype) if torch.is_grad_enabled() else None)
+        for m in convs
+    ]
     result = fit(stage, cfg, tmp_path / "s", progress=False, log=lambda m: None)
     for h in hooks:
         h.remove()
