@@ -23,6 +23,8 @@ from statistics import mean
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from progvq.run import Run
+
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("1", "2", "prior")
 
@@ -66,12 +68,12 @@ def main() -> None:
         for procs in (1, args.procs):
             run = work / f"{stage}-{procs}"
             subprocess.run(["cp", "-r", str(base), str(run)], check=True)
-            subprocess.run(["rm", "-rf", str(run / ("prior" if stage == "prior" else f"stage-{stage}"))], check=True)
+            stage_dir = Run(run).stage_dir(stage)  # the run folder's layout is the Run's to know
+            subprocess.run(["rm", "-rf", str(stage_dir)], check=True)
             launch = [sys.executable] if procs == 1 else ["torchrun", "--standalone", "--nproc_per_node", str(procs)]
             env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // procs))}
             subprocess.run([*launch, *cli, "--stage", stage, "--run-dir", str(run), *overrides(args.steps, stage)],
                            check=True, capture_output=True, env=env)
-            stage_dir = run / ("prior" if stage == "prior" else f"stage-{stage}")
             row[f"{procs}_process{'es' if procs > 1 else ''}_images_per_s"] = round(images_per_s(stage_dir), 1)
         report["stages"][stage] = row
         print(json.dumps({stage: row}), file=sys.stderr, flush=True)

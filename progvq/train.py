@@ -36,7 +36,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from .canvas import Canvas
-from .checkpoint import Found, load_latest, rng_state, save_checkpoint, set_rank_rng_state, unfinished_writes
+from .checkpoint import CHECKPOINT_NAME, Found, load_latest, rng_state, save_checkpoint, set_rank_rng_state, unfinished_writes
 from .config import Config, TrainConfig
 from .distributed import Context, any_rank, gather_ranks, gather_to_main, local_slice, mean_across
 from .errors import Interrupted, RunError
@@ -220,7 +220,7 @@ class Trainer:
         self.ctx = ctx or Context(device=self.device)
         self.progress, self.log = (progress, log) if self.ctx.main else (False, _quiet)
         self.parents, self.extra = dict(parents or {}), dict(extra or {})
-        self.stage_dir, self.ckpt_path = stage_dir, stage_dir / "checkpoint.pt"
+        self.stage_dir, self.ckpt_path = stage_dir, stage_dir / CHECKPOINT_NAME
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         # fused: one kernel for every parameter's update, ~2.5x faster than the foreach path on CPU
         fused = self.device.type in ("cpu", "cuda")
