@@ -36,7 +36,15 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from .canvas import Canvas
-from .checkpoint import CHECKPOINT_NAME, Found, load_latest, rng_state, save_checkpoint, set_rank_rng_state, unfinished_writes
+from .checkpoint import (
+    CHECKPOINT_NAME,
+    Found,
+    load_latest,
+    rng_state,
+    save_checkpoint,
+    set_rank_rng_state,
+    unfinished_writes,
+)
 from .config import Config, TrainConfig
 from .distributed import Context, any_rank, gather_ranks, gather_to_main, local_slice, mean_across
 from .errors import Interrupted, RunError
