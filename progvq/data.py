@@ -108,8 +108,10 @@ def _reason(exc: BaseException) -> str:
 
 
 def make_shapes(n: int, *, size: int = 32, channels: int = 1, seed: int = 0) -> Tensor:
-    """Generate ``n`` images of 1-2 soft filled shapes on a black background.
+    """``n`` images (n, channels, size, size) uint8 of 1-2 soft filled shapes on a black background.
 
+    ``n >= 0`` images of ``size`` x ``size`` pixels (``size >= 8``), grayscale
+    (``channels`` 1) or RGB (``channels`` 3), drawn from the random ``seed``.
     The shapes are ellipses (circles included), axis-aligned rectangles and
     triangles of random size, position and brightness (and colour when
     ``channels == 3``). Each shape keeps most of its area inside the image. Edges
@@ -119,15 +121,6 @@ def make_shapes(n: int, *, size: int = 32, channels: int = 1, seed: int = 0) -> 
     draws and exactly rounded IEEE arithmetic (no transcendental functions, no
     Pillow) are used, and compositing and downsampling are done in integers, so
     the same seed yields identical bytes on every machine.
-
-    Args:
-        n: number of images (``n >= 0``).
-        size: height and width in pixels (``>= 8``).
-        channels: 1 (grayscale) or 3 (RGB).
-        seed: random seed.
-
-    Returns:
-        ``torch.uint8`` tensor of shape ``(n, channels, size, size)``.
     """
     if n < 0:
         raise DataError(f"make_shapes: n must be >= 0, got {n}")
@@ -266,22 +259,17 @@ def _triangle(
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """Read an idx file (the MNIST format), gzip-compressed or raw.
+    """The idx file (the MNIST format) at ``path``, gzip-compressed or raw, as a uint8 array.
 
-    Compression is detected from the gzip signature, not the file name, so a
-    decompressed file that kept its ``.gz`` name still reads. Only unsigned-byte
-    files are accepted: magic 2049 (labels) and 2051 (images).
+    The array is (N,) for magic 2049 (labels) or (N, rows, cols) for magic 2051
+    (images), writable and owning its memory. Compression is detected from the
+    gzip signature, not the file name, so a decompressed file that kept its
+    ``.gz`` name still reads. Only unsigned-byte files are accepted: magic 2049
+    and 2051.
 
-    Args:
-        path: the file.
-
-    Returns:
-        uint8 array of shape ``(N,)`` for magic 2049 or ``(N, rows, cols)`` for
-        magic 2051 (writable, owning its memory).
-
-    Raises:
-        DataError: missing/unreadable file, bad gzip stream, unknown magic number,
-            short header, or a payload whose length does not match the header.
+    Raises :class:`DataError` for a missing or unreadable file, a bad gzip
+    stream, an unknown magic number, a short header, or a payload whose length
+    does not match the header.
     """
     path = Path(path)
     if not path.is_file():
@@ -331,20 +319,16 @@ def _find_idx(folder: Path, stem: str) -> Path | None:
 
 
 def load_mnist(folder: Path, prefix: str = "t10k") -> tuple[Tensor, Tensor | None]:
-    """Load MNIST-format images, and labels when present, from ``folder``.
+    """MNIST-format images uint8 (N, 1, rows, cols) and labels int64 (N,) or None, from ``folder``.
 
-    Looks for ``{prefix}-images-idx3-ubyte`` (or ``.gz``) and optionally
+    The images are 28 x 28 for MNIST; the labels are None when there is no label
+    file. Looks for ``{prefix}-images-idx3-ubyte`` (or ``.gz``) and optionally
     ``{prefix}-labels-idx1-ubyte`` (or ``.gz``); ``prefix`` is ``"t10k"`` for the
     test set and ``"train"`` for the training set.
 
-    Returns:
-        ``(images, labels)``: images uint8 ``(N, 1, rows, cols)`` (``28 x 28`` for
-        MNIST); labels int64 ``(N,)``, or ``None`` when there is no label file.
-
-    Raises:
-        DataError: missing folder or image file (naming the names looked for),
-            unreadable idx files, a file holding the wrong kind of array, or a
-            label count different from the image count.
+    Raises :class:`DataError` for a missing folder or image file (naming the
+    names looked for), unreadable idx files, a file holding the wrong kind of
+    array, or a label count different from the image count.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -390,20 +374,16 @@ def load_mnist(folder: Path, prefix: str = "t10k") -> tuple[Tensor, Tensor | Non
 
 
 def load_image_folder(folder: Path, channels: int) -> Tensor:
-    """Load every PNG/JPEG file directly inside ``folder`` (not sub-folders).
+    """Every PNG/JPEG file directly inside ``folder`` (not sub-folders) -> uint8 (N, channels, H, W).
 
     Files are those whose suffix is ``.png``, ``.jpg`` or ``.jpeg`` in any case,
     taken in order of file name. Each is converted by Pillow to mode ``"L"``
     (``channels == 1``) or ``"RGB"`` (``channels == 3``); an alpha channel is
     dropped, not composited.
 
-    Returns:
-        uint8 tensor ``(N, channels, H, W)``.
-
-    Raises:
-        DataError: missing folder, bad ``channels``, no image files, a file Pillow
-            cannot decode (naming it), or a file whose size differs from the first
-            one's (naming it and both sizes).
+    Raises :class:`DataError` for a missing folder, bad ``channels``, no image
+    files, a file Pillow cannot decode (naming it), or a file whose size differs
+    from the first one's (naming it and both sizes).
     """
     folder = Path(folder)
     if channels not in (1, 3):
@@ -462,7 +442,7 @@ def load_image_folder(folder: Path, channels: int) -> Tensor:
 
 
 def load_array(path: Path, key: str | None = None) -> Tensor:
-    """Load images from a ``.npy`` or ``.npz`` file.
+    """Images from a ``.npy`` or ``.npz`` file -> uint8 (N, C, H, W).
 
     In an ``.npz`` the array is ``key`` if given, else the one named ``"images"``,
     else the only array in the file.
@@ -480,13 +460,9 @@ def load_array(path: Path, key: str | None = None) -> Tensor:
     [0, 1], scaled by 255 and rounded to nearest. Anything else is refused rather
     than guessed at (e.g. int64 0..255 or float 0..255 must be converted first).
 
-    Returns:
-        uint8 tensor ``(N, C, H, W)``.
-
-    Raises:
-        DataError: missing/unreadable file, pickled data, unknown or ambiguous npz
-            key (listing the keys), unsupported shape, dtype or value range, or no
-            images.
+    Raises :class:`DataError` for a missing or unreadable file, pickled data, an
+    unknown or ambiguous npz key (listing the keys), an unsupported shape, dtype
+    or value range, or no images.
     """
     path = Path(path)
     if not path.is_file():
@@ -577,19 +553,14 @@ def _to_nchw_uint8(array: np.ndarray, where: str) -> np.ndarray:
 
 
 def pad_to(images: Tensor, size: int) -> Tensor:
-    """Centre images on a zero canvas of ``size x size`` (e.g. MNIST 28 -> 32).
+    """Centre ``images`` (N, C, H, W), any dtype, on a zero canvas -> (N, C, size, size) (e.g. MNIST 28 -> 32).
 
-    When the padding is odd, the extra row/column goes to the bottom/right.
+    ``size`` is the target height and width, ``>= max(H, W)``; the result has the
+    dtype and device of ``images``. When the padding is odd, the extra row/column
+    goes to the bottom/right.
 
-    Args:
-        images: ``(N, C, H, W)`` tensor of any dtype.
-        size: target height and width, ``>= max(H, W)``.
-
-    Returns:
-        ``(N, C, size, size)`` tensor with the dtype and device of ``images``.
-
-    Raises:
-        DataError: ``images`` is not 4-d, or ``size`` is smaller than H or W.
+    Raises :class:`DataError` when ``images`` is not 4-d, or ``size`` is smaller
+    than H or W.
     """
     if images.ndim != 4:
         raise DataError(

@@ -88,13 +88,10 @@ class FSQConfig:
 class FiniteScalarQuantizer(nn.Module):
     """Finite scalar quantiser with ``levels[i]`` integer levels in channel ``i``.
 
-    Args:
-        levels: levels per channel, each >= 2, e.g. ``[8, 5, 5, 5]`` (1000 codes, dim 4).
-
-    Attributes:
-        levels: the levels as a tuple of ints.
-        num_codes: number of codes K, the product of the levels.
-        dim: number of channels D the encoder must output, ``len(levels)``.
+    ``levels`` per channel, each >= 2, e.g. ``[8, 5, 5, 5]`` (1000 codes, dim 4), are
+    kept as a tuple of ints in ``levels``; ``num_codes`` is the number of codes K, the
+    product of the levels, and ``dim`` the number of channels D the encoder must
+    output, ``len(levels)``.
     """
 
     radix: Tensor  # (D,) int64 levels per channel

@@ -75,11 +75,10 @@ class InpaintError(ProgvqError):
 class Completion:
     """What :func:`complete` returns.
 
-    Attributes:
-        images: (n, C, H, W) uint8 completions; equal to the input where the mask is False.
-        codes: per level k = 1..L, (n, h_k, w_k) int64 codes of the completions.
-        missing: per level k = 1..L, (h_k, w_k) bool, True where the code was resampled.
-        labels: (n,) int64 classes of a class-conditional prior, else None.
+    ``images`` (n, C, H, W) uint8 are the completions, equal to the input where the
+    mask is False; ``codes`` per level k = 1..L, (n, h_k, w_k) int64, their codes;
+    ``missing`` per level k = 1..L, (h_k, w_k) bool, True where the code was
+    resampled; ``labels`` (n,) int64 the classes of a class-conditional prior, else None.
     """
 
     images: Tensor

@@ -200,14 +200,12 @@ class _GatedBlock(nn.Module):
 class GatedPixelCNN(nn.Module):
     """Autoregressive prior p(codes) = prod_ij p(code_ij | codes before (i, j) in raster order).
 
-    Args:
-        num_codes: codebook size K; codes are integers in ``[0, K)``.
-        channels: width C of both stacks.
-        layers: number of gated blocks (the first is type A).
-        kernel_size: odd kernel size; each block grows the receptive field by ``kernel_size // 2``.
-        dropout: dropout on the gated outputs inside every block.
-        cond_channels: channels of an optional spatial conditioning map (0: none).
-        num_classes: number of classes for an optional class label (0: none).
+    Codes are integers in ``[0, num_codes)``, the codebook size K. ``channels`` is the
+    width C of both stacks and ``layers`` the number of gated blocks (the first is type
+    A); each block grows the receptive field by ``kernel_size // 2`` (an odd kernel
+    size). ``dropout`` acts on the gated outputs inside every block. ``cond_channels``
+    are the channels of an optional spatial conditioning map and ``num_classes`` the
+    classes of an optional class label (0: none, for either).
     """
 
     def __init__(

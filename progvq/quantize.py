@@ -53,15 +53,13 @@ __all__ = ["Gather", "Quantizer", "QuantizerOutput", "VQConfig", "VectorQuantize
 class QuantizerOutput:
     """Everything one forward pass of :class:`VectorQuantizer` produces.
 
-    Attributes:
-        quantized: (B, D, H, W) chosen codebook vectors in the input's dtype;
-            straight-through, so the gradient wrt the input is the identity.
-        indices: (B, H, W) int64 code indices.
-        codebook_loss: scalar ``mean((sg[z] - e)^2)``; a constant zero with EMA.
-        commit_loss: scalar ``mean((z - sg[e])^2)``, unweighted (the caller
-            applies beta).
-        perplexity: scalar float, ``exp(entropy)`` of this batch's code histogram.
-        codes_used: scalar int64, number of distinct codes in this batch.
+    ``quantized`` (B, D, H, W) are the chosen codebook vectors in the input's dtype,
+    straight-through, so the gradient wrt the input is the identity; ``indices``
+    (B, H, W) int64 are the code indices. ``codebook_loss`` is the scalar
+    ``mean((sg[z] - e)^2)`` (a constant zero with EMA) and ``commit_loss`` the scalar
+    ``mean((z - sg[e])^2)``, unweighted (the caller applies beta). ``perplexity`` is a
+    scalar float, ``exp(entropy)`` of this batch's code histogram, and ``codes_used`` a
+    scalar int64, the number of distinct codes in this batch.
     """
 
     quantized: Tensor
@@ -101,16 +99,12 @@ _INIT, _RECENT, _RESTART = "init", "recent", "restart"
 
 
 def code_usage(indices: Tensor, num_codes: int) -> tuple[float, int]:
-    """Perplexity and number of distinct codes over any tensor of code indices.
+    """(perplexity, codes_used) of ``indices``, an int tensor of code indices of any shape.
 
-    Args:
-        indices: int tensor of any shape with values in ``[0, num_codes)``, e.g.
-            all the codes of a held-out split concatenated.
-        num_codes: codebook size K.
-
-    Returns:
-        ``(perplexity, codes_used)``; perplexity is ``exp(entropy)`` of the code
-        histogram, so ``k`` codes used equally often give ``k``.
+    ``indices`` lie in ``[0, num_codes)``, ``num_codes`` being the codebook size K
+    (e.g. all the codes of a held-out split concatenated). The perplexity is
+    ``exp(entropy)`` of the code histogram, so ``k`` codes used equally often give
+    ``k``; ``codes_used`` is the number of distinct codes.
     """
     if indices.numel() == 0:
         raise ValueError("code_usage needs at least one index")
@@ -185,20 +179,16 @@ class VQConfig:
 class VectorQuantizer(nn.Module):
     """Nearest-neighbour vector quantiser with EMA or learned codebook.
 
-    Args:
-        num_codes: codebook size K.
-        dim: code dimension D (channels of the encoder output).
-        ema: learn the codebook by EMA (buffer) rather than by the codebook loss
-            (parameter).
-        decay: EMA decay, used for the codebook statistics and for ``usage``.
-        eps: Laplace smoothing of the EMA cluster sizes.
-        init_from_data: seed the codebook with random vectors of the first
-            training batch instead of a small uniform init.
-        restart: replace dead codes every ``restart_every`` training calls.
-        restart_threshold: a code is dead when its ``usage`` (EMA of assignments
-            per batch) falls below this.
-        restart_every: training calls between dead-code checks.
-        buffer_size: rows of the ``recent`` ring buffer restarts draw from.
+    ``num_codes`` is the codebook size K and ``dim`` the code dimension D (channels of
+    the encoder output). With ``ema`` the codebook is learned by EMA (a buffer) rather
+    than by the codebook loss (a parameter); ``decay`` is the EMA decay, used for the
+    codebook statistics and for ``usage``, and ``eps`` the Laplace smoothing of the EMA
+    cluster sizes. ``init_from_data`` seeds the codebook with random vectors of the
+    first training batch instead of a small uniform init. ``restart`` replaces dead
+    codes every ``restart_every`` training calls (the calls between dead-code checks):
+    a code is dead when its ``usage`` (EMA of assignments per batch) falls below
+    ``restart_threshold``. Restarts draw from the ``buffer_size`` rows of the
+    ``recent`` ring buffer.
     """
 
     codebook: Tensor  # (K, D); a Parameter when ema=False, else a buffer
@@ -391,10 +381,9 @@ class VectorQuantizer(nn.Module):
     def _update_state(self, flat: Tensor, counts: Tensor, sums: Tensor) -> None:
         """Apply one training batch: EMA codebook, usage, recent buffer, restarts.
 
-        Args:
-            flat: (N, D) detached float32 encoder vectors.
-            counts: (K,) assignments per code in this batch.
-            sums: (K, D) sum of the vectors assigned to each code.
+        ``flat`` (N, D) are the batch's detached float32 encoder vectors, ``counts`` (K,)
+        the assignments per code in it and ``sums`` (K, D) the sum of the vectors
+        assigned to each code.
         """
         d = self.decay
         if self.ema:
