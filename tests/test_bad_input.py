@@ -33,6 +33,7 @@ from progvq.data import make_shapes
 from run_stage import main
 
 from .conftest import TINY
+from .helpers import idx_bytes, tiny_raw
 
 # --------------------------------------------------------------------------- helpers
 
@@ -100,9 +101,6 @@ def snapshot(root: Path) -> dict[str, bytes | None]:
     return out
 
 
-def tiny_raw() -> dict[str, Any]:
-    return yaml.safe_load(TINY.read_text())
-
 
 def train_args(ctx: Ctx, config: Path | str, *sets: str, verb: tuple[str, ...] = ("--all",)) -> list[str]:
     args = ["train", str(config), *verb, "--run-dir", str(ctx.tmp / "r"), "--no-progress"]
@@ -146,18 +144,13 @@ def data_source(source: str, path: str, *extra: str) -> tuple[str, ...]:
     return (f"data.source={source}", f"data.path={path}", "data.heldout=2", *extra)
 
 
-def idx_bytes(images: np.ndarray, magic: int = 2051) -> bytes:
-    n, h, w = images.shape
-    return b"".join(x.to_bytes(4, "big") for x in (magic, n, h, w)) + images.tobytes()
-
 
 def images_and_labels(n_images: int, n_labels: int) -> Callable[[Path], None]:
     """Write an idx images file and an idx labels file (magic 2049) into a folder."""
 
     def write(folder: Path) -> None:
         (folder / "t10k-images-idx3-ubyte").write_bytes(idx_bytes(images16(n_images)))
-        labels = (2049).to_bytes(4, "big") + n_labels.to_bytes(4, "big") + bytes(n_labels)
-        (folder / "t10k-labels-idx1-ubyte").write_bytes(labels)
+        (folder / "t10k-labels-idx1-ubyte").write_bytes(idx_bytes(np.zeros(n_labels, np.uint8)))
 
     return write
 

@@ -19,14 +19,11 @@ from progvq.pixelcnn import GatedPixelCNN
 from run_stage import main
 
 from .conftest import ROOT, TINY
+from .helpers import assert_same_tensors, train, uniform_prior, write_weights
 
 
 def run(*args: str) -> int:
     return main([*args])
-
-
-def train(run_dir: Path, *args: str) -> int:
-    return run("train", str(TINY), "--run-dir", str(run_dir), "--no-progress", *args)
 
 
 @pytest.mark.trains
@@ -51,23 +48,6 @@ def test_status_partial_and_missing(tmp_path: Path, capsys: pytest.CaptureFixtur
     ]
 
 
-def _uniform_prior(run_dir: Path) -> None:
-    """Write into the run's prior checkpoint a prior whose every distribution is uniform.
-
-    Every weight is zeroed, so the logits are 0 at every position whatever the codes before
-    it: each top code is drawn uniformly. The checkpoint goes through ``save_checkpoint``, so
-    its digest holds (the stages below are untouched, so nothing goes stale).
-    """
-    prior = Hierarchy.load(run_dir).prior
-    assert prior is not None
-    with torch.no_grad():
-        for param in prior.parameters():
-            param.zero_()
-    path = checkpoint_path(run_dir, "prior")
-    ckpt = load_checkpoint(path)
-    ckpt["model"] = {key: value.clone() for key, value in prior.state_dict().items()}
-    save_checkpoint(ckpt, path)
-
 
 @pytest.mark.trains
 def test_sample_writes_png_and_uint8_npz(
@@ -90,7 +70,8 @@ def test_sample_writes_png_and_uint8_npz(
     # what a few training steps made of the decoders (a collapsed one draws one image for every
     # seed), so the check is on the codes drawn, from a prior that is uniform by construction:
     # two seeds drawing the same 10 x 2 x 2 codes out of 8 has probability 8^-40.
-    _uniform_prior(tiny_copy)
+    # every prior weight zeroed in the checkpoint (the stages below are untouched: nothing goes stale)
+    write_weights(tiny_copy, "prior", uniform_prior(Hierarchy.load(tiny_copy)).prior)
     uniform = Hierarchy.load(tiny_copy).prior
     assert uniform is not None
     any_codes = torch.randint(uniform.num_codes, (3, 2, 2), generator=torch.Generator().manual_seed(0))
@@ -292,9 +273,7 @@ def test_resume_equals_uninterrupted(stage: str, tiny_run: Path, tmp_path: Path)
     assert train(resumed, "--stage", stage) == 0
     a, b = load_checkpoint(checkpoint_path(straight, stage)), load_checkpoint(checkpoint_path(resumed, stage))
     assert a["step"] == b["step"] == 6
-    assert a["model"].keys() == b["model"].keys()
-    for key in a["model"]:
-        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert_same_tensors(a["model"], b["model"])
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True):
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])

@@ -14,7 +14,7 @@ import torch
 
 from progvq.build import build_level
 from progvq.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
-from progvq.config import LevelConfig, load_config
+from progvq.config import load_config
 from progvq.data import load_dataset
 from progvq.errors import ConfigError
 from progvq.hierarchy import Hierarchy
@@ -24,6 +24,7 @@ from progvq.quantize import VQConfig
 from run_stage import main
 
 from .conftest import MNIST_DIR, TINY, TINY_CONDITIONAL
+from .helpers import assert_same_tensors, level_config, write_weights
 
 
 def _ar_level(codes_below: int = 3, quantizer: VQConfig | None = None, **pixelcnn) -> AutoregressiveCodeLevel:
@@ -32,7 +33,7 @@ def _ar_level(codes_below: int = 3, quantizer: VQConfig | None = None, **pixelcn
     pc = PixelCNNConfig(**{"channels": 8, "layers": 2, "kernel_size": 3, **pixelcnn})
     q = quantizer or VQConfig()
     q.codes, q.dim = 4, 4
-    cfg = LevelConfig(downsample=2, hidden=8, res_blocks=1, quantizer=q, decoder=AutoregressiveConfig(pixelcnn=pc))
+    cfg = level_config(quantizer=q, decoder=AutoregressiveConfig(pixelcnn=pc))
     level = build_level(cfg, 1, codes_below)
     assert isinstance(level, AutoregressiveCodeLevel) and level.autoregressive
     return level.double().eval()
@@ -125,8 +126,7 @@ def test_autoregressive_decode_is_the_cached_sampler_and_equals_naive() -> None:
 
 def test_factorised_decode_keeps_known_codes_without_changing_the_stream() -> None:
     torch.manual_seed(0)
-    cfg = LevelConfig(downsample=2, hidden=8, res_blocks=1, quantizer=VQConfig(codes=4, dim=4))
-    level = build_level(cfg, 1, 6).eval()
+    level = build_level(level_config(codes=4, dim=4), 1, 6).eval()
     assert isinstance(level, CodeLevel)
     codes = torch.randint(4, (3, 2, 2))
     free = level.decode(codes, 1.0, torch.Generator().manual_seed(0))
@@ -309,10 +309,7 @@ def test_samples_follow_the_label(tiny_conditional_run: Path, tmp_path: Path, mo
     # the same run with the label-forcing prior in its checkpoint
     run = tmp_path / "run"
     shutil.copytree(tiny_conditional_run, run)
-    path = checkpoint_path(run, "prior")
-    ckpt = load_checkpoint(path)
-    ckpt["model"] = {key: value.clone() for key, value in _force_label(model.prior).state_dict().items()}
-    save_checkpoint(ckpt, path)
+    write_weights(run, "prior", _force_label(model.prior))
     # record what every class-conditional draw of the prior returns (the level-2 decoder's draws take no label)
     drawn: list[tuple[torch.Tensor, torch.Tensor]] = []
     sample = GatedPixelCNN.sample
@@ -510,9 +507,8 @@ def test_resume_equals_uninterrupted(stage: str, tiny_conditional_run: Path, tmp
     assert main([*args, "--run-dir", str(resumed), "--until", "4"]) == 0
     assert main([*args, "--run-dir", str(resumed)]) == 0
     a, b = load_checkpoint(checkpoint_path(straight, stage)), load_checkpoint(checkpoint_path(resumed, stage))
-    assert a["step"] == b["step"] == a["steps"] > 4 and a["model"].keys() == b["model"].keys()
-    for key in a["model"]:
-        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert a["step"] == b["step"] == a["steps"] > 4
+    assert_same_tensors(a["model"], b["model"])
     assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
 
 

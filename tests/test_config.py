@@ -11,6 +11,7 @@ from progvq.config import LevelConfig, load_config
 from progvq.errors import ConfigError
 
 from .conftest import ROOT, TINY
+from .helpers import tiny_raw
 
 
 def write(tmp_path: Path, raw: dict | str) -> Path:
@@ -18,9 +19,6 @@ def write(tmp_path: Path, raw: dict | str) -> Path:
     path.write_text(raw if isinstance(raw, str) else yaml.safe_dump(raw))
     return path
 
-
-def tiny_raw() -> dict:
-    return yaml.safe_load(TINY.read_text())
 
 
 @pytest.mark.parametrize("name", ["tiny", "shapes", "mnist"])

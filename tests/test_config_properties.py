@@ -40,6 +40,7 @@ from progvq.pixelcnn import reach_needed
 from run_stage import main
 
 from .conftest import TINY
+from .helpers import tiny_raw
 
 FAST = settings(
     max_examples=150,
@@ -50,7 +51,7 @@ FAST = settings(
 )
 FEWER = settings(FAST, max_examples=60)
 
-TINY_RAW: dict[str, Any] = yaml.safe_load(TINY.read_text())
+TINY_RAW: dict[str, Any] = tiny_raw()
 
 
 @pytest.fixture(scope="module")

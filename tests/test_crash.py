@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import pickle
 import re
 import shutil
@@ -27,10 +26,7 @@ from run_stage import main
 
 from . import crash_harness
 from .conftest import ROOT, TINY
-
-
-def train(run_dir: Path, *args: str) -> int:
-    return main(["train", str(TINY), "--run-dir", str(run_dir), "--no-progress", *args])
+from .helpers import Payload, train
 
 
 def one_error_line(capsys: pytest.CaptureFixture) -> str:
@@ -240,15 +236,6 @@ def test_removed_lower_stage_makes_the_stages_above_stale(tiny_copy: Path, capsy
 # ---------------------------------------------------------------------------- hostile files
 
 
-class _Payload:
-    """Unpickling this runs a shell command: what a crafted checkpoint would do."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> tuple:
-        return (os.system, (f"touch {self.marker}",))
-
 
 @pytest.mark.parametrize("kind", ["torch", "pickle", "inside"])
 @pytest.mark.trains
@@ -260,7 +247,7 @@ def test_checkpoint_that_runs_code_when_unpickled_is_refused(
 ) -> None:
     marker = tmp_path / "pwned"
     path = checkpoint_path(tiny_copy, "prior")
-    evil = _Payload(marker)
+    evil = Payload(marker)
     if kind == "torch":
         torch.save(evil, path)
     elif kind == "pickle":
@@ -283,7 +270,7 @@ def test_checkpoint_that_runs_code_when_unpickled_is_refused(
 
 def test_pickle_that_torch_cannot_read_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "c.pt"
-    path.write_bytes(pickle.dumps(_Payload(tmp_path / "pwned"), protocol=5))
+    path.write_bytes(pickle.dumps(Payload(tmp_path / "pwned"), protocol=5))
     with pytest.raises(RunError, match="not a loadable checkpoint"):
         load_checkpoint(path)
     assert not (tmp_path / "pwned").exists()

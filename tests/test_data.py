@@ -21,8 +21,8 @@ from progvq.data import (
 )
 from progvq.errors import DataError, ProgvqError
 
-# The shared MNIST test set, next to the project root (see its README.md).
-MNIST_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
+from .conftest import MNIST_DIR
+from .helpers import idx_bytes
 
 # sha256 of make_shapes(8, seed=0).numpy().tobytes(), recorded when it was written.
 PINNED_SHAPES_SHA256 = (
@@ -39,12 +39,7 @@ def write_idx(
     path: Path, array: np.ndarray, *, magic: int | None = None, gz: bool = False
 ) -> Path:
     """Write a uint8 array (N,) or (N, rows, cols) as an idx file, optionally gzipped."""
-    if magic is None:
-        magic = 2049 if array.ndim == 1 else 2051
-    header = magic.to_bytes(4, "big") + b"".join(
-        d.to_bytes(4, "big") for d in array.shape
-    )
-    data = header + array.astype(np.uint8).tobytes()
+    data = idx_bytes(array, magic)
     path.write_bytes(gzip.compress(data) if gz else data)
     return path
 

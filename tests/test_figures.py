@@ -21,17 +21,17 @@ from torch import Tensor
 
 from progvq.build import build_level
 from progvq.canvas import Canvas
-from progvq.config import LevelConfig, load_config
+from progvq.config import load_config
 from progvq.data import load_dataset
 from progvq.hierarchy import Hierarchy
 from progvq.metrics import psnr, psnr_from_mse
 from progvq.nets import to_unit
 from progvq.pixelcnn import GatedPixelCNN
-from progvq.quantize import VQConfig
 from run_stage import main
 from stages.common import uniform_rate
 
 from .conftest import TINY
+from .helpers import level_config, tiny_raw
 
 LN2 = math.log(2.0)
 
@@ -62,7 +62,7 @@ def tiny_hierarchy(canvas: Canvas, seed: int = 0) -> Hierarchy:
     probability; eval mode, float32.
     """
     torch.manual_seed(seed)
-    level_cfg = LevelConfig(downsample=2, hidden=8, res_blocks=0, quantizer=VQConfig(codes=2, dim=3))
+    level_cfg = level_config(res_blocks=0, codes=2, dim=3)
     one = build_level(level_cfg, canvas.shape[0], 0)
     two = build_level(level_cfg, 1, 2)
     prior = GatedPixelCNN(2, channels=4, layers=1, kernel_size=3)
@@ -198,8 +198,7 @@ def test_canvas_pads_and_crops_as_pad_to() -> None:
 def test_pixel_samples_follow_the_logistic_scale(scale: float, temperature: float) -> None:
     """Samples of D_1 at temperature t spread as a logistic of scale t s: std t s pi / sqrt(3) in [-1, 1] units."""
     torch.manual_seed(0)
-    cfg = LevelConfig(downsample=2, hidden=4, res_blocks=0, quantizer=VQConfig(codes=2, dim=2))
-    level = build_level(cfg, 1, 0).eval()
+    level = build_level(level_config(hidden=4, res_blocks=0, codes=2, dim=2), 1, 0).eval()
     head = level.decoder.net[-1]  # the last conv: (loc, log_scale) maps
     with torch.no_grad():
         head.weight.zero_()
@@ -221,7 +220,7 @@ def _array_run(tmp_path: Path) -> tuple[Path, Path]:
     images = gen.integers(0, 256, (121, 12, 12), dtype=np.uint8)
     images[-1] = 200  # the held-out image: one grey square, so few codes
     np.save(tmp_path / "images.npy", images)
-    raw = yaml.safe_load(TINY.read_text())
+    raw = tiny_raw()
     raw["data"] = {"source": "array", "path": str(tmp_path / "images.npy"), "heldout": 1, "size": 16}
     raw["stages"][1]["quantizer"]["codes"] = 64
     for stage in raw["stages"].values():

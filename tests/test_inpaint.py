@@ -15,6 +15,8 @@ from progvq.inpaint import InpaintError, box_mask, complete, inpaint, inpaint_ba
 from progvq.pixelcnn import GatedPixelCNN
 from run_stage import main
 
+from .helpers import uniform_prior
+
 RUNS = ["tiny_run", "tiny_conditional_run"]
 
 
@@ -29,21 +31,6 @@ def _bottom_half(model: Hierarchy) -> torch.Tensor:
     _, h, w = model.image_shape
     return box_mask(h, w, (0, h // 2, w, h))
 
-
-def _uniform_prior(model: Hierarchy) -> Hierarchy:
-    """``model`` with every prior weight zeroed: logits 0 everywhere, so every top code is drawn uniformly.
-
-    What a few training steps make of a prior differs from one CPU to another (a prior that
-    learnt to put nearly all its mass on one code draws the same codes for every seed), so
-    tests that need draws to differ build a prior whose draws must. The importance weights
-    of a class-conditional prior's candidates are then equal too, and the pick among them
-    is uniform.
-    """
-    assert model.prior is not None
-    with torch.no_grad():
-        for param in model.prior.parameters():
-            param.zero_()
-    return model
 
 
 @pytest.mark.parametrize("name", RUNS)
@@ -70,7 +57,7 @@ def test_known_pixels_and_codes_are_kept_at_every_level(name: str, request: pyte
         assert torch.equal(codes[:, ~missing], own[0, ~missing].expand(6, -1))
     # the top level's unknown codes are drawn, one draw per completion: from a uniform prior six
     # completions agree on every unknown code (at least 2 of 8 codes each) with probability <= 64^-5
-    drawn = complete(_uniform_prior(model), image, mask, 6, seed=0)
+    drawn = complete(uniform_prior(model), image, mask, 6, seed=0)
     assert torch.equal(drawn.codes[-1][:, ~drawn.missing[-1]], done.codes[-1][:, ~done.missing[-1]])
     assert len({tuple(c[drawn.missing[-1]].tolist()) for c in drawn.codes[-1]}) > 1
 
@@ -100,7 +87,7 @@ def test_seeds_repeat_and_differ(name: str, request: pytest.FixtureRequest) -> N
     # what a few training steps made of the decoders, so the check is on the top codes drawn,
     # from a prior that is uniform by construction: 8 completions of at least 2 unknown codes of
     # 8 agree between two seeds with probability <= 64^-8.
-    uniform = _uniform_prior(model)
+    uniform = uniform_prior(model)
     one, again, two = (complete(uniform, image, mask, 8, seed=seed) for seed in (1, 1, 2))
     hole = one.missing[-1]
     assert hole.sum() >= 2

@@ -24,6 +24,7 @@ from progvq.registry import Registry
 from run_stage import main
 
 from .conftest import ROOT, TINY
+from .helpers import level_config
 
 FSQ = ["stages.1.quantizer={kind: fsq, levels: [4, 4]}", "stages.2.quantizer={kind: fsq, levels: [3, 3]}"]
 
@@ -82,7 +83,7 @@ def test_one_pixelcnn_config_for_the_prior_and_the_decoder() -> None:
 
 def test_an_fsq_level_has_no_codebook_terms_and_round_trips_its_codes() -> None:
     torch.manual_seed(0)
-    level = build_level(LevelConfig(downsample=2, hidden=8, res_blocks=1, quantizer=FSQConfig(levels=[5, 3])), 1, 0)
+    level = build_level(level_config(quantizer=FSQConfig(levels=[5, 3])), 1, 0)
     assert isinstance(level, PixelLevel) and level.quantizer.num_codes == 15
     x = torch.rand(4, 1, 8, 8) * 2 - 1
     out = level(x)

@@ -4,26 +4,22 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from progvq.build import build_level
 from progvq.config import LevelConfig
 from progvq.levels import CodeLevel, FactorisedConfig, LogisticConfig, PixelLevel
 from progvq.nets import discretized_logistic_logp, to_uint8, to_unit
-from progvq.quantize import VQConfig
+
+from .helpers import level_config
 
 
 def test_discretized_logistic_is_a_distribution_over_256_levels() -> None:
     x = to_unit(torch.arange(256, dtype=torch.uint8)).view(256, 1, 1, 1)
     for loc, log_scale in [(0.0, -2.0), (-1.3, -5.0), (0.7, 0.5), (0.999, -6.9), (2.0, -1.0)]:
         logp = discretized_logistic_logp(x, torch.full_like(x, loc), torch.full_like(x, log_scale))
-        assert torch.logsumexp(logp.flatten(), 0).exp().item() == pytest_approx(1.0, 1e-4)
-
-
-def pytest_approx(value: float, tol: float):
-    import pytest
-
-    return pytest.approx(value, abs=tol)
+        assert torch.logsumexp(logp.flatten(), 0).exp().item() == pytest.approx(1.0, abs=1e-4)
 
 
 def test_discretized_logistic_known_value() -> None:
@@ -32,7 +28,7 @@ def test_discretized_logistic_known_value() -> None:
     mu, log_s = torch.zeros_like(x), torch.full_like(x, math.log(0.1))
     s, c = 0.1, x.item()
     expected = math.log(1 / (1 + math.exp(-(c + 1 / 255) / s)) - 1 / (1 + math.exp(-(c - 1 / 255) / s)))
-    assert discretized_logistic_logp(x, mu, log_s).item() == pytest_approx(expected, 1e-5)
+    assert discretized_logistic_logp(x, mu, log_s).item() == pytest.approx(expected, abs=1e-5)
 
 
 def test_uint8_round_trip() -> None:
@@ -41,7 +37,7 @@ def test_uint8_round_trip() -> None:
 
 
 def small_cfg(**kw) -> LevelConfig:
-    return LevelConfig(downsample=4, hidden=16, res_blocks=1, quantizer=VQConfig(codes=16, dim=8), **kw)
+    return level_config(downsample=4, hidden=16, codes=16, dim=8, **kw)
 
 
 def test_pixel_level_shapes_and_likelihood_agree() -> None:
@@ -63,9 +59,7 @@ def test_pixel_level_shapes_and_likelihood_agree() -> None:
 
 def test_code_level_decode_and_likelihood() -> None:
     torch.manual_seed(0)
-    cfg = LevelConfig(
-        downsample=2, hidden=16, res_blocks=1, quantizer=VQConfig(codes=8, dim=8), decoder=FactorisedConfig()
-    )
+    cfg = level_config(hidden=16, codes=8, dim=8, decoder=FactorisedConfig())
     level = build_level(cfg, channels=1, codes_below=16).eval()
     assert type(level) is CodeLevel
     below = torch.randint(0, 16, (4, 4, 4))

@@ -1,25 +1,16 @@
 """Tests for the gated PixelCNN prior: exact causality, no blind spot, conditioning, sampling, fitting."""
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
 
 from progvq.pixelcnn import GatedPixelCNN, PixelCNNConfig, bits_per_code, code_log_prob
 
+from .helpers import assert_same_tensors
+
 K = 8  # codebook size for the small random models
 S = 5  # grid side for the receptive-field tests
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # These tensors are tiny: intra-op threads only add overhead, and their
-    # spin-waiting makes the file several times slower on a busy 2-core machine.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _model(seed: int = 0, **kwargs) -> GatedPixelCNN:
@@ -435,8 +426,7 @@ def test_from_config_builds_the_configured_network() -> None:
     built = GatedPixelCNN.from_config(cfg, K, cond_channels=6, num_classes=2)
     torch.manual_seed(0)
     direct = GatedPixelCNN(K, channels=12, layers=3, kernel_size=5, dropout=0.2, cond_channels=6, num_classes=2)
-    a, b = built.state_dict(), direct.state_dict()
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_tensors(built.state_dict(), direct.state_dict())
     assert (built.num_codes, built.cond_channels, built.num_classes) == (K, 6, 2)
     assert {m.p for m in built.modules() if isinstance(m, torch.nn.Dropout)} == {0.2}
     assert PixelCNNConfig(kernel_size=4, dropout=1.0).problems() == [

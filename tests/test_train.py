@@ -24,6 +24,8 @@ from progvq.distributed import Context, gather_to_main
 from progvq.errors import RunError
 from progvq.train import BatchOrder, lr_at
 
+from .helpers import Payload
+
 
 def test_lr_schedule_warmup_then_cosine() -> None:
     cfg = TrainConfig(steps=110, lr=1.0, warmup=10, min_lr_ratio=0.1)
@@ -134,16 +136,11 @@ def test_checkpoint_round_trip_is_weights_only_and_atomic(tmp_path: Path) -> Non
     assert load_checkpoint(path)["format"] == "progvq-checkpoint"
 
 
-class _Payload:
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # the file is plain pickle, on purpose
 def test_checkpoint_that_would_run_code_is_refused(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
-    payload = _Payload()
-    payload.marker = marker  # type: ignore[attr-defined]
+    payload = Payload(marker)
     path = tmp_path / "evil.pt"
     with open(path, "wb") as f:
         pickle.dump({"format": "progvq-checkpoint", "x": payload}, f)
