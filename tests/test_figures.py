@@ -182,18 +182,6 @@ def test_uniform_rate_known_answers() -> None:
     assert uniform_rate((4, 4), 2, (3, 8, 8)) == pytest.approx(16 / 192, abs=1e-12)
 
 
-def test_canvas_pads_and_crops_as_pad_to() -> None:
-    canvas = Canvas((1, 28, 28), (1, 32, 32))
-    assert (canvas.top, canvas.left, canvas.dims) == (2, 2, 784)
-    x = torch.randint(0, 256, (5, 1, 28, 28), dtype=torch.uint8)
-    padded = canvas.pad(x)
-    assert torch.equal(canvas.crop(padded), x) and padded.sum() == x.sum()
-    odd = Canvas((1, 3, 3), (1, 6, 6))  # the odd row and column go below and right
-    assert (odd.top, odd.left) == (1, 1)
-    mask = odd.pad_mask(torch.ones(3, 3, dtype=torch.bool))
-    assert mask.sum() == 9 and mask[1:4, 1:4].all()
-
-
 @pytest.mark.parametrize("scale, temperature", [(0.05, 1.0), (0.1, 1.0), (0.1, 0.5)])
 def test_pixel_samples_follow_the_logistic_scale(scale: float, temperature: float) -> None:
     """Samples of D_1 at temperature t spread as a logistic of scale t s: std t s pi / sqrt(3) in [-1, 1] units."""
