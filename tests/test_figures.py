@@ -24,7 +24,6 @@ from progvq.canvas import Canvas
 from progvq.config import load_config
 from progvq.data import load_dataset
 from progvq.hierarchy import Hierarchy
-from progvq.metrics import psnr, psnr_from_mse
 from progvq.nets import to_unit
 from progvq.pixelcnn import GatedPixelCNN
 from run_stage import main
@@ -165,14 +164,6 @@ def test_evaluate_figures_match_their_definitions_on_a_padded_canvas() -> None:
 
 
 # --------------------------------------------------------------------------- single figures
-
-
-def test_psnr_known_answers() -> None:
-    zeros = torch.zeros(2, 1, 4, 4, dtype=torch.uint8)
-    assert psnr(zeros, zeros + 1) == pytest.approx(20 * math.log10(255), abs=1e-9)  # MSE 1: 48.13 dB
-    assert psnr_from_mse(255.0**2) == pytest.approx(0.0, abs=1e-12)
-    assert psnr_from_mse(100.0) == pytest.approx(28.1308036, abs=1e-6)
-    assert psnr(zeros, zeros) == float("inf")
 
 
 def test_uniform_rate_known_answers() -> None:
