@@ -1,8 +1,9 @@
-"""Known answers for every figure: the bound, its levels, bits vs nats, PSNR, rates, usage, sampling.
+"""Known answers for the figures of a hierarchy: the bound, its levels, bits vs nats, usage, sampling.
 
 Each test computes its expectation independently of the code under test (by hand,
 in float64, or by enumerating every code), so a figure off by a factor (nats for
-bits, a halved term, padded dims for the original ones, peak 1 for 255) fails here.
+bits, a halved term, padded dims for the original ones, peak 1 for 255) fails here. PSNR's
+known answers are in test_metrics.py, the uniform rate's in test_stages.py.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from progvq.hierarchy import Hierarchy
 from progvq.nets import to_unit
 from progvq.pixelcnn import GatedPixelCNN
 from run_stage import main
-from stages.common import uniform_rate
 
 from .conftest import TINY
 from .helpers import level_config, tiny_raw
@@ -164,13 +164,6 @@ def test_evaluate_figures_match_their_definitions_on_a_padded_canvas() -> None:
 
 
 # --------------------------------------------------------------------------- single figures
-
-
-def test_uniform_rate_known_answers() -> None:
-    """log2 K bits per code position, divided by the data's own dims."""
-    assert uniform_rate((2, 2), 16, (1, 4, 4)) == pytest.approx(1.0, abs=1e-12)
-    assert uniform_rate((8, 8), 512, (1, 28, 28)) == pytest.approx(64 * 9 / 784, abs=1e-12)
-    assert uniform_rate((4, 4), 2, (3, 8, 8)) == pytest.approx(16 / 192, abs=1e-12)
 
 
 @pytest.mark.parametrize("scale, temperature", [(0.05, 1.0), (0.1, 1.0), (0.1, 0.5)])
