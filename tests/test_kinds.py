@@ -20,7 +20,6 @@ from progvq.kinds import DECODERS, PRIORS, QUANTIZERS
 from progvq.levels import AutoregressiveCodeLevel, AutoregressiveConfig, PixelLevel
 from progvq.pixelcnn import GatedPixelCNN, PixelCNNConfig
 from progvq.quantize import VectorQuantizer, VQConfig
-from progvq.registry import Registry
 from run_stage import main
 
 from .conftest import ROOT, TINY
@@ -35,12 +34,6 @@ def test_registries_map_each_kind_to_its_dataclass_and_builder() -> None:
     assert isinstance(QUANTIZERS.build(FSQConfig(levels=[8, 5, 5, 5])), FiniteScalarQuantizer)
     assert isinstance(QUANTIZERS.build(VQConfig(codes=8, dim=2)), VectorQuantizer)
     assert QUANTIZERS.kind_of(FSQConfig()) == "fsq"
-    registry = Registry("thing")
-    registry.add("a", FSQConfig, lambda c: c)
-    with pytest.raises(ValueError, match="registered twice"):
-        registry.add("a", VQConfig, lambda c: c)
-    with pytest.raises(ValueError, match="already configures"):
-        registry.add("b", FSQConfig, lambda c: c)
 
 
 def test_kind_tagged_sections_round_trip_and_refuse_unknown_kinds() -> None:
