@@ -1,39 +1,15 @@
-"""Level models: the pixel likelihood, encode/decode and likelihood consistency."""
+"""Level models: encode/decode and likelihood consistency (the pixel likelihood itself: test_nets.py)."""
 
 from __future__ import annotations
 
-import math
-
-import pytest
 import torch
 
 from progvq.build import build_level
 from progvq.config import LevelConfig
 from progvq.levels import CodeLevel, FactorisedConfig, LogisticConfig, PixelLevel
-from progvq.nets import discretized_logistic_logp, to_uint8, to_unit
+from progvq.nets import to_unit
 
 from .helpers import level_config
-
-
-def test_discretized_logistic_is_a_distribution_over_256_levels() -> None:
-    x = to_unit(torch.arange(256, dtype=torch.uint8)).view(256, 1, 1, 1)
-    for loc, log_scale in [(0.0, -2.0), (-1.3, -5.0), (0.7, 0.5), (0.999, -6.9), (2.0, -1.0)]:
-        logp = discretized_logistic_logp(x, torch.full_like(x, loc), torch.full_like(x, log_scale))
-        assert torch.logsumexp(logp.flatten(), 0).exp().item() == pytest.approx(1.0, abs=1e-4)
-
-
-def test_discretized_logistic_known_value() -> None:
-    # a bin in the middle: sigmoid((x + 1/255 - mu)/s) - sigmoid((x - 1/255 - mu)/s)
-    x = torch.tensor([[[[to_unit(torch.tensor(128, dtype=torch.uint8)).item()]]]])
-    mu, log_s = torch.zeros_like(x), torch.full_like(x, math.log(0.1))
-    s, c = 0.1, x.item()
-    expected = math.log(1 / (1 + math.exp(-(c + 1 / 255) / s)) - 1 / (1 + math.exp(-(c - 1 / 255) / s)))
-    assert discretized_logistic_logp(x, mu, log_s).item() == pytest.approx(expected, abs=1e-5)
-
-
-def test_uint8_round_trip() -> None:
-    u = torch.arange(256, dtype=torch.uint8)
-    assert torch.equal(to_uint8(to_unit(u)), u)
 
 
 def small_cfg(**kw) -> LevelConfig:
