@@ -25,7 +25,7 @@ from progvq.errors import RunError
 from progvq.kinds import Level
 from progvq.metrics import batches
 from progvq.nets import to_unit
-from progvq.run import Run, first_difference
+from progvq.run import Run, StageState, first_difference
 from progvq.train import FitResult, Stage, fit, set_aside
 
 from .codes import CodeStage
@@ -164,25 +164,15 @@ def train_stage(
     new_config = check_run_config(cfg, run, force=force)
     # every lower stage must be done and consistent: this stage is trained on their codes
     parents = _lower_parents(cfg, run, name)
-    stage_dir = run.stage_dir(name)
-    if restart and stage_dir.exists() and ctx.main:
-        keep = _free_name(stage_dir)
-        stage_dir.rename(keep)
-        run.forget(name)
-        log(f"stage {name}: previous training kept in {keep}")
+    if restart and ctx.main:
+        _keep_aside(run, name, log)
     barrier(ctx)  # every rank sees the stage directory as rank 0 left it
 
     def damaged(path: Path) -> None:
         log(f"stage {name}: {path.name} is damaged, moved to {set_aside(path).name}; it will not be loaded")
 
     found = run.found(name, on_damaged=damaged if ctx.main else None)
-    state = run.state(name, cfg)
-    if state.state != "missing" and state.parents != parents:
-        changed = next(k for k in names[: names.index(name)] if state.parents.get(k) != parents.get(k))
-        raise RunError(
-            f"{run.path}: stage {name} ({state.describe()}) was trained on an earlier version of stage {changed}; "
-            f"train --stage {name} --restart trains it anew on the current one"
-        )
+    state = _checked_state(cfg, run, name, parents)
     if state.state == "done":
         log(f"stage {name}: already done ({state.steps} steps); train --stage {name} --restart trains it anew")
         return FitResult(state.step, True, {})
@@ -200,7 +190,7 @@ def train_stage(
         result = fit(
             stage,
             cfg,
-            stage_dir,
+            run.stage_dir(name),
             parents=parents,
             until=until,
             progress=progress,
@@ -219,6 +209,29 @@ def train_stage(
             "run the same train command to continue"
         )
     return result
+
+
+def _keep_aside(run: Run, name: str, log: Callable[[str], None]) -> None:
+    """``--restart``: move stage ``name``'s folder to ``NAME.old-M`` (kept, never loaded again)."""
+    stage_dir = run.stage_dir(name)
+    if stage_dir.exists():
+        keep = _free_name(stage_dir)
+        stage_dir.rename(keep)
+        run.forget(name)
+        log(f"stage {name}: previous training kept in {keep}")
+
+
+def _checked_state(cfg: Config, run: Run, name: str, parents: dict[str, str]) -> StageState:
+    """Stage ``name``'s state, refused when it was started on other versions of the lower stages."""
+    state = run.state(name, cfg)
+    if state.state != "missing" and state.parents != parents:
+        names = cfg.stage_names()
+        changed = next(k for k in names[: names.index(name)] if state.parents.get(k) != parents.get(k))
+        raise RunError(
+            f"{run.path}: stage {name} ({state.describe()}) was trained on an earlier version of stage {changed}; "
+            f"train --stage {name} --restart trains it anew on the current one"
+        )
+    return state
 
 
 def _quiet(message: str) -> None:
