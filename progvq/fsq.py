@@ -37,9 +37,11 @@ channel least significant: ``index = sum_i (q_i + m_i) * prod_{j < i} L_j``.
 Shapes: ``forward``/``nearest`` take ``z`` (B, D, H, W); ``indices`` are (B, H, W)
 int64 and ``lookup`` maps them back to (B, D, H, W) float32 grid vectors.
 
-The quantiser has no codebook and hence neither codebook nor commitment loss;
-both are returned as constant zeros so that losses weighted as for
-:class:`progvq.quantize.VectorQuantizer` still add up. It keeps no state, so
+The quantiser has no codebook and hence no codebook loss (a constant zero, so that
+losses weighted as for :class:`progvq.quantize.VectorQuantizer` still add up). The
+paper has no commitment loss either; here ``commit_loss`` is the squared distance, in
+z-space, from each value to the centre of its code's cell (see ``_commit``), which
+keeps the encoder off tanh's flat ends; a ``commit`` weight of 0 is the paper's FSQ. It keeps no state, so
 under ``torch.distributed`` the ranks need no synchronisation; the per-batch
 usage figures (perplexity, codes used) are then those of the rank's own slice.
 """
@@ -61,7 +63,7 @@ __all__ = ["FSQConfig", "FiniteScalarQuantizer"]
 
 @dataclass
 class FSQConfig:
-    """``quantizer: {kind: fsq, levels: [8, 5, 5, 5]}``: no codebook, no commitment loss, no restarts."""
+    """``quantizer: {kind: fsq, levels: [8, 5, 5, 5]}``: no codebook, no codebook loss, no restarts."""
 
     levels: list[int] = field(default_factory=lambda: [8, 5, 5, 5])  # values per channel; codes: their product
 
@@ -136,11 +138,12 @@ class FiniteScalarQuantizer(nn.Module):
             counts = torch.bincount(indices.reshape(-1), minlength=self.num_codes)
             perplexity, codes_used = _histogram_stats(counts)
             zero = torch.zeros((), device=z.device)
+            commit = self._commit(z.float(), q, half)
         return QuantizerOutput(
             quantized=st.to(z.dtype),
             indices=indices,
             codebook_loss=zero,
-            commit_loss=zero.clone(),
+            commit_loss=commit,
             perplexity=perplexity,
             codes_used=codes_used,
         )
@@ -204,6 +207,19 @@ class FiniteScalarQuantizer(nn.Module):
         # module docstring); the clamp puts them on the outermost levels.
         q = torch.clamp(torch.round(bounded), min=-half, max=top)
         return bounded, q, half
+
+    def _commit(self, z: Tensor, q: Tensor, half: Tensor) -> Tensor:
+        """Scalar: mean squared distance in z-space from ``z`` (B, D, H, W) to the centre of its code's cell.
+
+        The paper's FSQ has no such term (a ``commit`` weight of 0 gives exactly it). Without it,
+        on MNIST the decoder's gradient pushed every position the same way until tanh saturated
+        (|z| near 500 within 50 steps), where no gradient comes back, and one code remained. Taken
+        in z-space its gradient does not vanish on tanh's flat ends, so z stays where codes change.
+        """
+        _, offset, shift, _ = self._constants()
+        # the cell centre: where the bound hits the code's grid point (the outermost ones kept off +-1)
+        target = torch.atanh(((q + offset) / half).clamp(-0.95, 0.95)) - shift
+        return (z - target.detach()).pow(2).mean()
 
     def _to_index(self, q: Tensor, half: Tensor) -> Tensor:
         """(B, D, H, W) integer levels and m (D, 1, 1) -> (B, H, W) int64 mixed-radix indices."""

@@ -207,15 +207,26 @@ def test_straight_through_gradient() -> None:
 # ------------------------------------------------------------------ losses and usage
 
 
-def test_losses_zero_and_usage() -> None:
+def test_no_codebook_loss_a_commit_term_in_z_space_and_usage() -> None:
     fsq = FiniteScalarQuantizer([8, 5, 5, 5])
     gen = torch.Generator().manual_seed(2)
     z = torch.randn(4, 4, 8, 8, generator=gen).requires_grad_()
     out = fsq(z)
-    for loss in (out.codebook_loss, out.commit_loss):
-        assert loss.shape == () and float(loss) == 0.0 and not loss.requires_grad
-        assert loss.device == z.device and loss.dtype == torch.float32
-    # a weighted sum with them still trains the rest
+    loss = out.codebook_loss
+    assert loss.shape == () and float(loss) == 0.0 and not loss.requires_grad
+    assert loss.device == z.device and loss.dtype == torch.float32
+    # commit: the mean squared distance, in z-space, to the centre of each value's cell, where the
+    # bound meets the grid point: atanh((q + o) / m) - s per channel (kept off the saturated ends)
+    half, offset, shift, _ = fsq._constants()
+    _, q, _ = fsq._quantize(z.detach())
+    target = torch.atanh(((q + offset) / half).clamp(-0.95, 0.95)) - shift
+    assert float(out.commit_loss) == pytest.approx(float((z.detach() - target).pow(2).mean()), rel=1e-6)
+    assert float(fsq(target).commit_loss) == pytest.approx(0.0, abs=1e-10)  # at a cell centre: nothing to pull
+    # its gradient does not vanish where tanh is flat: it brings a runaway z back
+    far = torch.full((1, 4, 1, 1), 50.0, requires_grad=True)
+    fsq(far).commit_loss.backward()
+    assert far.grad is not None and bool((far.grad > 0.1).all())
+    # a weighted sum trains the rest
     total = out.quantized.square().mean() + 1.0 * out.codebook_loss + 0.25 * out.commit_loss
     total.backward()
     assert z.grad is not None and bool(z.grad.abs().sum() > 0)
