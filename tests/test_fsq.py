@@ -220,7 +220,7 @@ def test_no_codebook_loss_a_commit_term_in_z_space_and_usage() -> None:
     half, offset, shift, _ = fsq._constants()
     _, q, _ = fsq._quantize(z.detach())
     target = torch.atanh(((q + offset) / half).clamp(-0.95, 0.95)) - shift
-    assert float(out.commit_loss) == pytest.approx(float((z.detach() - target).pow(2).mean()), rel=1e-6)
+    assert float(out.commit_loss.detach()) == pytest.approx(float((z.detach() - target).pow(2).mean()), rel=1e-6)
     assert float(fsq(target).commit_loss) == pytest.approx(0.0, abs=1e-10)  # at a cell centre: nothing to pull
     # its gradient does not vanish where tanh is flat: it brings a runaway z back
     far = torch.full((1, 4, 1, 1), 50.0, requires_grad=True)
