@@ -7,7 +7,7 @@ nowhere else; every field a YAML file may hold is a dataclass field below.
 Every mistake raises :class:`~progvq.errors.ConfigError` with one line that
 names the file, the key and the value, e.g.::
 
-    configs/x.yaml: stages.1.codes: must be >= 2, got 1
+    configs/x.yaml: stages.1.quantizer.codes: must be >= 2, got 1
 """
 
 from __future__ import annotations
@@ -660,7 +660,7 @@ def _yaml_error(path: Path, err: yaml.YAMLError) -> ConfigError:
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Read a YAML config, apply ``--set`` overrides and validate.
 
-    Errors name the file, e.g. ``configs/a.yaml: stages.1.codes: must be >= 2, got 1``.
+    Errors name the file, e.g. ``configs/a.yaml: stages.1.quantizer.codes: must be >= 2, got 1``.
     """
     path = Path(path)
     try:

@@ -4,8 +4,8 @@
 logistic per pixel, so its likelihood has a real number of bits.
 ``CodeLevel`` is level k >= 2 (level k-1 codes <-> level k codes); its decoder
 is a categorical over the K_(k-1) codes at every position of level k-1, the
-positions independent given z_k (``decoder: factorised``, the default).
-``AutoregressiveCodeLevel`` (``decoder: autoregressive``) keeps the encoder
+positions independent given z_k (``decoder: {kind: factorised}``, the default).
+``AutoregressiveCodeLevel`` (``decoder: {kind: autoregressive}``) keeps the encoder
 and quantiser and makes D_k a gated PixelCNN over the level k-1 codes in
 raster order, conditioned on z_k: the codebook vectors of z_k go through the
 same upsampling trunk as the factorised decoder, which here ends in a map of
