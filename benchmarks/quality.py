@@ -75,7 +75,7 @@ def train(
     cfg = load_config(config, overrides)
     run = Run(run_dir)
     if reuse is not None:
-        adopted = [name for name in adopt(cfg, run, Run(reuse), log=log)] if not run.exists() else list(stages)
+        adopted = adopt(cfg, run, Run(reuse), log=log) if not run.exists() else list(stages)
         missing = [name for name in stages if name not in adopted and run.state(name, cfg).state != "done"]
         if missing:
             raise SystemExit(f"{config}: stages {missing} of {reuse} were expected to be reused")

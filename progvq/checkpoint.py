@@ -133,6 +133,19 @@ def set_rank_rng_state(checkpoint: dict[str, Any] | None, rank: int) -> None:
         derive_rng_state(saved[0], rank)
 
 
+def changed_parent(recorded: dict[str, str], parents: dict[str, str]) -> str | None:
+    """The first lower stage (in training order) whose digest differs between two ``parents`` records, or None.
+
+    A stage records the digests of the lower stages it was trained on; a differing one means a
+    lower stage was retrained (or removed) since, so the stage cannot simply go on.
+    """
+    def order(name: str) -> tuple[bool, int, str]:
+        return (not name.isdigit(), int(name) if name.isdigit() else 0, name)
+
+    differing = [k for k in set(recorded) | set(parents) if recorded.get(k) != parents.get(k)]
+    return min(differing, key=order) if differing else None
+
+
 def file_sha256(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

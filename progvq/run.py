@@ -301,15 +301,16 @@ def canvas_of(ckpt: dict[str, Any], where: str | Path) -> Canvas:
     """
     extra = ckpt.get("extra", {})
     padded = tuple(int(v) for v in extra["image_shape"])
-    data = ckpt.get("config", {}).get("data", {})
-    if "original_shape" not in extra and data.get("size") is not None and data.get("source") != "shapes":
-        warnings.warn(
-            f"{where}: its checkpoints predate the recording of the data's own size; figures are over the padded image",
-            stacklevel=3,
-        )
-        return Canvas.unpadded(padded)  # type: ignore[arg-type]
     if "original_shape" not in extra:
-        return Canvas.unpadded(padded)  # type: ignore[arg-type]  # never padded: generated at their size, or no data.size
+        # only data.size pads, and never generated shapes (made at their size): otherwise nothing is lost
+        data = ckpt.get("config", {}).get("data", {})
+        if data.get("size") is not None and data.get("source") != "shapes":
+            warnings.warn(
+                f"{where}: its checkpoints predate the recording of the data's own size; "
+                "figures are over the padded image",
+                stacklevel=3,
+            )
+        return Canvas.unpadded(padded)  # type: ignore[arg-type]
     return Canvas(tuple(int(v) for v in extra["original_shape"]), padded)  # type: ignore[arg-type]
 
 

@@ -39,6 +39,7 @@ from .canvas import Canvas
 from .checkpoint import (
     CHECKPOINT_NAME,
     Found,
+    changed_parent,
     load_latest,
     rng_state,
     save_checkpoint,
@@ -166,6 +167,15 @@ def set_aside(path: Path) -> Path:
     return dest
 
 
+def report_damage(name: str, log: Callable[[str], None]) -> Callable[[Path], None]:
+    """What to do with a damaged checkpoint of stage ``name``: set it aside and say so (``on_damaged``)."""
+
+    def damaged(path: Path) -> None:
+        log(f"stage {name}: {path.name} is damaged, moved to {set_aside(path).name}; it will not be loaded")
+
+    return damaged
+
+
 def _quiet(message: str) -> None:
     """The log of ranks other than 0: they say nothing."""
 
@@ -261,11 +271,10 @@ class Trainer:
                 self.log(f"stage {name}: {found.problems[0]}; resuming from {found.path.name} instead")
             if ckpt["stage"] != name:
                 raise RunError(f"{found.path}: holds stage {ckpt['stage']}, not stage {name}")
-            recorded = dict(ckpt.get("parents", {}))
-            if recorded != self.parents:
-                changed = sorted(k for k in set(self.parents) | set(recorded) if self.parents.get(k) != recorded.get(k))
+            changed = changed_parent(dict(ckpt.get("parents", {})), self.parents)
+            if changed is not None:
                 raise RunError(
-                    f"{found.path}: stage {name} was started on another version of stage {changed[0]} "
+                    f"{found.path}: stage {name} was started on another version of stage {changed} "
                     "(retrained since); "
                     f"train --stage {name} --restart trains it anew on the current one"
                 )
@@ -432,12 +441,7 @@ def fit(
     trainer = Trainer(stage, config, stage_dir, parents=parents, progress=progress, log=log, extra=extra, ctx=ctx)
     if found is True:
 
-        def damaged(path: Path) -> None:
-            trainer.log(
-                f"stage {stage.name}: {path.name} is damaged, moved to {set_aside(path).name}; it will not be loaded"
-            )
-
-        on_damaged = damaged if trainer.ctx.main else None
+        on_damaged = report_damage(stage.name, trainer.log) if trainer.ctx.main else None
         found = load_latest(trainer.ckpt_path, map_location=trainer.device, on_damaged=on_damaged)
     trainer.resume(found or None)
     if on_ready is not None:

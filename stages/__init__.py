@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from progvq.checkpoint import seed_everything
+from progvq.checkpoint import changed_parent, seed_everything
 from progvq.config import Config
 from progvq.data import ImageData, load_dataset
 from progvq.distributed import barrier, setup
@@ -26,7 +26,7 @@ from progvq.kinds import Level
 from progvq.metrics import batches
 from progvq.nets import to_unit
 from progvq.run import Run, StageState, first_difference
-from progvq.train import FitResult, Stage, fit, set_aside
+from progvq.train import FitResult, Stage, fit, report_damage
 
 from .codes import CodeStage
 from .pixels import PixelStage
@@ -168,10 +168,7 @@ def train_stage(
         _keep_aside(run, name, log)
     barrier(ctx)  # every rank sees the stage directory as rank 0 left it
 
-    def damaged(path: Path) -> None:
-        log(f"stage {name}: {path.name} is damaged, moved to {set_aside(path).name}; it will not be loaded")
-
-    found = run.found(name, on_damaged=damaged if ctx.main else None)
+    found = run.found(name, on_damaged=report_damage(name, log) if ctx.main else None)
     state = _checked_state(cfg, run, name, parents)
     if state.state == "done":
         log(f"stage {name}: already done ({state.steps} steps); train --stage {name} --restart trains it anew")
@@ -224,9 +221,8 @@ def _keep_aside(run: Run, name: str, log: Callable[[str], None]) -> None:
 def _checked_state(cfg: Config, run: Run, name: str, parents: dict[str, str]) -> StageState:
     """Stage ``name``'s state, refused when it was started on other versions of the lower stages."""
     state = run.state(name, cfg)
-    if state.state != "missing" and state.parents != parents:
-        names = cfg.stage_names()
-        changed = next(k for k in names[: names.index(name)] if state.parents.get(k) != parents.get(k))
+    changed = changed_parent(state.parents, parents) if state.state != "missing" else None
+    if changed is not None:
         raise RunError(
             f"{run.path}: stage {name} ({state.describe()}) was trained on an earlier version of stage {changed}; "
             f"train --stage {name} --restart trains it anew on the current one"
