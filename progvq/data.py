@@ -56,11 +56,14 @@ __all__ = [
     "IDX_IMAGES_MAGIC",
     "IDX_LABELS_MAGIC",
     "IMAGE_SUFFIXES",
+    "SHAPE_CLASSES",
+    "SHAPE_KINDS",
     "SOURCES",
     "DataConfig",
     "load_array",
     "load_image_folder",
     "load_mnist",
+    "make_labelled_shapes",
     "make_shapes",
     "pad_to",
     "read_idx",
@@ -107,8 +110,42 @@ def _reason(exc: BaseException) -> str:
 # --------------------------------------------------------------------------- #
 
 
+#: The kinds of shape :func:`make_shapes` draws, in the order of its random draw of a kind (0, 1, 2).
+SHAPE_KINDS = ("ellipse", "rectangle", "triangle")
+
+#: Names of the shapes' class labels, label ``i`` being ``SHAPE_CLASSES[i]``: one class per number of
+#: shapes drawn (1 or 2) and sorted multiset of their kinds, kinds joined by ``+``. Circles are
+#: ellipses, squares rectangles; the order of drawing does not count (``rectangle+triangle`` is
+#: also a triangle painted before a rectangle).
+SHAPE_CLASSES = (
+    "ellipse",
+    "rectangle",
+    "triangle",
+    "ellipse+ellipse",
+    "ellipse+rectangle",
+    "ellipse+triangle",
+    "rectangle+rectangle",
+    "rectangle+triangle",
+    "triangle+triangle",
+)
+
+# sorted tuple of kind indices -> class label; SHAPE_KINDS is in alphabetical order, so sorting
+# indices sorts names too
+_SHAPE_CLASS_OF = {
+    tuple(SHAPE_KINDS.index(kind) for kind in name.split("+")): label for label, name in enumerate(SHAPE_CLASSES)
+}
+
+
 def make_shapes(n: int, *, size: int = 32, channels: int = 1, seed: int = 0) -> Tensor:
     """``n`` images (n, channels, size, size) uint8 of 1-2 soft filled shapes on a black background.
+
+    The images of :func:`make_labelled_shapes` with the same arguments, without their labels.
+    """
+    return make_labelled_shapes(n, size=size, channels=channels, seed=seed)[0]
+
+
+def make_labelled_shapes(n: int, *, size: int = 32, channels: int = 1, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """``n`` images (n, channels, size, size) uint8 of 1-2 soft filled shapes, and their labels (n,) int64.
 
     ``n >= 0`` images of ``size`` x ``size`` pixels (``size >= 8``), grayscale
     (``channels`` 1) or RGB (``channels`` 3), drawn from the random ``seed``.
@@ -121,6 +158,12 @@ def make_shapes(n: int, *, size: int = 32, channels: int = 1, seed: int = 0) -> 
     draws and exactly rounded IEEE arithmetic (no transcendental functions, no
     Pillow) are used, and compositing and downsampling are done in integers, so
     the same seed yields identical bytes on every machine.
+
+    Label ``i`` names what image ``i`` was drawn with: an index into :data:`SHAPE_CLASSES`
+    (how many shapes and of which kinds). It records the drawing, not what stays visible: a
+    later shape is painted over an earlier one and may hide part of it, rarely all of it.
+    Recording the labels draws nothing from the random generator, so the images are those the
+    generator drew before it recorded them.
     """
     if n < 0:
         raise DataError(f"make_shapes: n must be >= 0, got {n}")
@@ -136,11 +179,14 @@ def make_shapes(n: int, *, size: int = 32, channels: int = 1, seed: int = 0) -> 
     # geometry is drawn in output-pixel units too, so it does not depend on _SS.
     coords = (np.arange(hi, dtype=np.float64) + 0.5) / _SS
     out = np.empty((n, channels, size, size), dtype=np.uint8)
+    labels = np.empty(n, dtype=np.int64)
     canvas = np.empty((channels, hi, hi), dtype=np.uint8)
     for i in range(n):
         canvas.fill(0)
+        kinds = []
         for _ in range(int(rng.integers(1, 3))):
             kind = int(rng.integers(0, 3))
+            kinds.append(kind)
             if kind == 0:
                 mask, rows, cols = _ellipse(rng, size, coords)
             elif kind == 1:
@@ -156,7 +202,8 @@ def make_shapes(n: int, *, size: int = 32, channels: int = 1, seed: int = 0) -> 
             axis=(2, 4), dtype=np.int32
         )
         out[i] = (blocks + (_SS * _SS) // 2) // (_SS * _SS)
-    return torch.from_numpy(out)
+        labels[i] = _SHAPE_CLASS_OF[tuple(sorted(kinds))]
+    return torch.from_numpy(out), torch.from_numpy(labels)
 
 
 def _colour(rng: np.random.Generator, channels: int) -> np.ndarray:
@@ -664,9 +711,9 @@ SOURCES = Registry("data source", shared_config=True)
 SOURCES.add(
     "shapes",
     DataConfig,
-    lambda cfg: (
-        make_shapes(cfg.count, size=cfg.size or SHAPES_DEFAULT_SIZE, channels=cfg.channels, seed=cfg.seed),
-        None,
+    # the labels name the classes of SHAPE_CLASSES
+    lambda cfg: make_labelled_shapes(
+        cfg.count, size=cfg.size or SHAPES_DEFAULT_SIZE, channels=cfg.channels, seed=cfg.seed
     ),
 )
 SOURCES.add("mnist", DataConfig, lambda cfg: load_mnist(Path(cfg.path), cfg.prefix))

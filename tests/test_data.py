@@ -598,3 +598,94 @@ def test_load_dataset_refusals(tmp_path: Path) -> None:
     assert padded.train.shape == (15, 3, 12, 12) and padded.canvas.padded == (3, 16, 16)
     with pytest.raises(DataError, match=r"20 images, need more than data.heldout \(20\)"):
         load_dataset(_cfg(source="array", path=str(arr), channels=3, heldout=20))
+
+
+# --------------------------------------------------------------------------- shape labels
+
+# sha256 of the images make_shapes drew before it recorded labels: recording them must leave the
+# images as they were, since data sets, tests and trained runs depend on them.
+SHAPES_SHA256_BEFORE_LABELS = {
+    (300, 32, 1, 1): "57095534251a23f890effa1ad52acb8d2cea7f440abca3ac7fe7285582c048c3",
+    (64, 16, 3, 5): "db5bdf666d649bfc1f62b2d71a749b85bd3390b0f57db4978709e056901355d3",
+    (50, 28, 1, 3): "5fd11995f4b622f7797a2064b7ac32d20fa9816caf6c757b804a4553cc41fb09",
+}
+
+
+@pytest.mark.parametrize("n, size, channels, seed", list(SHAPES_SHA256_BEFORE_LABELS))
+def test_labelled_shapes_keep_the_images(n: int, size: int, channels: int, seed: int) -> None:
+    from progvq.data import make_labelled_shapes
+
+    images, labels = make_labelled_shapes(n, size=size, channels=channels, seed=seed)
+    digest = hashlib.sha256(images.numpy().tobytes()).hexdigest()
+    assert digest == SHAPES_SHA256_BEFORE_LABELS[(n, size, channels, seed)]
+    assert torch.equal(images, make_shapes(n, size=size, channels=channels, seed=seed))
+    assert labels.shape == (n,) and labels.dtype == torch.int64
+
+
+def test_shape_classes_table() -> None:
+    from progvq.data import SHAPE_CLASSES, SHAPE_KINDS
+
+    # one class per count (1 or 2) and sorted multiset of kinds: 3 + 6
+    assert len(SHAPE_CLASSES) == len(set(SHAPE_CLASSES)) == 9
+    singles = [name for name in SHAPE_CLASSES if "+" not in name]
+    pairs = [tuple(name.split("+")) for name in SHAPE_CLASSES if "+" in name]
+    assert tuple(singles) == SHAPE_KINDS
+    assert sorted(pairs) == sorted({tuple(sorted((a, b))) for a in SHAPE_KINDS for b in SHAPE_KINDS})
+    assert all(list(pair) == sorted(pair) for pair in pairs)
+
+
+def test_shape_labels_deterministic_and_drawn_as_designed() -> None:
+    from progvq.data import make_labelled_shapes
+
+    images, labels = make_labelled_shapes(3000, size=16, seed=11)
+    again_images, again = make_labelled_shapes(3000, size=16, seed=11)
+    assert torch.equal(labels, again) and torch.equal(images, again_images)
+    assert not torch.equal(labels, make_labelled_shapes(3000, size=16, seed=12)[1])
+    assert labels.min() >= 0 and labels.max() <= 8
+    # one or two shapes with equal odds, each of three kinds with equal odds: a single kind 1/6,
+    # a pair of equal kinds 1/18, a pair of different kinds 1/9 (either order of drawing)
+    expected = torch.tensor([1 / 6] * 3 + [1 / 18, 1 / 9, 1 / 9, 1 / 18, 1 / 9, 1 / 18])
+    share = torch.bincount(labels, minlength=9).double() / len(labels)
+    assert torch.allclose(share, expected.double(), atol=0.025), share
+
+
+def test_shape_labels_match_a_recount() -> None:
+    """What the images show agrees with their labels: how many colours, and the one shape's kind."""
+    from progvq.data import SHAPE_CLASSES, make_labelled_shapes
+
+    images, labels = make_labelled_shapes(600, size=32, channels=3, seed=4)
+    single = labels < 3
+
+    def one_colour(image: torch.Tensor) -> bool:
+        # every pixel of a single shape is its colour times its coverage, up to rounding: the cross
+        # products with the brightest pixel (fully covered) vanish to within half a grey level each
+        p = image.reshape(3, -1).T.long()  # (H W, 3)
+        c = p[p.sum(1).argmax()]
+        cross = p[:, :, None] * c[None, None, :] - p[:, None, :] * c[None, :, None]
+        return bool((cross.abs() <= 255).all())
+
+    looks_single = torch.tensor([one_colour(image) for image in images])
+    assert looks_single[single].all()
+    # two shapes show two colours unless the later one hides the earlier or their colours are alike
+    assert looks_single[~single].float().mean() < 0.03
+
+    for image, label in zip(images[single], labels[single], strict=True):
+        covered = image.amax(0) > 0  # (H, W)
+        rows, cols = covered.any(1).nonzero(), covered.any(0).nonzero()
+        box = covered[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+        filled = float(box.float().mean())
+        # a rectangle fills its bounding box; an ellipse about pi/4 of it; a triangle at most half,
+        # a little more with its anti-aliased edges
+        kind = "rectangle" if filled == 1.0 else "ellipse" if filled > 0.68 else "triangle"
+        assert kind == SHAPE_CLASSES[int(label)]
+
+
+def test_shapes_source_gives_labels_with_the_split() -> None:
+    from progvq.data import load_dataset, make_labelled_shapes
+
+    data = load_dataset(_cfg(source="shapes", count=60, heldout=10, size=16, limit=50, seed=2))
+    images, labels = make_labelled_shapes(60, size=16, seed=2)
+    assert torch.equal(torch.cat([data.train, data.heldout]), images[:50])
+    assert data.train_labels is not None and data.heldout_labels is not None
+    assert torch.equal(torch.cat([data.train_labels, data.heldout_labels]), labels[:50])
+    assert data.num_classes == int(labels[:50].max()) + 1
