@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "COPY_RATIO",
     "MEMORISED_QUANTILE",
     "frechet_distance",
     "frechet_distance_from_stats",
@@ -40,6 +41,11 @@ __all__ = [
 #: The held-out quantile of nearest-training distances under which :func:`memorised` calls a sample
 #: close to the training set: 5% of new data points are that close by chance.
 MEMORISED_QUANTILE = 0.05
+
+#: :func:`memorised` calls a sample a lone copy when its nearest training point is nearer than this
+#: fraction of the distance to the second nearest (the ratio test of Gu et al. 2023 on memorisation in
+#: diffusion models).
+COPY_RATIO = 1 / 3
 
 #: Rows of the first set per block of pairwise distances: 1,024 x 10,000 float64 is 82 MB.
 _BLOCK = 1024
@@ -162,23 +168,29 @@ def precision_recall(real: Tensor, fake: Tensor, k: int = 3) -> tuple[float, flo
     return float(precision), float(recall)
 
 
-def nearest(points: Tensor, reference: Tensor) -> tuple[Tensor, Tensor]:
-    """For each of ``points`` (M, D): its nearest point of ``reference`` (N, D) -> (distances (M,) float64, index (M,)).
+def nearest(points: Tensor, reference: Tensor, k: int = 1) -> tuple[Tensor, Tensor]:
+    """For each of ``points`` (M, D): its ``k`` nearest points of ``reference`` (N, D), nearest first.
 
-    The neighbour is found from squared norms and dot products, block by block; its distance
-    is then taken again from the difference of the two vectors, so an exact copy reads exactly 0.
+    Returns distances (M, k) float64 and indices (M, k) int64. The neighbours are found from
+    squared norms and dot products, block by block; their distances are then taken again from
+    the differences of the vectors, so an exact copy reads exactly 0.
     """
     points, reference = _as_points(points, "points"), _as_points(reference, "reference")
     if points.shape[1] != reference.shape[1]:
         raise ValueError(f"points and reference have different dimensions: {points.shape[1]} and {reference.shape[1]}")
+    if not 1 <= k <= reference.shape[0]:
+        raise ValueError(f"k = {k}: need 1 <= k <= the number of reference points ({reference.shape[0]})")
     norms = reference.square().sum(1)
     index = torch.cat(
         [
-            _squared_distances(points[start : start + _BLOCK], reference, norms).argmin(1)
+            _squared_distances(points[start : start + _BLOCK], reference, norms).topk(k, dim=1, largest=False).indices
             for start in range(0, len(points), _BLOCK)
         ]
     )
-    return (points - reference[index]).norm(dim=1), index
+    distances = (points[:, None] - reference[index]).norm(dim=2)
+    # the exact distances may swap two neighbours that the expansion ranked the other way round
+    distances, order = distances.sort(1)
+    return distances, index.gather(1, order)
 
 
 # --------------------------------------------------------------------------- memorisation
@@ -194,29 +206,42 @@ def memorised(samples: Tensor, train: Tensor, heldout: Tensor, quantile: float =
     How to read it: ``share_under`` beside ``share_expected`` (= ``quantile``). About equal: the
     samples are no closer to the training set than unseen data from the same source, no sign of
     copying. Well above it (a ``ratio`` of several): the model reproduces training points, or
-    near-copies of them; ``exact_copies`` counts samples equal to a training point (exact only
-    where features are exact, e.g. pixels). Below it: samples lie further from the training set
-    than new data does, which says they are unlike the data (see precision), not that they are
-    original. Returned keys: ``quantile``, ``threshold``, ``share_under``, ``share_expected``,
-    ``ratio``, ``exact_copies``, and the median nearest-training distance of the samples and of
-    the held-out points.
+    near-copies of them. Below it: samples lie further from the training set than new data
+    does, which says they are unlike the data (see precision), not that they are original.
+
+    Two figures tell copies from mere closeness. In pixels a sample with little in it (a blank
+    image, one small shape) is near many training images and can fall under the threshold
+    without copying any; ``share_lone_copies`` counts the samples whose nearest training point
+    is nearer than :data:`COPY_RATIO` of the distance to the second nearest, as a copy's is and a
+    blank image's is not (``heldout_share_lone_copies``: the same for new data, the level to
+    expect). ``exact_copies`` counts samples equal to a training point (exact only where features
+    are exact, e.g. pixels). Other keys: ``quantile``, ``threshold``, and the median
+    nearest-training distance of the samples and of the held-out points.
     """
     if not 0 < quantile < 1:
         raise ValueError(f"quantile must be in (0, 1), got {quantile}")
     train = _as_points(train, "train")
-    sample_d, _ = nearest(samples, train)
-    heldout_d, _ = nearest(heldout, train)
-    threshold = float(torch.quantile(heldout_d, quantile))
-    share = float((sample_d <= threshold).double().mean())
+    if len(train) < 2:
+        raise ValueError("train: need at least 2 points (the copy test uses the second nearest)")
+    sample_d, _ = nearest(samples, train, k=2)
+    heldout_d, _ = nearest(heldout, train, k=2)
+    threshold = float(torch.quantile(heldout_d[:, 0], quantile))
+    share = float((sample_d[:, 0] <= threshold).double().mean())
+
+    def lone(d: Tensor) -> float:
+        return float((d[:, 0] < COPY_RATIO * d[:, 1]).double().mean())
+
     return {
         "quantile": quantile,
         "threshold": threshold,
         "share_under": share,
         "share_expected": quantile,
         "ratio": share / quantile,
-        "exact_copies": float((sample_d == 0).double().mean()),
-        "median_distance": float(sample_d.median()),
-        "heldout_median_distance": float(heldout_d.median()),
+        "share_lone_copies": lone(sample_d),
+        "heldout_share_lone_copies": lone(heldout_d),
+        "exact_copies": float((sample_d[:, 0] == 0).double().mean()),
+        "median_distance": float(sample_d[:, 0].median()),
+        "heldout_median_distance": float(heldout_d[:, 0].median()),
     }
 
 

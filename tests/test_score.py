@@ -136,8 +136,12 @@ def test_nearest_reads_exact_copies_as_zero() -> None:
     train = torch.randint(0, 256, (50, 784)).double()
     points = torch.cat([train[[7, 3]], train[:1] + 1])
     distances, index = nearest(points, train)
-    assert index[:2].tolist() == [7, 3] and distances[:2].tolist() == [0.0, 0.0]
-    assert distances[2] == pytest.approx(math.sqrt(784))
+    assert distances.shape == index.shape == (3, 1)
+    assert index[:2, 0].tolist() == [7, 3] and distances[:2, 0].tolist() == [0.0, 0.0]
+    assert distances[2, 0] == pytest.approx(math.sqrt(784))
+    two, which = nearest(points, train, k=2)
+    assert torch.equal(which[:, 0], index[:, 0]) and (two[:, 1] >= two[:, 0]).all()
+    assert torch.equal(two[:, 1], torch.cdist(points, train).sort(1).values[:, 1])
 
 
 # --------------------------------------------------------------------------- memorisation
@@ -146,15 +150,32 @@ def test_nearest_reads_exact_copies_as_zero() -> None:
 def test_memorised_copies_fresh_draws_and_far_samples() -> None:
     train, heldout = _cluster(2000, 0.0, d=8, seed=6), _cluster(2000, 0.0, d=8, seed=7)
     copies = memorised(train[:300], train, heldout)
-    assert copies["share_under"] == 1.0 and copies["exact_copies"] == 1.0
+    assert copies["share_under"] == 1.0 and copies["exact_copies"] == 1.0 and copies["share_lone_copies"] == 1.0
     assert copies["ratio"] == pytest.approx(1 / score.MEMORISED_QUANTILE)
     assert copies["share_expected"] == copies["quantile"] == score.MEMORISED_QUANTILE
     fresh = memorised(_cluster(2000, 0.0, d=8, seed=8), train, heldout)
     assert fresh["share_under"] == pytest.approx(0.05, abs=0.02) and fresh["exact_copies"] == 0.0
     assert fresh["median_distance"] == pytest.approx(fresh["heldout_median_distance"], rel=0.05)
+    assert fresh["share_lone_copies"] == pytest.approx(fresh["heldout_share_lone_copies"], abs=0.02)
     far = memorised(_cluster(300, 50.0, d=8, seed=9), train, heldout)
     assert far["share_under"] == 0.0 and far["median_distance"] > 10 * far["heldout_median_distance"]
     assert memorised(train[:300], train, heldout, quantile=0.2)["share_expected"] == 0.2
+
+
+def test_memorised_tells_a_copy_from_a_sample_near_everything() -> None:
+    # points on the unit sphere of 50 dims are about sqrt(2) apart; its centre (a "blank image") is 1
+    # from every one of them: under the held-out threshold, yet no copy of any
+    def sphere(n: int, seed: int) -> torch.Tensor:
+        x = torch.randn(n, 50, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        return x / x.norm(dim=1, keepdim=True)
+
+    train, heldout = sphere(500, 10), sphere(500, 11)
+    blank = memorised(torch.zeros(20, 50, dtype=torch.float64), train, heldout)
+    assert blank["share_under"] == 1.0 and blank["share_lone_copies"] == 0.0 and blank["exact_copies"] == 0.0
+    nudged = train[:20] + 0.01 * sphere(20, 12)  # near-copies: far nearer one training point than any other
+    near = memorised(nudged, train, heldout)
+    assert near["share_lone_copies"] == 1.0 and near["exact_copies"] == 0.0
+    assert near["heldout_share_lone_copies"] == 0.0
 
 
 # --------------------------------------------------------------------------- classifier figures
