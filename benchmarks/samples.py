@@ -1,0 +1,569 @@
+"""Sample quality: trained runs' samples seen through a classifier of their data, beside real images.
+
+    python benchmarks/samples.py --run RUN [--run RUN2 ...] [--n 1000] [--seed 1] [--data mnist|shapes]
+                                 [--json OUT] [--grid-dir DIR] [--out DIR] [--quick]
+    python benchmarks/samples.py --config configs/mnist.yaml --config configs/mnist-flat.yaml [--runs-dir runs]
+    python benchmarks/samples.py --data mnist        # the same two configs
+
+Run from the project root (the MNIST configs read ../shared/data/mnist). What it does:
+
+1. With ``--config`` (repeatable; ``--data mnist`` alone means ``mnist.yaml`` then
+   ``mnist-flat.yaml``), trains each config into ``RUNS_DIR/<config name>`` first, stages
+   already done left as they are. A config whose leading stages equal an earlier one's reuses
+   them (``train --all --from``). A one-level config after a hierarchy (the flat baseline) gets
+   as much training time as the hierarchy: its prior trains for the seconds the hierarchy spent
+   on the stages it does not share, at the seconds per step a short probe measures
+   (``--flat-steps`` fixes the steps instead). Seconds per stage are kept in
+   ``OUT/training-times.json``, so later calls report them too.
+2. A classifier of the data, trained on the training split and cached in ``OUT`` (one file per
+   data set, loadable with ``torch.load(..., weights_only=True)``), so that no figure depends on
+   which runs are scored: MNIST gets ``benchmarks/quality.py``'s digit classifier, shapes the same
+   network for their size and their nine classes (``progvq.data.SHAPE_CLASSES``).
+3. For every run: N samples (a class-conditional prior draws its classes at the training split's
+   class frequencies), and the figures of :mod:`progvq.score` on the classifier's penultimate
+   features (128 numbers per image): the Fréchet distance to the held-out split, beside the floor,
+   the distance of N training images to it; the classifier's confidence and the entropy of its
+   labels, beside real held-out images'; k-NN precision and recall (k = 3) against the held-out
+   split; memorisation, on pixels and on features; for a class-conditional prior, N more samples
+   asking for the classes in turn and the share classified as asked. Also the run's held-out
+   bits/dim of the data's own pixels and its training seconds per stage where known.
+
+Prints a markdown table; writes every figure as JSON (``--json``, default ``OUT/samples.json``)
+and, with ``--grid-dir``, a grid of 64 samples per run (``samples_<run>.png``). ``--quick``
+trains the classifier one epoch (and configs a few steps per stage, into ``<name>-quick``
+folders): a smoke test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the project's packages, also when progvq is not installed
+
+from quality import Classifier, log, train, train_classifier  # after the path is set
+
+from progvq.config import Config, load_config
+from progvq.data import SHAPE_CLASSES, ImageData, load_dataset
+from progvq.errors import ProgvqError
+from progvq.fileio import atomic_write
+from progvq.hardware import describe
+from progvq.hierarchy import Hierarchy
+from progvq.images import image_grid, save_png
+from progvq.metrics import batches
+from progvq.run import Run
+from progvq.score import frechet_distance, label_figures, memorised, precision_recall
+from stages import adopt, train_stage
+
+#: The configs ``--data`` trains when neither ``--run`` nor ``--config`` is given.
+DEFAULT_CONFIGS = {
+    "mnist": ["configs/mnist.yaml", "configs/mnist-flat.yaml"],
+    "shapes": ["configs/shapes.yaml"],
+}
+#: Training steps of the prior in the probe that measures a flat prior's seconds per step.
+PROBE_STEPS, QUICK_PROBE_STEPS = 40, 5
+#: Classifier epochs: quality.py's 6 for the 9,000 digits; 15 for others. Shapes' nine classes (how
+#: many shapes of which kinds, one shape partly hidden by another) are harder: on 2,500 training
+#: images 12 epochs (468 steps) gave 81% held-out accuracy, 4 epochs 34%.
+DIGIT_EPOCHS, OTHER_EPOCHS = 6, 15
+K = 3  # neighbours of the precision and recall estimate
+CHUNK = 250  # samples drawn per call: bounds the memory of the samplers' caches
+
+
+# --------------------------------------------------------------------------- training
+
+
+def quick_overrides(cfg: Config) -> list[str]:
+    """A few steps for every stage of ``cfg`` (only the stages it has: ``--set`` would add others)."""
+    settings = (("steps", 20), ("eval_every", 20), ("warmup", 5))
+    return [f"stages.{s}.{k}={v}" for s in cfg.stage_names() for k, v in settings]
+
+
+def shared_stages(cfg: Config, other: Config) -> tuple[str, ...]:
+    """The leading stages of ``cfg`` that ``other`` trained the same way (same data and seed): they can be reused."""
+    mine, theirs = cfg.identity(), other.identity()
+    if mine["data"] != theirs["data"] or mine["seed"] != theirs["seed"]:
+        return ()
+    shared: list[str] = []
+    for name in cfg.stage_names()[:-1]:
+        if theirs["stages"].get(name) != mine["stages"][name]:
+            return tuple(shared)
+        shared.append(name)
+    # the prior too, only on the same levels
+    if cfg.num_levels == other.num_levels and mine["stages"]["prior"] == theirs["stages"]["prior"]:
+        shared.append("prior")
+    return tuple(shared)
+
+
+def read_times(path: Path) -> dict[str, dict[str, Any]]:
+    """``OUT/training-times.json``: resolved run folder -> stage -> {"train_seconds", "steps"}; {} before the first."""
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def write_json(path: Path, value: Any) -> None:
+    text = json.dumps(value, indent=2) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def seconds_per_prior_step(config: Path, overrides: list[str], reference: Path, steps: int) -> float:
+    """Seconds one training step of ``config``'s prior takes here, from a probe of ``steps`` steps.
+
+    The probe trains in a temporary folder on ``reference``'s stage 1 (copied, as ``--from``
+    does); only its training steps are timed (no evaluation, logging or saving).
+    """
+    sets = [f"stages.prior.{key}={steps}" for key in ("steps", "eval_every", "checkpoint_every", "log_every")]
+    cfg = load_config(config, [*overrides, *sets])
+    with tempfile.TemporaryDirectory(prefix="samples-probe-") as tmp:
+        run = Run(Path(tmp) / "run")
+        adopt(cfg, run, Run(reference), log=lambda message: None)
+        result = train_stage(cfg, "prior", run, progress=False, log=lambda message: None)
+    return result.train_seconds / steps
+
+
+def train_configs(
+    configs: list[Path], runs_dir: Path, *, quick: bool, flat_steps: int | None, times_path: Path
+) -> tuple[list[Path], dict[str, Any]]:
+    """Train every config not done yet (see the module docstring); its run folders and what training did."""
+    times = read_times(times_path)
+    done: list[tuple[Config, Path]] = []  # configs trained so far, with their run folders
+    report: dict[str, Any] = {}
+    for config in configs:
+        overrides = quick_overrides(load_config(config)) if quick else []
+        cfg = load_config(config, overrides)
+        run_dir = runs_dir / (config.stem + ("-quick" if quick else ""))
+        # reuse the earliest run that shares stages with this one
+        reuse, reused = next(((path, s) for other, path in done if (s := shared_stages(cfg, other))), (None, ()))
+        entry: dict[str, Any] = {"config": str(config), "run": str(run_dir)}
+        hierarchy = next(((other, path) for other, path in done if other.num_levels > 1), None)
+        if cfg.num_levels == 1 and hierarchy is not None and reused and reuse == hierarchy[1]:
+            steps, how = flat_prior_steps(config, overrides, run_dir, hierarchy[1], reused, times, flat_steps, quick)
+            overrides.append(f"stages.prior.steps={steps}")
+            cfg = load_config(config, overrides)
+            entry["prior_steps"] = {"steps": steps, **how}
+        entry["overrides"] = list(overrides)
+        entry["stages"] = train(config, run_dir, overrides, reuse, reused)
+        record = times.setdefault(str(run_dir.resolve()), {})
+        for name, figures in entry["stages"].items():
+            if "trained_before" not in figures:
+                record[name] = {"train_seconds": figures["train_seconds"], "steps": figures["steps"]}
+                continue
+            if reuse is not None and name in reused and name not in record:
+                # a reused stage's seconds are those of the run it comes from, where known
+                known = times.get(str(reuse.resolve()), {}).get(name)
+                if known is not None:
+                    record[name] = known
+            # this call spent no time on it: show the seconds it was trained in, where known
+            figures.pop("seconds")
+            figures["train_seconds"] = record.get(name, {}).get("train_seconds", "not recorded")
+        write_json(times_path, times)
+        done.append((cfg, run_dir))
+        report[run_dir.name] = entry
+    return [path for _, path in done], report
+
+
+def flat_prior_steps(
+    config: Path,
+    overrides: list[str],
+    run_dir: Path,
+    hierarchy: Path,
+    reused: tuple[str, ...],
+    times: dict[str, dict[str, Any]],
+    flat_steps: int | None,
+    quick: bool,
+) -> tuple[int, dict[str, Any]]:
+    """The prior steps that give the flat run ``config`` the hierarchy's training time, and how they were found.
+
+    The budget is the seconds the hierarchy spent on the stages the flat run does not share
+    (its stage 2 and prior); an existing flat run keeps the steps it was made with, since a run
+    folder refuses another config.
+    """
+    if flat_steps is not None:
+        return flat_steps, {"from": "--flat-steps"}
+    if Run(run_dir).exists():
+        return int(Run(run_dir).config.stages["prior"].steps), {"from": f"the existing run {run_dir}"}
+    recorded = times.get(str(hierarchy.resolve()), {})
+    names = [name for name in Run(hierarchy).config.stage_names() if name not in reused]
+    if any(name not in recorded for name in names):
+        default = int(load_config(config, overrides).stages["prior"].steps)
+        log(
+            f"{config}: no training seconds recorded for stages {names} of {hierarchy} "
+            f"(trained elsewhere); the flat prior keeps its {default} steps (--flat-steps sets them)"
+        )
+        return default, {"from": "the config (the hierarchy's training seconds are not recorded)"}
+    budget = sum(float(recorded[name]["train_seconds"]) for name in names)
+    probe = QUICK_PROBE_STEPS if quick else PROBE_STEPS
+    per_step = seconds_per_prior_step(config, overrides, hierarchy, probe)
+    steps = max(1, round(budget / per_step))
+    log(f"{config}: prior {steps} steps = {budget:.1f} s of {hierarchy}'s stages {names} / {per_step:.4f} s per step")
+    how = {"from": "time", "budget_seconds": round(budget, 1), "seconds_per_step": round(per_step, 5), "probe": probe}
+    return steps, {**how, "budget_stages": names}
+
+
+# --------------------------------------------------------------------------- classifier
+
+
+class ImageClassifier(Classifier):
+    """quality.py's digit classifier built for any image size and class count: uint8 (B, C, H, W) -> logits (B, K).
+
+    The same three convolution and pooling blocks and the same head, with the flattened size
+    that ``height`` x ``width`` (at least 8 each) leaves after three halvings.
+    """
+
+    def __init__(self, channels: int, height: int, width: int, classes: int) -> None:
+        nn.Module.__init__(self)  # Classifier's own __init__ builds the 28x28 network; this one is built here
+        if min(height, width) < 8:
+            raise ValueError(f"images of {height}x{width}: the classifier needs at least 8x8")
+        self.net = nn.Sequential(
+            nn.Conv2d(channels, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Dropout(0.3),
+            nn.Linear(64 * (height // 8) * (width // 8), 128), nn.ReLU(), nn.Linear(128, classes),
+        )  # fmt: skip
+
+
+def train_image_classifier(data: ImageData, classes: int, epochs: int, seed: int = 0) -> ImageClassifier:
+    """An :class:`ImageClassifier` trained as quality.py trains its digit classifier, without the shifts.
+
+    Shapes already sit anywhere in the image, and a rolled copy would wrap the shapes that
+    touch a border around to the other side.
+    """
+    assert data.train_labels is not None
+    torch.manual_seed(seed)
+    c, h, w = data.image_shape
+    model = ImageClassifier(c, h, w, classes)
+    n = len(data.train)
+    batch = min(64, n)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=max(2, epochs * (n // batch)))
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=gen)
+        for i in range(0, n - batch + 1, batch):
+            index = order[i : i + batch]
+            loss = F.cross_entropy(model(data.train[index]), data.train_labels[index])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    return model
+
+
+def classifier_for(cfg: Config, data: ImageData, out: Path, epochs: int | None) -> tuple[Classifier, dict[str, Any]]:
+    """The classifier of ``cfg``'s data: loaded from its file in ``out``, or trained on the training split and saved.
+
+    ``epochs`` None takes :data:`DIGIT_EPOCHS` for MNIST digits, else :data:`OTHER_EPOCHS`. The
+    file's name carries a digest of the data's config and the training settings, so another
+    data set or split gets a classifier of its own.
+    """
+    if data.train_labels is None or data.heldout_labels is None:
+        raise ProgvqError(f"data source {cfg.data.source!r} has no labels: the figures need a classifier of them")
+    c, h, w = data.image_shape
+    if cfg.data.source == "mnist" and (c, h, w) == (1, 28, 28):
+        kind, classes, names = "digits", 10, [str(d) for d in range(10)]
+    elif cfg.data.source == "shapes":
+        kind, classes, names = "shapes", len(SHAPE_CLASSES), list(SHAPE_CLASSES)
+    else:
+        kind, classes, names = "images", data.num_classes, [str(k) for k in range(data.num_classes)]
+    if epochs is None:
+        epochs = DIGIT_EPOCHS if kind == "digits" else OTHER_EPOCHS
+    meta = {"kind": kind, "shape": [c, h, w], "classes": classes, "epochs": epochs, "seed": 0}
+    key = json.dumps({"data": cfg.identity()["data"], **meta}, sort_keys=True)
+    path = out / f"classifier-{cfg.data.source}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt"
+    model: Classifier = Classifier() if kind == "digits" else ImageClassifier(c, h, w, classes)
+    info: dict[str, Any] = {"file": str(path), **meta, "class_names": names}
+    if path.exists():
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(saved["state_dict"])
+        info["trained_before"] = True
+    else:
+        start = time.perf_counter()
+        log(f"classifier: training on {len(data.train)} images, {epochs} epochs")
+        if kind == "digits":
+            model = train_classifier(data, epochs)  # quality.py's, shifts and all
+        else:
+            model = train_image_classifier(data, classes, epochs)
+        info["seconds"] = round(time.perf_counter() - start, 1)
+        state = {"state_dict": model.state_dict(), "meta": meta}
+        atomic_write(path, lambda f: torch.save(state, f))
+    model.eval()
+    return model, info
+
+
+@torch.no_grad()
+def classify(model: Classifier, images: Tensor, batch_size: int = 500) -> tuple[Tensor, Tensor]:
+    """uint8 images (N, C, H, W) -> penultimate features (N, 128) float64 and class probabilities (N, K) float64."""
+    model.eval()
+    features, probs = [], []
+    for chunk in batches(images, batch_size):
+        hidden = model.net[:-1](chunk.float() / 127.5 - 1.0)  # the input scaling of Classifier.forward
+        features.append(hidden.double())
+        probs.append(model.net[-1](hidden).softmax(1).double())
+    return torch.cat(features), torch.cat(probs)
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def rounded(figures: dict[str, Any], digits: int = 4) -> dict[str, Any]:
+    """``figures`` with its floats rounded (the JSON keeps what the estimates can tell)."""
+    return {k: round(v, digits) if isinstance(v, float) else v for k, v in figures.items()}
+
+
+def sample_figures(
+    images: Tensor, probs: Tensor, features: Tensor, asked: Tensor | None, ref: dict[str, Tensor]
+) -> dict[str, Any]:
+    """Every figure of a set of images (N, C, H, W) uint8 against the reference features and pixels in ``ref``."""
+    precision, recall = precision_recall(ref["heldout_features"], features, k=K)
+    return {
+        "frechet_distance": round(frechet_distance(features, ref["heldout_features"]), 3),
+        "precision": round(precision, 4),
+        "recall": round(recall, 4),
+        **rounded(label_figures(probs, asked)),
+        "memorised_pixels": rounded(memorised(images.flatten(1).double(), ref["train_pixels"], ref["heldout_pixels"])),
+        "memorised_features": rounded(memorised(features, ref["train_features"], ref["heldout_features"])),
+    }
+
+
+def draw(model: Hierarchy, n: int, seed: int, labels: Tensor | None) -> tuple[Tensor, float]:
+    """``n`` samples (n, C, H, W) uint8 and the seconds taken; ``CHUNK`` per call, call j seeded ``seed * 1000 + j``."""
+    start = time.perf_counter()
+    parts = []
+    for j, begin in enumerate(range(0, n, CHUNK)):
+        size = min(CHUNK, n - begin)
+        label = None if labels is None else labels[begin : begin + size]
+        parts.append(model.sample(size, seed=seed * 1000 + j, label=label))
+    return torch.cat(parts), time.perf_counter() - start
+
+
+@torch.no_grad()
+def heldout_bits(model: Hierarchy, images: Tensor, batch_size: int = 500) -> dict[str, float]:
+    """The bound in bits per dim of the data's own pixels on ``images`` (N, C, H, W), by level and in total.
+
+    A class-conditional prior's is the marginal over its classes, so it compares with an
+    unconditional prior's.
+    """
+    parts = [model.nll(chunk) for chunk in batches(images, batch_size)]
+    return {key: round(float(torch.cat([p[key] for p in parts]).mean()), 4) for key in parts[0]}
+
+
+def score_run(
+    name: str,
+    run_dir: Path,
+    model: Hierarchy,
+    classifier: Classifier,
+    data: ImageData,
+    ref: dict[str, Tensor],
+    args: argparse.Namespace,
+    times: dict[str, dict[str, Any]],
+) -> dict[str, Any]:
+    """The figures of one run's samples, its held-out bits/dim and its training seconds."""
+    labels = None
+    if model.num_classes:
+        # classes at the training split's frequencies, from a generator of their own
+        assert data.train_labels is not None
+        freq = torch.bincount(data.train_labels, minlength=model.num_classes)[: model.num_classes].double()
+        gen = torch.Generator().manual_seed(args.seed)
+        labels = torch.multinomial(freq / freq.sum(), args.n, replacement=True, generator=gen)
+    samples, seconds = draw(model, args.n, args.seed, labels)
+    log(f"{name}: {args.n} samples in {seconds:.1f} s")
+    features, probs = classify(classifier, samples)
+    figures: dict[str, Any] = {
+        "run": str(run_dir),
+        "levels": model.num_levels,
+        "class_conditional": bool(model.num_classes),
+        "sample_seconds": round(seconds, 1),
+        **sample_figures(samples, probs, features, labels, ref),
+    }
+    if model.num_classes:
+        asked = torch.arange(args.n) % model.num_classes
+        in_turn, _ = draw(model, args.n, args.seed + 1, asked)
+        turn_features, turn_probs = classify(classifier, in_turn)
+        figures["classes_in_turn"] = {
+            "frechet_distance": round(frechet_distance(turn_features, ref["heldout_features"]), 3),
+            **rounded(label_figures(turn_probs, asked)),
+        }
+    start = time.perf_counter()
+    figures["heldout_bits_per_dim"] = heldout_bits(model, data.heldout)
+    figures["eval_seconds"] = round(time.perf_counter() - start, 1)
+    figures["training_seconds"] = times.get(str(run_dir.resolve()), "not recorded")
+    figures["trained_with"] = model.trained_with
+    if args.grid_dir:
+        save_png(image_grid(samples[:64], nrow=8), Path(args.grid_dir) / f"samples_{name}.png")
+    return figures
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _cell(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    """One row per run, after the real held-out images and N training images (the floor)."""
+    head = (
+        "| images | FD to held-out | precision | recall | mean confidence | >= 0.9 | label entropy (bits) | as asked "
+        "| memorised pixels: near, lone | memorised features: near, lone | bits/dim | training s | sampling s |"
+    )
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    real, floor = result["reference"]["heldout"], result["reference"]["train"]
+    lines.append(
+        f"| held-out ({real['images']}, real) | - | - | - | {_cell(real['mean_confidence'])} "
+        f"| {_cell(real['share_confident'])} | {_cell(real['label_entropy_bits'])} "
+        f"| {_cell(real['share_as_asked'])} (accuracy) | - | - | - | - | - |"
+    )
+    lines.append(
+        f"| training ({floor['images']}, the floor) | {_cell(floor['frechet_distance'])} | {_cell(floor['precision'])} "
+        f"| {_cell(floor['recall'])} | {_cell(floor['mean_confidence'])} | {_cell(floor['share_confident'])} "
+        f"| {_cell(floor['label_entropy_bits'])} | - | - | - | - | - | - |"
+    )
+    expected, held_lone = None, ""
+    for name, run in result["runs"].items():
+        px, ft = run["memorised_pixels"], run["memorised_features"]
+        expected = px["share_expected"]
+        held_lone = (
+            f"{px['heldout_share_lone_copies']:.3f} in pixels, {ft['heldout_share_lone_copies']:.3f} in features"
+        )
+        turn = run.get("classes_in_turn", {}).get("share_as_asked")
+        seconds = run["training_seconds"]
+        total = round(sum(s["train_seconds"] for s in seconds.values()), 1) if isinstance(seconds, dict) else None
+        lines.append(
+            f"| {name} | {_cell(run['frechet_distance'])} | {_cell(run['precision'])} | {_cell(run['recall'])} "
+            f"| {_cell(run['mean_confidence'])} | {_cell(run['share_confident'])} "
+            f"| {_cell(run['label_entropy_bits'])} | {_cell(turn)} "
+            f"| {_cell(px['share_under'])}, {_cell(px['share_lone_copies'])} "
+            f"| {_cell(ft['share_under'])}, {_cell(ft['share_lone_copies'])} "
+            f"| {_cell(run['heldout_bits_per_dim']['total'], 4)} "
+            f"| {_cell(total, 1)} | {_cell(run['sample_seconds'], 1)} |"
+        )
+    if expected is not None:
+        lines.append("")
+        lines.append(
+            f"Memorised, near: share of samples nearer a training image than {expected:.0%} of held-out images "
+            f"are (expected {expected:.2f}); lone: share nearer one training image than a third of the distance "
+            f"to the next (copies; held-out images: {held_lone}). Label entropy: at most "
+            f"{result['reference']['heldout']['max_entropy_bits']:.3f} bits "
+            f"({result['classifier']['classes']} classes)."
+        )
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def run_names(run_dirs: list[Path]) -> list[str]:
+    """Folder names, or whole paths where two runs share a name."""
+    names = [path.name for path in run_dirs]
+    return [path.name if names.count(path.name) == 1 else str(path).replace("/", "_") for path in run_dirs]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", action="append", default=[], help="a trained run folder (repeatable)")
+    parser.add_argument("--config", action="append", default=[], help="train this config first (repeatable)")
+    parser.add_argument("--runs-dir", default="runs", help="where --config runs are trained (default: runs)")
+    parser.add_argument("--data", choices=sorted(DEFAULT_CONFIGS), help="the runs' data set (checked)")
+    parser.add_argument("--n", type=int, default=1000, help="samples per run (default 1000)")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--out", default="runs/samples-benchmark", help="classifier cache and training times")
+    parser.add_argument("--json", help="figures as JSON (default: OUT/samples.json)")
+    parser.add_argument("--grid-dir", help="a PNG grid of 64 samples per run")
+    parser.add_argument("--flat-steps", type=int, help="a flat config's prior steps, instead of equal training time")
+    parser.add_argument(
+        "--classifier-epochs", type=int, help=f"default: {DIGIT_EPOCHS} for digits (quality.py's), else {OTHER_EPOCHS}"
+    )
+    parser.add_argument("--quick", action="store_true", help="classifier 1 epoch; configs a few steps per stage")
+    args = parser.parse_args()
+    if args.n < K + 1:
+        parser.error(f"--n must be at least {K + 1} (precision and recall use {K} neighbours)")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    times_path = out / "training-times.json"
+    configs = [Path(c) for c in args.config]
+    if not configs and not args.run:
+        if args.data is None:
+            parser.error("give --run RUN, --config CONFIG or --data mnist|shapes")
+        configs = [ROOT / c for c in DEFAULT_CONFIGS[args.data]]
+    result: dict[str, Any] = {
+        "n": args.n,
+        "seed": args.seed,
+        "hardware": describe(torch.device("cpu")),
+        "threads": torch.get_num_threads(),
+    }
+    wall = time.perf_counter()
+    try:
+        run_dirs = [Path(r) for r in args.run]
+        if configs:
+            trained, result["training"] = train_configs(
+                configs, Path(args.runs_dir), quick=args.quick, flat_steps=args.flat_steps, times_path=times_path
+            )
+            run_dirs += trained
+        models = [Hierarchy.load(path) for path in run_dirs]
+        cfg = models[0].config
+        for path, model in zip(run_dirs, models, strict=True):
+            if model.config.identity()["data"] != cfg.identity()["data"]:
+                raise ProgvqError(f"{path}: trained on other data than {run_dirs[0]}; score one data set per call")
+        if args.data is not None and cfg.data.source != args.data:
+            raise ProgvqError(f"{run_dirs[0]}: its data source is {cfg.data.source!r}, not --data {args.data}")
+        data = load_dataset(cfg.data)  # the data's own images; every run's canvas pads them as it needs
+        classifier, result["classifier"] = classifier_for(cfg, data, out, 1 if args.quick else args.classifier_epochs)
+        assert data.heldout_labels is not None
+
+        heldout_features, heldout_probs = classify(classifier, data.heldout)
+        train_features, train_probs = classify(classifier, data.train)
+        result["classifier"]["heldout_accuracy"] = round(
+            float((heldout_probs.argmax(1) == data.heldout_labels).double().mean()), 4
+        )
+        ref = {
+            "heldout_features": heldout_features,
+            "train_features": train_features,
+            "heldout_pixels": data.heldout.flatten(1).double(),
+            "train_pixels": data.train.flatten(1).double(),
+        }
+        # the floor: N training images (a seeded choice) against the held-out split
+        pick = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(args.seed))[: args.n]
+        precision, recall = precision_recall(heldout_features, train_features[pick], k=K)
+        result["data"] = {
+            "config": cfg.identity()["data"],
+            "train": len(data.train),
+            "heldout": len(data.heldout),
+            "image_shape": list(data.image_shape),
+        }
+        result["reference"] = {
+            "heldout": {"images": len(data.heldout), **rounded(label_figures(heldout_probs, data.heldout_labels))},
+            "train": {
+                "images": len(pick),
+                "frechet_distance": round(frechet_distance(train_features[pick], heldout_features), 3),
+                "precision": round(precision, 4),
+                "recall": round(recall, 4),
+                **rounded(label_figures(train_probs[pick])),
+            },
+        }
+        times = read_times(times_path)
+        result["runs"] = {}
+        for name, path, model in zip(run_names(run_dirs), run_dirs, models, strict=True):
+            result["runs"][name] = score_run(name, path, model, classifier, data, ref, args, times)
+    except ProgvqError as err:
+        raise SystemExit(f"samples.py: {err}") from None
+    result["total_minutes"] = round((time.perf_counter() - wall) / 60, 2)
+    write_json(Path(args.json) if args.json else out / "samples.json", result)
+    print(markdown_table(result))
+
+
+if __name__ == "__main__":
+    main()
