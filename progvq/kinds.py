@@ -2,8 +2,8 @@
 
 - ``QUANTIZERS``: ``quantizer: {kind: vq | fsq, ...}`` of a level; builds a :class:`~progvq.quantize.Quantizer`.
 - ``DECODERS``: ``decoder: {kind: logistic | factorised | autoregressive, ...}`` of a level; builds the
-  whole level (encoder, quantiser, decoder) around its decoder. ``logistic`` decodes pixels (level 1),
-  the others the codes of the level below.
+  whole level (encoder, quantiser, decoder) around its decoder. ``logistic`` and ``pixelcnn`` decode pixels
+  (level 1), the others the codes of the level below.
 - ``PRIORS``: ``stages.prior: {kind: pixelcnn, pixelcnn: {...}}``; builds a model with the prior
   protocol (:class:`progvq.hierarchy.Prior`).
 - Data sources: :data:`progvq.data.SOURCES`.
@@ -17,11 +17,13 @@ from .fsq import FSQConfig
 from .levels import (
     AutoregressiveCodeLevel,
     AutoregressiveConfig,
+    AutoregressivePixelLevel,
     CodeLevel,
     FactorisedConfig,
     Level,
     LogisticConfig,
     MakeQuantizer,
+    PixelCNNDecoderConfig,
     PixelLevel,
     Trunk,
 )
@@ -38,12 +40,17 @@ DECODERS = Registry("decoder")
 DECODERS.add("logistic", LogisticConfig, lambda d, t, q, dim, channels, below: PixelLevel(t, q, channels, dim))
 DECODERS.add("factorised", FactorisedConfig, lambda d, t, q, dim, channels, below: CodeLevel(t, q, below, dim))
 DECODERS.add(
+    "pixelcnn",
+    PixelCNNDecoderConfig,
+    lambda d, t, q, dim, channels, below: AutoregressivePixelLevel(t, q, channels, dim, d),
+)
+DECODERS.add(
     "autoregressive",
     AutoregressiveConfig,
     lambda d, t, q, dim, channels, below: AutoregressiveCodeLevel(t, q, below, dim, d.pixelcnn),
 )
 #: decoder kinds that model pixels (level 1); every other kind models the codes of the level below
-PIXEL_DECODERS = ("logistic",)
+PIXEL_DECODERS = ("logistic", "pixelcnn")
 
 # a prior builder: (its config, codes of the top level, classes: 0 for an unconditional prior)
 PRIORS = Registry("prior")

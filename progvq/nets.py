@@ -133,3 +133,27 @@ def discretized_logistic_logp(x: Tensor, loc: Tensor, log_scale: Tensor) -> Tens
         log_pdf_mid + math.log(2 * HALF_BIN),
     )
     return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_sf_minus, log_mid))
+
+
+def logistic_mixture_logp(x: Tensor, params: Tensor) -> Tensor:
+    """Log-probability of 8-bit pixels under a mixture of K discretised logistics, per pixel.
+
+    x: (B, 1, H, W) in [-1, 1] on the 256-level grid (or any shape that broadcasts against
+    one component's parameters); params: (B, 3K, H, W), the mixture's logits, locations and
+    log-scales in that order. Returns (B, H, W) nats, exact: each component sums to 1 over
+    the 256 levels (:func:`discretized_logistic_logp`), and so does their mixture.
+    """
+    weights, loc, log_scale = params.chunk(3, dim=1)  # (B, K, H, W) each
+    per_component = discretized_logistic_logp(x, loc, log_scale)  # x broadcasts over the K components
+    return torch.logsumexp(F.log_softmax(weights, dim=1) + per_component, dim=1)
+
+
+def logistic_mixture_logits(params: Tensor) -> Tensor:
+    """The mixture's log-probability of each of the 256 levels: params (n, 3K) -> logits (n, 256).
+
+    What a sampler draws from, one position at a time; its log-softmax is itself (it sums to 1).
+    """
+    levels = torch.linspace(-1, 1, BINS, device=params.device, dtype=params.dtype)  # (256,)
+    weights, loc, log_scale = params.chunk(3, dim=1)  # (n, K) each
+    per_component = discretized_logistic_logp(levels[None, None], loc[..., None], log_scale[..., None])
+    return torch.logsumexp(F.log_softmax(weights, dim=1)[..., None] + per_component, dim=1)  # (n, 256)

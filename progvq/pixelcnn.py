@@ -205,7 +205,9 @@ class GatedPixelCNN(nn.Module):
     A); each block grows the receptive field by ``kernel_size // 2`` (an odd kernel
     size). ``dropout`` acts on the gated outputs inside every block. ``cond_channels``
     are the channels of an optional spatial conditioning map and ``num_classes`` the
-    classes of an optional class label (0: none, for either).
+    classes of an optional class label (0: none, for either). ``outputs`` (0: ``num_codes``)
+    is the width of the head: logits over the codes, or the parameters of another
+    distribution over them, which :meth:`sample` turns into logits with ``to_logits``.
     """
 
     def __init__(
@@ -218,6 +220,7 @@ class GatedPixelCNN(nn.Module):
         dropout: float = 0.0,
         cond_channels: int = 0,
         num_classes: int = 0,
+        outputs: int = 0,
     ) -> None:
         super().__init__()
         if num_codes < 2 or channels < 1 or layers < 1:
@@ -243,7 +246,7 @@ class GatedPixelCNN(nn.Module):
             nn.ReLU(),
             nn.Conv2d(channels, channels, 1),
             nn.ReLU(),
-            nn.Conv2d(channels, num_codes, 1),
+            nn.Conv2d(channels, outputs or num_codes, 1),
         )
 
     #: the last block's horizontal output feeds nothing, so its conv never gets a gradient
@@ -258,6 +261,7 @@ class GatedPixelCNN(nn.Module):
         *,
         cond_channels: int = 0,
         num_classes: int = 0,
+        outputs: int = 0,
     ) -> GatedPixelCNN:
         return cls(
             num_codes,
@@ -267,6 +271,7 @@ class GatedPixelCNN(nn.Module):
             dropout=cfg.dropout,
             cond_channels=cond_channels,
             num_classes=num_classes,
+            outputs=outputs,
         )
 
     def log_prob_per_position(self, codes: Tensor, label: Tensor | None = None) -> Tensor:
@@ -336,6 +341,7 @@ class GatedPixelCNN(nn.Module):
         label: Tensor | None = None,
         known: tuple[Tensor, Tensor] | None = None,
         method: Literal["cached", "naive"] = "cached",
+        to_logits: Callable[[Tensor], Tensor] | None = None,
     ) -> Tensor:
         """Draw ``n`` code grids, (n, height, width) int64, one position at a time in raster order.
 
@@ -357,6 +363,10 @@ class GatedPixelCNN(nn.Module):
         codes. They compute the logits by different summation orders, so in float32
         a draw could differ if a random number lands within rounding (~1e-6 relative)
         of a decision boundary; this has probability of order 1e-6 per draw.
+
+        ``to_logits`` maps the head's output at one position, (n, outputs), to logits
+        (n, num_codes) before the draw; needed when the head gives another distribution's
+        parameters (``outputs``).
         """
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
@@ -368,6 +378,8 @@ class GatedPixelCNN(nn.Module):
             self._check_known(known, n, height, width)
 
         def choose(logits: Tensor, i: int, j: int) -> Tensor:
+            if to_logits is not None:
+                logits = to_logits(logits)
             return _pick(logits, i, j, temperature, generator, known)
 
         codes = torch.zeros(n, height, width, dtype=torch.long, device=device)
@@ -547,7 +559,7 @@ class GatedPixelCNN(nn.Module):
                         torch.add(h_col[k][j], h_new, out=h_col[k + 1][j])
                 torch.addmm(skip_b, gates, skip_w, out=skips).relu_()
                 torch.addmm(b1, skips, w1, out=hidden).relu_()
-                logits = torch.addmm(b2, hidden, w2)  # (n, num_codes), fresh: choose may keep it
+                logits = torch.addmm(b2, hidden, w2)  # (n, outputs), fresh: choose may keep it
                 chosen = choose(logits, i, j)
                 codes[:, i, j] = chosen
                 torch.index_select(embedding, 0, chosen, out=h_col[0][j])

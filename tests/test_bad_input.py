@@ -352,7 +352,7 @@ CASES: list[Case] = [
     ),
     Case(
         "unknown-key", "decoder-kind", with_sets("stages.2.decoder.kind=x"),
-        ("stages.2.decoder.kind: must be one of logistic, factorised, autoregressive, got 'x'",),
+        ("stages.2.decoder.kind: must be one of logistic, factorised, pixelcnn, autoregressive, got 'x'",),
     ),
     Case(
         "unknown-key", "prior-kind", with_sets("stages.prior.kind=made"),
@@ -444,7 +444,7 @@ CASES: list[Case] = [
     ),
     Case(
         "range", "code-decoder-at-level-1", with_sets("stages.1.decoder.kind=factorised"),
-        ("stages.1.decoder.kind: must be logistic (level 1 decodes pixels), got 'factorised'",),
+        ("stages.1.decoder.kind: must be logistic or pixelcnn (level 1 decodes pixels), got 'factorised'",),
     ),
     Case(
         "range", "pixel-decoder-at-level-2", with_sets("stages.2.decoder.kind=logistic"),

@@ -163,7 +163,7 @@ _AR = ["stages.2.decoder.kind=autoregressive"]
     [
         (
             ["stages.1.decoder.kind=autoregressive"],
-            "stages.1.decoder.kind: must be logistic (level 1 decodes pixels), got 'autoregressive'",
+            "stages.1.decoder.kind: must be logistic or pixelcnn (level 1 decodes pixels), got 'autoregressive'",
         ),
         (
             ["stages.2.decoder.kind=logistic"],
@@ -173,8 +173,8 @@ _AR = ["stages.2.decoder.kind=autoregressive"]
             ),
         ),
         (
-            ["stages.2.decoder.kind=pixelcnn"],
-            "stages.2.decoder.kind: must be one of logistic, factorised, autoregressive, got 'pixelcnn'",
+            ["stages.2.decoder.kind=lstm"],
+            "stages.2.decoder.kind: must be one of logistic, factorised, pixelcnn, autoregressive, got 'lstm'",
         ),
         (
             [*_AR, "stages.2.decoder.pixelcnn.kernel_size=4"],
@@ -193,7 +193,7 @@ _AR = ["stages.2.decoder.kind=autoregressive"]
         # a decoder section names its kind
         (
             ["stages.2.decoder.pixelcnn.layers=3"],
-            "stages.2.decoder.kind: missing (one of logistic, factorised, autoregressive)",
+            "stages.2.decoder.kind: missing (one of logistic, factorised, pixelcnn, autoregressive)",
         ),
         (
             [*_AR, "stages.2.decoder.pixelcnn.layers=1"],
@@ -215,7 +215,7 @@ _AR = ["stages.2.decoder.kind=autoregressive"]
         ),
         (
             ["stages.1.decoder=autoregressive"],
-            "stages.1.decoder.kind: must be logistic (level 1 decodes pixels), got 'autoregressive'",
+            "stages.1.decoder.kind: must be logistic or pixelcnn (level 1 decodes pixels), got 'autoregressive'",
         ),
         (
             ["stages.prior.class_conditional=true"],

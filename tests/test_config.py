@@ -88,7 +88,7 @@ def test_to_dict_round_trip() -> None:
         ),
         (
             ("stages", "1", "decoder", {"kind": "factorised"}),
-            "stages.1.decoder.kind: must be logistic (level 1 decodes pixels), got 'factorised'",
+            "stages.1.decoder.kind: must be logistic or pixelcnn (level 1 decodes pixels), got 'factorised'",
         ),
         (
             ("stages", "2", "decoder", {"kind": "logistic"}),

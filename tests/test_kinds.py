@@ -30,7 +30,7 @@ FSQ = ["stages.1.quantizer={kind: fsq, levels: [4, 4]}", "stages.2.quantizer={ki
 
 def test_registries_map_each_kind_to_its_dataclass_and_builder() -> None:
     assert QUANTIZERS.kinds() == ("vq", "fsq") and PRIORS.kinds() == ("pixelcnn",)
-    assert DECODERS.kinds() == ("logistic", "factorised", "autoregressive")
+    assert DECODERS.kinds() == ("logistic", "factorised", "pixelcnn", "autoregressive")
     assert isinstance(QUANTIZERS.build(FSQConfig(levels=[8, 5, 5, 5])), FiniteScalarQuantizer)
     assert isinstance(QUANTIZERS.build(VQConfig(codes=8, dim=2)), VectorQuantizer)
     assert QUANTIZERS.kind_of(FSQConfig()) == "fsq"
@@ -53,7 +53,13 @@ def test_kind_tagged_sections_round_trip_and_refuse_unknown_kinds() -> None:
         ),
         "stages.1.quantizer={kind: fsq, codes: 8}": "stages.1.quantizer.codes: unknown key (known: levels)",
         "stages.2.decoder={kind: logistic}": "stages.2.decoder.kind: must be one of factorised, autoregressive",
-        "stages.1.decoder={kind: factorised}": "stages.1.decoder.kind: must be logistic (level 1 decodes pixels)",
+        "stages.1.decoder={kind: factorised}": (
+            "stages.1.decoder.kind: must be logistic or pixelcnn (level 1 decodes pixels)"
+        ),
+        "stages.1.decoder={kind: pixelcnn}": "stages.1.loss_weights.mse: must be > 0 with a pixelcnn decoder",
+        "stages.1.decoder={kind: pixelcnn, pixelcnn: {kernel_size: 4}}": (
+            "stages.1.decoder.pixelcnn.kernel_size: must be odd and >= 3, got 4"
+        ),
         "stages.prior.kind=transformer": "stages.prior.kind: must be one of pixelcnn, got 'transformer'",
         "stages.2.loss_weights.mse=1": (
             "stages.2.loss_weights.mse: this stage has no such loss part (its parts: recon, codebook, commit)"
@@ -63,6 +69,10 @@ def test_kind_tagged_sections_round_trip_and_refuse_unknown_kinds() -> None:
         with pytest.raises(ConfigError) as err:
             load_config(TINY, [setting])
         assert message in str(err.value), setting
+    colour = ["data.channels=3", "stages.1.decoder={kind: pixelcnn}", "stages.1.loss_weights.mse=1"]
+    with pytest.raises(ConfigError, match=r"stages.1.decoder.kind: must be logistic for colour images"):
+        load_config(TINY, colour)
+    assert load_config(TINY, colour[1:]).level(1).decoder.pixelcnn.channels == PixelCNNConfig().channels
 
 
 def test_one_pixelcnn_config_for_the_prior_and_the_decoder() -> None:
