@@ -69,13 +69,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("-n", type=int, default=64, help="number of images (default 64)")
     p.add_argument(
-        "--temperature", type=float, default=1.0, help="prior temperature; 0 takes the most likely code (default 1)"
+        "--temperature",
+        type=float,
+        default=None,
+        help="prior temperature; 0 takes the most likely code (default: the run's sample.temperature)",
     )
     p.add_argument(
         "--code-temperature",
         type=float,
         default=None,
         help="temperature of the code decoders of levels >= 2 (default: the run's sample.code_temperature)",
+    )
+    p.add_argument(
+        "--pixel-temperature",
+        type=float,
+        default=None,
+        help="temperature of the pixel decoder; 0 shows its point estimate (default: the run's "
+        "sample.pixel_temperature)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="samples.png", help="PNG grid; the images also go to the same name with .npz")
@@ -179,9 +189,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _check_sampling(args: argparse.Namespace) -> Path:
     """The options ``sample`` and ``inpaint`` share; returns the PNG path of ``--out``."""
     _positive(args.n, "-n")
-    _positive(args.temperature, "--temperature", 0)
-    if args.code_temperature is not None:
-        _positive(args.code_temperature, "--code-temperature", 0)
+    for name in ("temperature", "code_temperature", "pixel_temperature"):
+        if getattr(args, name, None) is not None:
+            _positive(getattr(args, name), "--" + name.replace("_", "-"), 0)
     if args.nrow is not None:
         _positive(args.nrow, "--nrow")
     if not 0 <= args.seed < 2**63:
@@ -211,10 +221,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
     out = _check_sampling(args)
     model = Hierarchy.load(args.run_dir, allow_stale=args.allow_stale)
     _check_label(args.label, model.num_classes, args.run_dir)
-    code_temperature = model.config.sample.code_temperature if args.code_temperature is None else args.code_temperature
-    _positive(code_temperature, "--code-temperature", 0)
     images = model.sample(
-        args.n, temperature=args.temperature, code_temperature=code_temperature, seed=args.seed, label=args.label
+        args.n,
+        temperature=args.temperature,
+        code_temperature=args.code_temperature,
+        pixel_temperature=args.pixel_temperature,
+        seed=args.seed,
+        label=args.label,
     )
     # a class-conditional prior cycles the classes: one class per column
     nrow = args.nrow or (model.num_classes if model.num_classes and args.label is None else None)

@@ -116,7 +116,11 @@ class PriorConfig(TrainConfig):
 class SampleConfig:
     """Defaults for ``progvq sample`` (the command line may override them)."""
 
+    temperature: float = 1.0  # temperature of the prior
     code_temperature: float = 1.0  # temperature of the code decoders of levels >= 2
+    # temperature of the pixel decoder: 0 shows its point estimate (a logistic's location, a pixelcnn
+    # decoder's mean), t > 0 draws the pixels
+    pixel_temperature: float = 0.0
 
 
 @dataclass
@@ -424,7 +428,9 @@ def _validate(cfg: Config) -> None:
         _check(d.limit > d.heldout, "data.limit", d.limit, f"> data.heldout ({d.heldout})")
     _check(0 <= d.seed <= _SEED_MAX, "data.seed", d.seed, f"in [0, {_SEED_MAX}]")
     _check(0 <= cfg.seed <= _SEED_MAX, "seed", cfg.seed, f"in [0, {_SEED_MAX}]")
-    _check(cfg.sample.code_temperature >= 0, "sample.code_temperature", cfg.sample.code_temperature, ">= 0")
+    for key in ("temperature", "code_temperature", "pixel_temperature"):
+        value = getattr(cfg.sample, key)
+        _check(value >= 0, f"sample.{key}", value, ">= 0")  # the loader already refuses nan and inf
     _check(cfg.device in DEVICES, "device", cfg.device, "one of " + ", ".join(DEVICES))
     if cfg.run_dir is not None:
         _check(cfg.run_dir.strip() != "", "run_dir", cfg.run_dir, "a path or null, not empty")

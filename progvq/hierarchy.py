@@ -152,6 +152,7 @@ class Hierarchy(nn.Module):
         level: int,
         *,
         code_temperature: float = 0.0,
+        pixel_temperature: float = 0.0,
         generator: torch.Generator | None = None,
         known: Known | None = None,
         all_levels: bool = False,
@@ -159,7 +160,8 @@ class Hierarchy(nn.Module):
         """Codes of level ``level`` (B, h, w) -> uint8 images (B, C, H, W) of the data's own size.
 
         Levels below are drawn from their decoders at ``code_temperature`` (0: the most
-        likely code at every position); pixels are the decoder's mean. ``known`` maps a
+        likely code at every position); pixels at ``pixel_temperature`` (0: the pixel decoder's
+        point estimate, its logistic's location or its mean; t > 0 draws them). ``known`` maps a
         level k to (codes (B, h_k, w_k) int64, mask (B, h_k, w_k) bool): where the mask is
         True the given codes are kept, and the rest of the level is drawn given them
         (inpainting). With ``all_levels`` the codes of levels 1..level come back too.
@@ -170,7 +172,7 @@ class Hierarchy(nn.Module):
         for k in range(level, 1, -1):
             z = self.levels[k - 1].decode(z, code_temperature, generator, known=known.get(k - 1))
             drawn.insert(0, z)
-        images = self.canvas.crop(self.levels[0].decode(z, 0.0))
+        images = self.canvas.crop(self.levels[0].decode(z, pixel_temperature, generator))
         return (images, drawn) if all_levels else images
 
     @torch.no_grad()
@@ -183,8 +185,9 @@ class Hierarchy(nn.Module):
         self,
         n: int,
         *,
-        temperature: float = 1.0,
-        code_temperature: float = 1.0,
+        temperature: float | None = None,
+        code_temperature: float | None = None,
+        pixel_temperature: float | None = None,
         seed: int = 0,
         label: int | Tensor | None = None,
         known: Known | None = None,
@@ -192,13 +195,18 @@ class Hierarchy(nn.Module):
         """Draw ``n`` images (n, C, H, W) uint8 from the whole hierarchy.
 
         z_L from the prior at ``temperature``; z_(k-1) from D_k(z_k) at
-        ``code_temperature``; pixels from D_1(z_1) (its mean). ``label``: the
+        ``code_temperature``; pixels from D_1(z_1) at ``pixel_temperature`` (0: its
+        point estimate); each None takes the run's ``sample`` setting. ``label``: the
         class (one int, or (n,) ints) for a class-conditional prior; None
         cycles through the classes (see :meth:`labels_for`). ``known`` keeps given
         codes at any level, as in :meth:`decode` (the top level's too).
         """
         if self.prior is None:
             raise RunError("this hierarchy has no trained prior; train stage prior first")
+        settings = self.config.sample
+        temperature = settings.temperature if temperature is None else temperature
+        code_temperature = settings.code_temperature if code_temperature is None else code_temperature
+        pixel_temperature = settings.pixel_temperature if pixel_temperature is None else pixel_temperature
         labels = self.labels_for(n, label)
         gen = torch.Generator(device=self.device).manual_seed(seed)
         h, w = self.grid_shape(self.num_levels)
@@ -206,7 +214,14 @@ class Hierarchy(nn.Module):
         top = self.prior.sample(
             n, h, w, temperature=temperature, generator=gen, label=labels, known=known.get(self.num_levels)
         )
-        return self.decode(top, self.num_levels, code_temperature=code_temperature, generator=gen, known=known)
+        return self.decode(
+            top,
+            self.num_levels,
+            code_temperature=code_temperature,
+            pixel_temperature=pixel_temperature,
+            generator=gen,
+            known=known,
+        )
 
     # ------------------------------------------------------------------ likelihood
 

@@ -480,6 +480,10 @@ CASES: list[Case] = [
         "range", "negative-code-temperature", with_sets("sample.code_temperature=-1"),
         ("sample.code_temperature: must be >= 0, got -1.0",),
     ),
+    Case(
+        "range", "infinite-prior-temperature", with_sets("sample.temperature=.inf"),
+        ("sample.temperature: expected a finite number, got inf",),
+    ),
     Case("range", "negative-warmup", with_sets("stages.1.warmup=-1"), ("stages.1.warmup: must be >= 0, got -1",)),
     Case(
         "range", "checkpoint-every-0", with_sets("stages.1.checkpoint_every=0"),
@@ -721,6 +725,10 @@ CASES: list[Case] = [
     Case(
         "cli", "negative-code-temperature", on_run("sample", trained, "--code-temperature", "-1"),
         ("--code-temperature: must be >= 0, got -1.0",),
+    ),
+    Case(
+        "cli", "nan-pixel-temperature", on_run("sample", trained, "--pixel-temperature", "nan"),
+        ("--pixel-temperature: must be >= 0, got nan",),
     ),
     Case(
         "cli", "out-not-png", on_run("sample", trained, "--out", "{tmp}/s.jpg"),

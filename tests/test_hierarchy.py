@@ -196,3 +196,31 @@ def test_a_hierarchy_without_a_prior_refuses_to_sample_and_to_bound() -> None:
         model.sample(2)
     with pytest.raises(RunError, match="needs the prior"):
         model.nll(_images(2))
+
+
+def test_sample_takes_the_runs_temperatures_unless_given() -> None:
+    """``sample`` settings of the config are the defaults of Hierarchy.sample; given values win."""
+    cold = _hierarchy("sample={temperature: 0, code_temperature: 0, pixel_temperature: 0}")
+    # every temperature 0: argmax everywhere, so the seed cannot matter
+    assert torch.equal(cold.sample(6, seed=1), cold.sample(6, seed=2))
+    assert torch.equal(cold.sample(6, seed=1), cold.sample(6, seed=7, temperature=0, code_temperature=0))
+    warm = _hierarchy()
+    assert warm.config.sample.temperature == 1.0
+    assert torch.equal(warm.sample(6, seed=1), warm.sample(6, seed=1, temperature=1.0, code_temperature=1.0))
+    # the same weights: given temperatures of 0 make the warm run draw what the cold one draws
+    assert torch.equal(warm.sample(6, seed=3, temperature=0, code_temperature=0), cold.sample(6, seed=3))
+
+
+def test_pixel_temperature_draws_the_pixels_of_a_pixelcnn_decoder() -> None:
+    decoder = "stages.1.decoder={kind: pixelcnn, pixelcnn: {channels: 4, layers: 1, kernel_size: 3}, mixture: 2}"
+    model = _hierarchy(decoder, "stages.1.loss_weights.mse=1")
+    gen = torch.Generator().manual_seed(0)
+    top = torch.randint(0, model.config.level(2).codes, (3, *model.grid_shape(2)), generator=gen)
+    mean = model.decode(top, 2)
+    drawn = model.decode(top, 2, pixel_temperature=1.0, generator=torch.Generator().manual_seed(0))
+    again = model.decode(top, 2, pixel_temperature=1.0, generator=torch.Generator().manual_seed(0))
+    assert mean.shape == drawn.shape == (3, *CANVAS.shape) and torch.equal(drawn, again)
+    assert not torch.equal(mean, drawn)  # an untrained mixture is wide: draws are not its mean
+    # the point estimate is the level's mean of the same codes, cropped to the data's size
+    codes = model.levels[1].decode(top, 0.0)
+    assert torch.equal(mean, CANVAS.crop(model.levels[0].decode(codes, 0.0)))
