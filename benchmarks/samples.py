@@ -337,14 +337,19 @@ def sample_figures(
     }
 
 
-def draw(model: Hierarchy, n: int, seed: int, labels: Tensor | None) -> tuple[Tensor, float]:
-    """``n`` samples (n, C, H, W) uint8 and the seconds taken; ``CHUNK`` per call, call j seeded ``seed * 1000 + j``."""
+def draw(
+    model: Hierarchy, n: int, seed: int, labels: Tensor | None, temperatures: dict[str, float] | None = None
+) -> tuple[Tensor, float]:
+    """``n`` samples (n, C, H, W) uint8 and the seconds taken; ``CHUNK`` per call, call j seeded ``seed * 1000 + j``.
+
+    ``temperatures`` (keys of :meth:`Hierarchy.sample`) override the run's ``sample`` settings.
+    """
     start = time.perf_counter()
     parts = []
     for j, begin in enumerate(range(0, n, CHUNK)):
         size = min(CHUNK, n - begin)
         label = None if labels is None else labels[begin : begin + size]
-        parts.append(model.sample(size, seed=seed * 1000 + j, label=label))
+        parts.append(model.sample(size, seed=seed * 1000 + j, label=label, **(temperatures or {})))
     return torch.cat(parts), time.perf_counter() - start
 
 
@@ -377,7 +382,12 @@ def score_run(
         freq = torch.bincount(data.train_labels, minlength=model.num_classes)[: model.num_classes].double()
         gen = torch.Generator().manual_seed(args.seed)
         labels = torch.multinomial(freq / freq.sum(), args.n, replacement=True, generator=gen)
-    samples, seconds = draw(model, args.n, args.seed, labels)
+    temperatures = {
+        key: getattr(args, key)
+        for key in ("temperature", "code_temperature", "pixel_temperature")
+        if getattr(args, key) is not None
+    }
+    samples, seconds = draw(model, args.n, args.seed, labels, temperatures)
     log(f"{name}: {args.n} samples in {seconds:.1f} s")
     features, probs = classify(classifier, samples)
     figures: dict[str, Any] = {
@@ -385,11 +395,15 @@ def score_run(
         "levels": model.num_levels,
         "class_conditional": bool(model.num_classes),
         "sample_seconds": round(seconds, 1),
+        "temperatures": {
+            key: temperatures.get(key, getattr(model.config.sample, key))
+            for key in ("temperature", "code_temperature", "pixel_temperature")
+        },
         **sample_figures(samples, probs, features, labels, ref),
     }
     if model.num_classes:
         asked = torch.arange(args.n) % model.num_classes
-        in_turn, _ = draw(model, args.n, args.seed + 1, asked)
+        in_turn, _ = draw(model, args.n, args.seed + 1, asked, temperatures)
         turn_features, turn_probs = classify(classifier, in_turn)
         figures["classes_in_turn"] = {
             "frechet_distance": round(frechet_distance(turn_features, ref["heldout_features"]), 3),
@@ -483,6 +497,8 @@ def main() -> None:
     parser.add_argument("--out", default="runs/samples-benchmark", help="classifier cache and training times")
     parser.add_argument("--json", help="figures as JSON (default: OUT/samples.json)")
     parser.add_argument("--grid-dir", help="a PNG grid of 64 samples per run")
+    for flag in ("--temperature", "--code-temperature", "--pixel-temperature"):
+        parser.add_argument(flag, type=float, help=f"sampling {flag[2:]} (default: each run's sample settings)")
     parser.add_argument("--flat-steps", type=int, help="a flat config's prior steps, instead of equal training time")
     parser.add_argument(
         "--classifier-epochs", type=int, help=f"default: {DIGIT_EPOCHS} for digits (quality.py's), else {OTHER_EPOCHS}"

@@ -719,5 +719,6 @@ SOURCES.add(
 SOURCES.add("mnist", DataConfig, lambda cfg: load_mnist(Path(cfg.path), cfg.prefix))
 SOURCES.add("folder", DataConfig, lambda cfg: (load_image_folder(Path(cfg.path), cfg.channels), None))
 SOURCES.add("array", DataConfig, lambda cfg: (load_array(Path(cfg.path), cfg.key), None))
-#: Sources whose images can come with class labels (an idx labels file beside the images).
-LABELLED_SOURCES = ("mnist",)
+#: Sources whose images can come with class labels: shapes (what was drawn, SHAPE_CLASSES) and mnist
+#: (an idx labels file beside the images).
+LABELLED_SOURCES = ("shapes", "mnist")

@@ -16,7 +16,7 @@ from progvq.build import build_level
 from progvq.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from progvq.config import load_config
 from progvq.data import load_dataset
-from progvq.errors import ConfigError
+from progvq.errors import ConfigError, RunError
 from progvq.hierarchy import Hierarchy
 from progvq.levels import AutoregressiveCodeLevel, AutoregressiveConfig, CodeLevel
 from progvq.pixelcnn import GatedPixelCNN, PixelCNNConfig, covers
@@ -218,8 +218,8 @@ _AR = ["stages.2.decoder.kind=autoregressive"]
             "stages.1.decoder.kind: must be logistic or pixelcnn (level 1 decodes pixels), got 'autoregressive'",
         ),
         (
-            ["stages.prior.class_conditional=true"],
-            "stages.prior.class_conditional: must be false for data source 'shapes', which has no labels",
+            ["data={source: folder, path: images}", "stages.prior.class_conditional=true"],
+            "stages.prior.class_conditional: must be false for data source 'folder', which has no labels",
         ),
     ],
 )
@@ -555,3 +555,20 @@ def test_checkpoints_from_before_these_options_still_load(tiny_copy: Path) -> No
     model = Hierarchy.load(tiny_copy, allow_stale=True)  # new digests: the stages above stage 1 read as retrained
     assert type(model.levels[1]) is CodeLevel and model.num_classes == 0
     assert torch.equal(model.sample(4, seed=0), before)
+
+
+@pytest.mark.trains
+def test_shapes_train_a_class_conditional_prior_on_what_was_drawn(tmp_path: Path) -> None:
+    """The shapes source labels each image with what it drew, so a prior can be conditioned on it."""
+    from progvq.data import SHAPE_CLASSES
+
+    run = tmp_path / "r"
+    args = ["train", str(TINY), "--all", "--run-dir", str(run), "--no-progress"]
+    assert main([*args, "--set", "stages.prior.class_conditional=true"]) == 0
+    model = Hierarchy.load(run)
+    assert model.num_classes == len(SHAPE_CLASSES) == 9
+    assert load_checkpoint(checkpoint_path(run, "prior"))["extra"]["num_classes"] == 9
+    images = model.sample(4, seed=0, label=8)
+    assert images.shape == (4, 1, 16, 16) and images.dtype == torch.uint8
+    with pytest.raises(RunError, match="label 9 is out of range"):
+        model.sample(1, seed=0, label=9)
