@@ -43,6 +43,9 @@ LOSS_PARTS: dict[str, dict[str, float]] = {
     "prior": {"nll": 1.0},
 }
 
+#: The largest ``stages.prior.shifts``: each shift adds a copy of the training set's codes.
+MAX_SHIFTS = 4
+
 #: A run's config.yaml section of facts found in the data (its image shapes); never a setting.
 RECORDED_KEY = "recorded"
 
@@ -108,8 +111,11 @@ class PriorConfig(TrainConfig):
 
     kind: str = "pixelcnn"
     model: Any = field(default_factory=PixelCNNConfig)  # the kind's config dataclass
-    # condition the prior on the image's class (data with labels only: mnist with its labels file)
+    # condition the prior on the image's class (data with labels: shapes, mnist with its labels file)
     class_conditional: bool = False
+    # train also on the top codes of the training images shifted by up to this many pixels in each
+    # direction (zeros shifted in): (2 shifts + 1)^2 times the codes, for a prior fit on few images
+    shifts: int = 0
 
 
 @dataclass
@@ -485,8 +491,10 @@ def _validate(cfg: Config) -> None:
     _validate_train(p, "stages.prior")
     _validate_kind(p.model, f"stages.prior.{p.kind}")
     _validate_weights(p, "prior", "stages.prior")
+    # a shift of half the image or more leaves nothing of it
+    _check(0 <= p.shifts <= MAX_SHIFTS, "stages.prior.shifts", p.shifts, f"in [0, {MAX_SHIFTS}]")
     if p.class_conditional:
-        # only idx folders carry labels; an mnist folder without its labels file is refused when it is read
+        # shapes carry what was drawn; an mnist folder without its labels file is refused when it is read
         _check(
             d.source in LABELLED_SOURCES,
             "stages.prior.class_conditional",

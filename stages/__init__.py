@@ -69,6 +69,24 @@ class Pipeline:
             self._codes[k] = (train, heldout)
         return self._codes[k]
 
+    @torch.no_grad()
+    def shifted_codes(self, k: int, shifts: int, batch_size: int = 500) -> tuple[Tensor, Tensor]:
+        """Level ``k``'s codes of the training images shifted by every (dy, dx) in [-shifts, shifts]^2
+        but (0, 0), zeros shifted in: (S N, h_k, w_k) int64, and which training image each is (S N,)."""
+        train = self.data.train
+        codes, index = [], []
+        for dy in range(-shifts, shifts + 1):
+            for dx in range(-shifts, shifts + 1):
+                if (dy, dx) == (0, 0):
+                    continue
+                for start, batch in zip(range(0, len(train), batch_size), batches(train, batch_size), strict=True):
+                    z = shift_images(batch, dy, dx)
+                    for level in range(1, k + 1):
+                        z = self._encode(level, z)
+                    codes.append(z)
+                    index.append(torch.arange(start, start + len(batch)))
+        return torch.cat(codes), torch.cat(index)
+
     def _encode(self, k: int, below: Tensor) -> Tensor:
         """A batch of level k-1 (uint8 images at the data's own size for k = 1) -> level k codes."""
         below = below.to(self.device)
@@ -84,6 +102,14 @@ class Pipeline:
                 self._levels.pop(k)
             for k in [k for k in self._codes if k >= int(name)]:
                 self._codes.pop(k)
+
+
+def shift_images(images: Tensor, dy: int, dx: int) -> Tensor:
+    """Images (N, C, H, W) moved down by ``dy`` and right by ``dx`` pixels (negative: up, left), zeros shifted in."""
+    _, _, h, w = images.shape
+    padded = torch.nn.functional.pad(images, (max(dx, 0), max(-dx, 0), max(dy, 0), max(-dy, 0)))
+    top, left = max(-dy, 0), max(-dx, 0)
+    return padded[:, :, top : top + h, left : left + w]
 
 
 def build_stage(cfg: Config, name: str, pipeline: Pipeline) -> Stage:

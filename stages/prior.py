@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
+import torch
 from torch import Tensor, nn
 
 from progvq.build import build_prior
@@ -46,6 +47,13 @@ class PriorStage:
         levels = [pipeline.level(k) for k in range(1, cfg.num_levels + 1)]
         self.hierarchy = Hierarchy(cfg, levels, self.model, self.canvas)  # samples use the prior being trained
         self.train_codes, self.heldout_codes = pipeline.codes(cfg.num_levels)  # (N, h, w) each
+        if cfg.prior.shifts:
+            # the shifted images' codes follow the originals; their labels are their originals'
+            shifted, index = pipeline.shifted_codes(cfg.num_levels, cfg.prior.shifts)
+            self.train_codes = torch.cat([self.train_codes, shifted.to(self.train_codes.device)])
+            if self.train_labels is not None:
+                labels = self.train_labels
+                self.train_labels = torch.cat([labels, labels[index.to(labels.device)]])
         self.num_train = len(self.train_codes)
         self.seed = cfg.seed
 

@@ -101,6 +101,8 @@ def test_to_dict_round_trip() -> None:
             ("stages", "2", "decoder", {"kind": "autoregressive", "pixelcnn": {"layers": 0}}),
             "stages.2.decoder.pixelcnn.layers: must be >= 1, got 0",
         ),
+        (("stages", "prior", "shifts", 5), "stages.prior.shifts: must be in [0, 4], got 5"),
+        (("stages", "prior", "shifts", -1), "stages.prior.shifts: must be in [0, 4], got -1"),
         (("stages", "1", "steps", "ten"), "stages.1.steps: expected an integer, got 'ten'"),
         (("stages", "1", "lr", True), "stages.1.lr: expected a number, got True"),
         (("stages", "1", "downsample", 3), "stages.1.downsample: must be a power of 2, got 3"),

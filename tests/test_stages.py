@@ -12,7 +12,7 @@ from progvq.errors import RunError
 from progvq.nets import to_unit
 from progvq.quantize import QuantizerOutput
 from progvq.run import Run
-from stages import Pipeline, build_stage, check_run_config
+from stages import Pipeline, build_stage, check_run_config, shift_images
 from stages.codes import CodeStage
 from stages.common import pairs_grid, quantizer_metrics, uniform_rate
 from stages.pixels import PixelStage
@@ -45,6 +45,35 @@ def test_codes_are_the_data_encoded_through_the_runs_levels(tiny_run: Path) -> N
     train, heldout = pipeline.codes(2)
     assert train.shape == (128, 2, 2) and heldout.shape == (64, 2, 2) and train.dtype == torch.int64
     assert pipeline.codes(2) is pipeline.codes(2)  # encoded once
+
+
+def test_shift_images_moves_pixels_and_shifts_zeros_in() -> None:
+    images = torch.arange(1, 17, dtype=torch.uint8).view(1, 1, 4, 4)
+    down_right = shift_images(images, 1, 2)
+    assert down_right[0, 0].tolist() == [[0, 0, 0, 0], [0, 0, 1, 2], [0, 0, 5, 6], [0, 0, 9, 10]]
+    up_left = shift_images(images, -1, -1)
+    assert up_left[0, 0].tolist() == [[6, 7, 8, 0], [10, 11, 12, 0], [14, 15, 16, 0], [0, 0, 0, 0]]
+    assert torch.equal(shift_images(images, 0, 0), images)
+
+
+@pytest.mark.trains
+def test_shifted_codes_are_the_shifted_images_encoded_and_the_prior_trains_on_them(tiny_run: Path) -> None:
+    pipeline = _pipeline(tiny_run)
+    run, data = pipeline.run, pipeline.data
+    codes, index = pipeline.shifted_codes(2, 1)
+    n = len(data.train)
+    assert codes.shape == (8 * n, 2, 2) and torch.equal(index, torch.arange(n).repeat(8))
+    levels = [run.level(k, CPU) for k in (1, 2)]
+    with torch.no_grad():  # the last shift is (1, 1): down and right
+        expected = levels[1].encode(levels[0].encode(to_unit(data.canvas.pad(shift_images(data.train, 1, 1)))))
+    assert torch.equal(codes[-n:], expected)
+    cfg = load_config(TINY, ["stages.prior.shifts=1"])
+    stage = PriorStage(cfg, pipeline)
+    assert stage.num_train == 9 * n and torch.equal(stage.train_codes[:n], pipeline.codes(2)[0])
+    assert torch.equal(stage.train_codes[n:], codes) and stage.train_labels is None
+    labelled = PriorStage(load_config(TINY, ["stages.prior.shifts=1", "stages.prior.class_conditional=true"]), pipeline)
+    assert labelled.train_labels is not None and data.train_labels is not None
+    assert torch.equal(labelled.train_labels, data.train_labels.repeat(9))  # a shifted image keeps its class
 
 
 @pytest.mark.trains
