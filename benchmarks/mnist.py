@@ -31,10 +31,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def step_speed(cfg, steps: int = 20) -> float:
     """Images/s of bare stage-1 training steps on random data (no data loading, logging or evaluation)."""
-    from progvq.levels import PixelLevel
+    from progvq.build import build_level
 
     torch.manual_seed(0)
-    level = PixelLevel(cfg.level(1), cfg.data.channels).to(memory_format=torch.channels_last)
+    level = build_level(cfg.level(1), cfg.data.channels, 0).to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(level.parameters(), lr=1e-3)
     size = cfg.data.size or 32
     x = torch.rand(cfg.level(1).batch_size, cfg.data.channels, size, size) * 2 - 1
@@ -88,7 +88,7 @@ def main() -> None:
     figures["heldout"] = model.evaluate(data.heldout)
     figures["eval_seconds"] = round(time.perf_counter() - start, 1)
     start = time.perf_counter()
-    samples = model.sample(64, temperature=1.0, code_temperature=cfg.sample.code_temperature, seed=0)
+    samples = model.sample(64, seed=0)  # at the run's sampling temperatures
     figures["sample_64_seconds"] = round(time.perf_counter() - start, 2)
     save_png(image_grid(samples, nrow=8), args.samples)
     save_npz(samples, Path(args.samples).with_suffix(".npz"))

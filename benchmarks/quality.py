@@ -5,8 +5,9 @@
 
 Run from the project root (the configs read ../shared/data/mnist). What it does:
 
-1. Trains ``configs/mnist.yaml`` (factorised level-2 decoder, unconditional prior) and
-   ``configs/mnist-ar.yaml`` (autoregressive level-2 decoder, class-conditional prior). The
+1. Trains ``configs/mnist-ar.yaml`` with a factorised level-2 decoder and an unconditional prior
+   (what ``mnist.yaml`` was before its pixelcnn decoder), and as it is (autoregressive level-2 decoder,
+   class-conditional prior); both have a logistic pixel decoder. The
    second reuses the first run's stage 1 (the configs' level 1 is the same), as ``train --all
    --from`` does, so only its stage 2 and prior are trained. To tell the decoder's part from
    the prior's, each also gets the other kind of prior on the same codes (stages 1 and 2
@@ -207,14 +208,16 @@ def main() -> None:
     docs = Path(args.docs)
     docs.mkdir(parents=True, exist_ok=True)
     fact, ar = Path(args.factorised_run), Path(args.ar_run)
-    mnist, mnist_ar = ROOT / "configs" / "mnist.yaml", ROOT / "configs" / "mnist-ar.yaml"
+    mnist_ar = ROOT / "configs" / "mnist-ar.yaml"
+    # the factorised hierarchy is mnist-ar.yaml with a factorised level-2 decoder
+    factorised = ["stages.2.decoder={kind: factorised}"]
     # name: (config, overrides, run directory, run whose equal stages it reuses, stages it reuses)
     plan = {
-        "factorised": (mnist, [], fact, None, ()),
+        "factorised": (mnist_ar, [*factorised, "stages.prior.class_conditional=false"], fact, None, ()),
         "autoregressive": (mnist_ar, [], ar, fact, ("1",)),
         "factorised_class_conditional": (
-            mnist,
-            ["stages.prior.class_conditional=true"],
+            mnist_ar,
+            factorised,
             fact.with_name(fact.name + "-cc"),
             fact,
             ("1", "2"),

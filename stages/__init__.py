@@ -297,7 +297,7 @@ def adopt(cfg: Config, run: Run, other: Run, *, log: Callable[[str], None] = pri
         diff = first_difference(_stage_identity(other.stage_config(name), name), _stage_identity(cfg, name))
         if diff is not None:
             key, was, now = diff
-            message = f"stage {name} differs ({key}: {was!r} there, {now!r} here)"
+            message = f"stage {name} differs ({key}: {_brief(was)} there, {_brief(now)} here)"
             if not adopted:
                 raise RunError(f"--from {other.path}: {message}; nothing to reuse")
             log(f"--from {other.path}: {message}: it trains here")
@@ -310,6 +310,13 @@ def adopt(cfg: Config, run: Run, other: Run, *, log: Callable[[str], None] = pri
     if adopted and not run.exists():
         run.write_config(cfg, other.canvas(adopted[-1]))
     return adopted
+
+
+def _brief(value: object) -> str:
+    """A config value for a one-line message; a whole section (a level only one run has) is not spelt out."""
+    if value == "<absent>":
+        return "absent"
+    return "a section" if isinstance(value, dict) else repr(value)
 
 
 def _copy_stage(other: Run, run: Run, name: str) -> None:

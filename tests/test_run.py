@@ -29,18 +29,18 @@ OLD_RUN = ROOT / "tests" / "data" / "run-0.1"
 def counted(monkeypatch: pytest.MonkeyPatch) -> dict[str, Counter]:
     """Counts of checkpoint reads (by file) and of data-set generations, in this process."""
     counts: dict[str, Counter] = {"reads": Counter(), "data": Counter()}
-    real_load, real_shapes = progvq.checkpoint.load_checkpoint, progvq.data.make_shapes
+    real_load, real_shapes = progvq.checkpoint.load_checkpoint, progvq.data.make_labelled_shapes
 
     def load(path: str | Path, *args: Any, **kwargs: Any) -> dict[str, Any]:
         counts["reads"][str(Path(path))] += 1
         return real_load(path, *args, **kwargs)
 
-    def shapes(*args: Any, **kwargs: Any) -> torch.Tensor:
+    def shapes(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         counts["data"]["shapes"] += 1
         return real_shapes(*args, **kwargs)
 
     monkeypatch.setattr(progvq.checkpoint, "load_checkpoint", load)
-    monkeypatch.setattr(progvq.data, "make_shapes", shapes)
+    monkeypatch.setattr(progvq.data, "make_labelled_shapes", shapes)
     return counts
 
 
@@ -175,3 +175,10 @@ def test_a_prior_checkpoint_records_its_class_count(tiny_run: Path) -> None:
     ckpt = load_checkpoint(tiny_run / "prior" / "checkpoint.pt")
     assert ckpt["extra"]["num_classes"] == 0 and "scheduler" not in ckpt and "data" not in ckpt
     assert isinstance(Run(tiny_run).prior(), torch.nn.Module)
+
+
+def test_a_level_only_one_run_has_is_named_not_spelt_out() -> None:
+    from stages import _brief
+
+    assert _brief("<absent>") == "absent" and _brief({"steps": 2000, "hidden": 128}) == "a section"
+    assert _brief(16) == "16" and _brief("vq") == "'vq'"
