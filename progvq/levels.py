@@ -118,8 +118,11 @@ class PixelLevel(nn.Module):
         self.encoder = Encoder(channels, trunk.hidden, dim, trunk.downsample, trunk.res_blocks)
         # built between the encoder and the decoder: the modules draw their initial weights in that order
         self.quantizer = make_quantizer()
-        # two maps per channel: the logistic's location and log-scale
-        self.decoder = Decoder(dim, trunk.hidden, 2 * channels, trunk.downsample, trunk.res_blocks)
+        self.decoder = self._decoder_trunk(trunk, channels, dim)
+
+    def _decoder_trunk(self, trunk: Trunk, channels: int, dim: int) -> nn.Module:
+        """z_1 vectors (B, dim, h, w) -> two maps per channel: the logistic's location and log-scale."""
+        return Decoder(dim, trunk.hidden, 2 * channels, trunk.downsample, trunk.res_blocks)
 
     def _params(self, vectors: Tensor) -> tuple[Tensor, Tensor]:
         loc, log_scale = self.decoder(vectors).float().chunk(2, dim=1)  # (B, C, H, W) each
@@ -195,15 +198,18 @@ class AutoregressivePixelLevel(PixelLevel):
     ) -> None:
         if channels != 1:
             raise ValueError(f"a pixelcnn decoder models grey images (1 channel), got {channels}")
-        nn.Module.__init__(self)
-        self.channels = channels
-        self.factor = trunk.downsample
-        self.encoder = Encoder(channels, trunk.hidden, dim, trunk.downsample, trunk.res_blocks)
-        self.quantizer = make_quantizer()
-        p = config.pixelcnn
+        self._decoder_config = config  # read by _decoder_trunk, which the base class calls
+        super().__init__(trunk, make_quantizer, channels, dim)
+
+    def _decoder_trunk(self, trunk: Trunk, channels: int, dim: int) -> nn.Module:
+        """z_1 vectors (B, dim, h, w) -> the conditioning map and the point estimate (B, channels + 1, H, W)."""
+        p = self._decoder_config.pixelcnn
         self.cond_channels = p.channels
-        self.pixelcnn = GatedPixelCNN.from_config(p, BINS, cond_channels=p.channels, outputs=3 * config.mixture)
-        self.decoder = Decoder(dim, trunk.hidden, p.channels + channels, trunk.downsample, trunk.res_blocks)
+        # the PixelCNN is built here so the module order (and state-dict order) is fixed
+        self.pixelcnn = GatedPixelCNN.from_config(
+            p, BINS, cond_channels=p.channels, outputs=3 * self._decoder_config.mixture
+        )
+        return Decoder(dim, trunk.hidden, p.channels + channels, trunk.downsample, trunk.res_blocks)
 
     def _outputs(self, vectors: Tensor) -> tuple[Tensor, Tensor]:
         """z_1 vectors (B, dim, h, w) -> conditioning map (B, channels, H, W), point estimate (B, 1, H, W)."""
@@ -213,7 +219,7 @@ class AutoregressivePixelLevel(PixelLevel):
     @staticmethod
     def _levels(x: Tensor) -> Tensor:
         """Images (B, 1, H, W) in [-1, 1] -> grey levels (B, H, W) int64 in 0..255."""
-        return ((x[:, 0].float() + 1) * 127.5).round().long().clamp(0, BINS - 1)
+        return to_uint8(x[:, 0]).long()
 
     def _log_prob(self, x: Tensor, cond: Tensor) -> Tensor:
         """(B,) nats of images x (B, 1, H, W) given the conditioning map (B, channels, H, W)."""

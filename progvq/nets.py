@@ -154,6 +154,5 @@ def logistic_mixture_logits(params: Tensor) -> Tensor:
     What a sampler draws from, one position at a time; its log-softmax is itself (it sums to 1).
     """
     levels = torch.linspace(-1, 1, BINS, device=params.device, dtype=params.dtype)  # (256,)
-    weights, loc, log_scale = params.chunk(3, dim=1)  # (n, K) each
-    per_component = discretized_logistic_logp(levels[None, None], loc[..., None], log_scale[..., None])
-    return torch.logsumexp(F.log_softmax(weights, dim=1)[..., None] + per_component, dim=1)  # (n, 256)
+    # every level against every row's K components: x (1, 1, 256), params (n, 3K, 1)
+    return logistic_mixture_logp(levels.view(1, 1, BINS), params.unsqueeze(-1))  # (n, 256)
