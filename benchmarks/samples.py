@@ -360,8 +360,7 @@ def heldout_bits(model: Hierarchy, images: Tensor, batch_size: int = 500) -> dic
     A class-conditional prior's is the marginal over its classes, so it compares with an
     unconditional prior's.
     """
-    parts = [model.nll(chunk) for chunk in batches(images, batch_size)]
-    return {key: round(float(torch.cat([p[key] for p in parts]).mean()), 4) for key in parts[0]}
+    return {key: round(value, 4) for key, value in model.mean_bits(images, batch_size).items()}
 
 
 def score_run(

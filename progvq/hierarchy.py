@@ -275,7 +275,16 @@ class Hierarchy(nn.Module):
             report["levels"][str(k)] = figures
         if self.prior is not None:
             report["prior"] = prior_metrics(self.prior, codes[-1], batch_size, labels)
-            batched = zip(batches(images, batch_size), *(batches(z, batch_size) for z in codes), strict=True)
-            parts = [self.nll(b, list(zs)) for b, *zs in batched]
-            report["bits_per_dim"] = {key: float(torch.cat([p[key] for p in parts]).mean()) for key in parts[0]}
+            report["bits_per_dim"] = self.mean_bits(images, batch_size, codes)
         return report
+
+    @torch.no_grad()
+    def mean_bits(
+        self, images: Tensor, batch_size: int = 500, codes: list[Tensor] | None = None
+    ) -> dict[str, float]:
+        """The bound of :meth:`nll` averaged over uint8 images (N, C, H, W), in batches: bits per dim
+        of the data's own pixels by level and in total. ``codes``: their encoder codes, if known."""
+        codes = codes if codes is not None else self.encode_split(images.to(self.device), batch_size)
+        batched = zip(batches(images, batch_size), *(batches(z, batch_size) for z in codes), strict=True)
+        parts = [self.nll(b, list(zs)) for b, *zs in batched]
+        return {key: float(torch.cat([p[key] for p in parts]).mean()) for key in parts[0]}
