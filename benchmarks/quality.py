@@ -99,15 +99,22 @@ def train(
 
 
 class Classifier(nn.Module):
-    """A small CNN for 28x28 grey digits: (B, 1, 28, 28) uint8 -> logits (B, 10)."""
+    """A small CNN: uint8 images (B, C, H, W) -> logits (B, classes); by default 28x28 grey digits, 10 classes.
 
-    def __init__(self) -> None:
+    Three convolution and pooling blocks, then a head whose input is what ``height`` x ``width``
+    (at least 8 each) leaves after three halvings (3x3 for digits).
+    """
+
+    def __init__(self, channels: int = 1, height: int = 28, width: int = 28, classes: int = 10) -> None:
         super().__init__()
+        if min(height, width) < 8:
+            raise ValueError(f"images of {height}x{width}: the classifier needs at least 8x8")
         self.net = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 14x14
+            nn.Conv2d(channels, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 14x14
             nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 7x7
             nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 3x3
-            nn.Flatten(), nn.Dropout(0.3), nn.Linear(64 * 9, 128), nn.ReLU(), nn.Linear(128, 10),
+            nn.Flatten(), nn.Dropout(0.3),
+            nn.Linear(64 * (height // 8) * (width // 8), 128), nn.ReLU(), nn.Linear(128, classes),
         )  # fmt: skip
 
     def forward(self, images: Tensor) -> Tensor:
@@ -115,35 +122,38 @@ class Classifier(nn.Module):
 
     @torch.no_grad()
     def predict(self, images: Tensor, batch_size: int = 1000) -> Tensor:
-        """uint8 (N, 1, 28, 28) -> (N,) int64 classes."""
+        """uint8 (N, C, H, W) -> (N,) int64 classes."""
         self.eval()
         return torch.cat([self(images[i : i + batch_size]).argmax(1) for i in range(0, len(images), batch_size)])
 
 
-def train_classifier(data: ImageData, epochs: int, seed: int = 0) -> Classifier:
-    """Train on the training split with shifted copies (up to 2 pixels), so it judges shapes, not positions."""
+def train_classifier(
+    data: ImageData, epochs: int, seed: int = 0, *, classes: int = 10, max_shift: int = 2
+) -> Classifier:
+    """Train on the training split, each batch shifted by up to ``max_shift`` pixels (rolled), so it
+    judges shapes, not positions; digits sit in a 4-pixel border. ``max_shift`` 0 draws no shift."""
     assert data.train_labels is not None
     torch.manual_seed(seed)
-    model = Classifier()
+    model = Classifier(*data.image_shape, classes)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     gen = torch.Generator().manual_seed(seed)
     n = len(data.train)
-    steps = epochs * (n // 64)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
-    step = 0
+    batch = min(64, n)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=max(2, epochs * (n // batch)))
+    model.train()
     for _ in range(epochs):
         order = torch.randperm(n, generator=gen)
-        for i in range(0, n - 63, 64):
-            index = order[i : i + 64]
-            dx, dy = (int(v) for v in torch.randint(-2, 3, (2,), generator=gen))
-            x = torch.roll(data.train[index], shifts=(dy, dx), dims=(2, 3))  # digits sit in a 4-pixel border
-            model.train()
+        for i in range(0, n - batch + 1, batch):
+            index = order[i : i + batch]
+            x = data.train[index]
+            if max_shift:
+                dx, dy = (int(v) for v in torch.randint(-max_shift, max_shift + 1, (2,), generator=gen))
+                x = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
             loss = F.cross_entropy(model(x), data.train_labels[index])
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
-            step += 1
     return model
 
 

@@ -46,8 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the project's packages, also when progvq is not installed
@@ -213,54 +212,6 @@ def flat_prior_steps(
 # --------------------------------------------------------------------------- classifier
 
 
-class ImageClassifier(Classifier):
-    """quality.py's digit classifier built for any image size and class count: uint8 (B, C, H, W) -> logits (B, K).
-
-    The same three convolution and pooling blocks and the same head, with the flattened size
-    that ``height`` x ``width`` (at least 8 each) leaves after three halvings.
-    """
-
-    def __init__(self, channels: int, height: int, width: int, classes: int) -> None:
-        nn.Module.__init__(self)  # Classifier's own __init__ builds the 28x28 network; this one is built here
-        if min(height, width) < 8:
-            raise ValueError(f"images of {height}x{width}: the classifier needs at least 8x8")
-        self.net = nn.Sequential(
-            nn.Conv2d(channels, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Dropout(0.3),
-            nn.Linear(64 * (height // 8) * (width // 8), 128), nn.ReLU(), nn.Linear(128, classes),
-        )  # fmt: skip
-
-
-def train_image_classifier(data: ImageData, classes: int, epochs: int, seed: int = 0) -> ImageClassifier:
-    """An :class:`ImageClassifier` trained as quality.py trains its digit classifier, without the shifts.
-
-    Shapes already sit anywhere in the image, and a rolled copy would wrap the shapes that
-    touch a border around to the other side.
-    """
-    assert data.train_labels is not None
-    torch.manual_seed(seed)
-    c, h, w = data.image_shape
-    model = ImageClassifier(c, h, w, classes)
-    n = len(data.train)
-    batch = min(64, n)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=max(2, epochs * (n // batch)))
-    gen = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(n, generator=gen)
-        for i in range(0, n - batch + 1, batch):
-            index = order[i : i + batch]
-            loss = F.cross_entropy(model(data.train[index]), data.train_labels[index])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-    return model
-
-
 def classifier_for(cfg: Config, data: ImageData, out: Path, epochs: int | None) -> tuple[Classifier, dict[str, Any]]:
     """The classifier of ``cfg``'s data: loaded from its file in ``out``, or trained on the training split and saved.
 
@@ -282,7 +233,7 @@ def classifier_for(cfg: Config, data: ImageData, out: Path, epochs: int | None) 
     meta = {"kind": kind, "shape": [c, h, w], "classes": classes, "epochs": epochs, "seed": 0}
     key = json.dumps({"data": cfg.identity()["data"], **meta}, sort_keys=True)
     path = out / f"classifier-{cfg.data.source}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt"
-    model: Classifier = Classifier() if kind == "digits" else ImageClassifier(c, h, w, classes)
+    model = Classifier(c, h, w, classes)
     info: dict[str, Any] = {"file": str(path), **meta, "class_names": names}
     if path.exists():
         saved = torch.load(path, map_location="cpu", weights_only=True)
@@ -291,10 +242,9 @@ def classifier_for(cfg: Config, data: ImageData, out: Path, epochs: int | None) 
     else:
         start = time.perf_counter()
         log(f"classifier: training on {len(data.train)} images, {epochs} epochs")
-        if kind == "digits":
-            model = train_classifier(data, epochs)  # quality.py's, shifts and all
-        else:
-            model = train_image_classifier(data, classes, epochs)
+        # no shifts but for digits: shapes sit anywhere, and a rolled copy would wrap the shapes
+        # that touch a border around to the other side
+        model = train_classifier(data, epochs, classes=classes, max_shift=2 if kind == "digits" else 0)
         info["seconds"] = round(time.perf_counter() - start, 1)
         state = {"state_dict": model.state_dict(), "meta": meta}
         atomic_write(path, lambda f: torch.save(state, f))
