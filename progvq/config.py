@@ -24,6 +24,7 @@ import yaml
 
 from .data import LABELLED_SOURCES, SHAPES_DEFAULT_SIZE, SHAPES_MIN_SIZE, SOURCES, DataConfig
 from .errors import ConfigError
+from .folder import CROPS, ON_UNREADABLE, RESIZES
 from .kinds import DECODERS, PIXEL_DECODERS, PRIORS, QUANTIZERS, Trunk
 from .pixelcnn import PixelCNNConfig, covers, layers_to_cover, reach_needed
 from .quantize import VQConfig
@@ -432,6 +433,19 @@ def _validate(cfg: Config) -> None:
         _check(d.size >= 4, "data.size", d.size, ">= 4")
     if d.limit is not None:
         _check(d.limit > d.heldout, "data.limit", d.limit, f"> data.heldout ({d.heldout})")
+    _check(d.resize in RESIZES, "data.resize", d.resize, "one of " + ", ".join(RESIZES))
+    _check(d.crop in CROPS, "data.crop", d.crop, "one of " + ", ".join(CROPS))
+    need = "one of " + ", ".join(ON_UNREADABLE)
+    _check(d.on_unreadable in ON_UNREADABLE, "data.on_unreadable", d.on_unreadable, need)
+    # the image folder's own keys: other sources have no files to resize, crop or skip
+    for key, default in (("resize", "none"), ("crop", "none"), ("on_unreadable", "refuse")):
+        value = getattr(d, key)
+        _check(d.source == "folder" or value == default, f"data.{key}", value, f"{default!r} for source {d.source!r}")
+    if d.resize != "none":
+        # the longer side would exceed data.size, which only pads
+        _check(d.crop != "none", "data.crop", d.crop, f"centre or random with data.resize {d.resize!r}")
+    if d.crop != "none":
+        _check(d.size is not None, "data.size", d.size, f"the crop's side with data.crop {d.crop!r}")
     _check(0 <= d.seed <= _SEED_MAX, "data.seed", d.seed, f"in [0, {_SEED_MAX}]")
     _check(0 <= cfg.seed <= _SEED_MAX, "seed", cfg.seed, f"in [0, {_SEED_MAX}]")
     for key in ("temperature", "code_temperature", "pixel_temperature"):

@@ -16,19 +16,29 @@ into a clean one-line report while anything else is treated as a bug.
 from __future__ import annotations
 
 import gzip
-import struct
+import hashlib
 import zipfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 
 from progvq.canvas import Canvas
 from progvq.errors import DataError
+from progvq.folder import (
+    IMAGE_SUFFIXES,
+    MappedImages,
+    Transform,
+    cached_folder,
+    decode_in_memory,
+    first_shape,
+    list_folder,
+)
+from progvq.folder import reason as _reason
 from progvq.registry import Registry
 
 #: Side of generated shapes images when ``data.size`` is not set, and the smallest side they can have.
@@ -45,11 +55,16 @@ class DataConfig:
     prefix: str = "t10k"  # mnist: files {prefix}-images-idx3-ubyte[.gz]
     key: str | None = None  # array: the .npz entry to read
     channels: int = 1  # shapes and folder: 1 (grey) or 3 (RGB)
-    size: int | None = None  # centre-pad images to size x size (shapes: their size)
+    # centre-pad images to size x size (shapes: their size; folder with resize or crop: the crop's side)
+    size: int | None = None
     count: int = 6000  # shapes: how many to generate
-    heldout: int = 500  # the last `heldout` images are the held-out split
+    # held-out images: the last `heldout` (folder: `heldout` picked by a hash of data.seed and each path)
+    heldout: int = 500
     limit: int | None = None  # use only the first `limit` images
-    seed: int = 0  # shapes: generator seed
+    seed: int = 0  # shapes: generator seed; folder: the held-out pick and the random crops
+    resize: str = "none"  # folder: none | shorter-side (scaled so the shorter side is data.size)
+    crop: str = "none"  # folder: none | centre | random (data.size x data.size, random: fixed per image)
+    on_unreadable: str = "refuse"  # folder: refuse | skip (skipped files are counted in the log)
 
 
 __all__ = [
@@ -76,33 +91,10 @@ IDX_IMAGES_MAGIC = 2051
 #: Number of dimensions announced by each accepted magic number.
 _IDX_NDIM = {IDX_LABELS_MAGIC: 1, IDX_IMAGES_MAGIC: 3}
 
-#: File name suffixes (compared lower-cased) that :func:`load_image_folder` reads.
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-
-# What Pillow raises on corrupt or hostile input, beyond OSError (which covers
-# UnidentifiedImageError and "image file is truncated"): some plugins signal bad
-# headers with SyntaxError/ValueError/struct.error, a short stream with EOFError,
-# and huge declared sizes with DecompressionBombError.
-_PIL_ERRORS = (
-    OSError,
-    ValueError,
-    SyntaxError,
-    EOFError,
-    IndexError,
-    struct.error,
-    zlib.error,
-    Image.DecompressionBombError,
-)
-
 # Supersampling factor of make_shapes: each output pixel averages SS x SS binary
 # coverage samples, which gives soft, anti-aliased edges without any Pillow
 # drawing code (whose antialiasing could change between Pillow versions).
 _SS = 4
-
-
-def _reason(exc: BaseException) -> str:
-    """A library exception's message squeezed onto one line (DataError is one line)."""
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 # --------------------------------------------------------------------------- #
@@ -421,12 +413,12 @@ def load_mnist(folder: Path, prefix: str = "t10k") -> tuple[Tensor, Tensor | Non
 
 
 def load_image_folder(folder: Path, channels: int) -> Tensor:
-    """Every PNG/JPEG file directly inside ``folder`` (not sub-folders) -> uint8 (N, channels, H, W).
+    """Every PNG/JPEG/WebP file directly inside ``folder`` (not sub-folders) -> uint8 (N, channels, H, W).
 
-    Files are those whose suffix is ``.png``, ``.jpg`` or ``.jpeg`` in any case,
+    Files are those whose suffix is ``.png``, ``.jpg``, ``.jpeg`` or ``.webp`` in any case,
     taken in order of file name. Each is converted by Pillow to mode ``"L"``
     (``channels == 1``) or ``"RGB"`` (``channels == 3``); an alpha channel is
-    dropped, not composited.
+    dropped, not composited. (``load_dataset`` reads class folders too, and resizes and crops.)
 
     Raises :class:`DataError` for a missing folder, bad ``channels``, no image
     files, a file Pillow cannot decode (naming it), or a file whose size differs
@@ -435,52 +427,8 @@ def load_image_folder(folder: Path, channels: int) -> Tensor:
     folder = Path(folder)
     if channels not in (1, 3):
         raise DataError(f"{folder}: channels must be 1 or 3, got {channels}")
-    if not folder.is_dir():
-        if folder.exists():
-            what = "not a folder (data.path of source folder names a folder of images)"
-        else:
-            what = "image folder not found"
-        raise DataError(f"{folder}: {what}")
-    try:
-        files = sorted(
-            (
-                p
-                for p in folder.iterdir()
-                if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-            ),
-            key=lambda p: p.name,
-        )
-    except OSError as exc:
-        raise DataError(
-            f"{folder}: cannot list image folder ({_reason(exc)})"
-        ) from None
-    if not files:
-        raise DataError(f"{folder}: no image files ({', '.join(IMAGE_SUFFIXES)})")
-
-    mode = "L" if channels == 1 else "RGB"
-    arrays: list[np.ndarray] = []
-    first_size: tuple[int, int] | None = None
-    for path in files:
-        try:
-            with Image.open(path) as img:
-                size = img.size
-                # convert() forces a full decode, so truncated data is caught here.
-                pixels = np.asarray(img.convert(mode), dtype=np.uint8)
-        except _PIL_ERRORS as exc:
-            raise DataError(
-                f"{path}: cannot read image ({type(exc).__name__}: {_reason(exc)})"
-            ) from None
-        if first_size is None:
-            first_size = size
-        elif size != first_size:
-            raise DataError(
-                f"{path}: image size {size[0]}x{size[1]} differs from "
-                f"{files[0].name}'s {first_size[0]}x{first_size[1]} (width x height)"
-            )
-        # Mode "L" gives (H, W); add the channel axis so both modes stack alike.
-        arrays.append(pixels.reshape(pixels.shape[0], pixels.shape[1], channels))
-    stacked = np.stack(arrays)  # (N, H, W, C)
-    return torch.from_numpy(np.ascontiguousarray(stacked.transpose(0, 3, 1, 2)))
+    listing = list_folder(folder, classes=False)
+    return torch.from_numpy(decode_in_memory(listing, Transform(channels)).images)
 
 
 # --------------------------------------------------------------------------- #
@@ -624,21 +572,28 @@ def pad_to(images: Tensor, size: int) -> Tensor:
 
 # --------------------------------------------------------------------------- splits
 
+#: Images of a split: a tensor (N, C, H, W) uint8 in memory, or rows of a memory-mapped cache that index
+#: like one (``images[index]`` gives a tensor).
+Images = Tensor | MappedImages
+
 
 @dataclass
 class ImageData:
     """A data set split in two, at the data's own size.
 
-    Images are uint8 (N, C, H, W) as the source has them; labels int64 (N,) or
-    None. ``canvas`` says where the models place them (``data.size`` pads them,
-    centred, for the convolutions); every figure is over the original pixels.
+    Images are uint8 (N, C, H, W) as the source has them (the training split of a cached image
+    folder stays in its memory map: see :class:`MappedImages`); labels int64 (N,) or None.
+    ``canvas`` says where the models place them (``data.size`` pads them, centred, for the
+    convolutions); every figure is over the original pixels. ``labels_from`` names the file or
+    folder the labels came from, for messages about them.
     """
 
-    train: Tensor
+    train: Images
     heldout: Tensor
     train_labels: Tensor | None = None
     heldout_labels: Tensor | None = None
     canvas: Canvas | None = None  # None: the images are not padded
+    labels_from: str | None = None
 
     def __post_init__(self) -> None:
         if self.canvas is None:
@@ -651,7 +606,7 @@ class ImageData:
     @property
     def image_shape(self) -> tuple[int, int, int]:
         """(C, H, W) of every image, at the data's own size."""
-        c, h, w = self.train.shape[1:]
+        c, h, w = self.heldout.shape[1:]
         return int(c), int(h), int(w)
 
     @property
@@ -661,15 +616,52 @@ class ImageData:
             return 0
         return int(torch.cat([self.train_labels, self.heldout_labels]).max()) + 1
 
+    def check_classes(self, num_classes: int) -> None:
+        """Refuse labels outside 0..num_classes-1 (what a trained class-conditional prior knows), naming their file."""
+        for labels in (self.train_labels, self.heldout_labels):
+            if labels is None or not len(labels):
+                continue
+            lo, hi = int(labels.min()), int(labels.max())
+            if lo < 0 or hi >= num_classes:
+                bad = hi if hi >= num_classes else lo
+                raise DataError(
+                    f"{self.labels_from}: label {bad} is outside the {num_classes} classes (0..{num_classes - 1}) "
+                    "the run's prior was trained on"
+                )
 
-def load_dataset(cfg: DataConfig, total_downsample: int = 1) -> ImageData:
+
+def on_canvas(images: Images, canvas: Canvas, device: torch.device) -> Images:
+    """``images`` placed on ``canvas`` and ``device``: a padded tensor, or for a memory map, the same rows
+    whose batches come out padded and on ``device`` (the split itself is never read in full)."""
+    if isinstance(images, MappedImages):
+        return images.placed(canvas, device)
+    return canvas.pad(images.to(device))
+
+
+def load_dataset(
+    cfg: DataConfig,
+    total_downsample: int = 1,
+    *,
+    cache_dir: Path | None = None,
+    progress: bool | None = None,
+    log: Callable[[str], None] = print,
+) -> ImageData:
     """Read the configured source and split it: the last ``cfg.heldout`` images are held out.
 
     The images keep their own size; ``data.size`` sets the canvas they are
     centred on for the models. ``total_downsample`` is the hierarchy's overall
     factor: the canvas sides must be divisible by it, or the top grid would
     not be whole.
+
+    An image folder is read differently: its held-out images are picked by a hash of
+    ``data.seed`` and each file's path (so the pick depends on neither the file system's
+    order nor on other files), and with ``cache_dir`` (a run folder) the images are decoded
+    once into a memory-mapped cache there (:func:`progvq.folder.cached_folder`), whose
+    training split is then read batch by batch. ``progress`` shows a bar while a folder is
+    decoded (None: only on a terminal); ``log`` reports a rebuilt cache and skipped files.
     """
+    if cfg.source == "folder":
+        return _load_folder(cfg, total_downsample, cache_dir=cache_dir, progress=progress, log=log)
     images, labels = SOURCES.entry(cfg.source).builder(cfg)
     where = "shapes" if cfg.source == "shapes" else cfg.path
     if images.shape[1] != cfg.channels:
@@ -677,12 +669,33 @@ def load_dataset(cfg: DataConfig, total_downsample: int = 1) -> ImageData:
     if cfg.limit is not None:
         images = images[: cfg.limit]
         labels = None if labels is None else labels[: cfg.limit]
-    c, h, w = (int(v) for v in images.shape[1:])
+    canvas = _canvas(cfg, tuple(int(v) for v in images.shape[1:]), total_downsample, str(where))
+    _check_count(len(images), cfg, str(where))
+    cut = len(images) - cfg.heldout
+    labels_from = None
+    if labels is not None and cfg.source == "mnist":
+        labels_from = str(_find_idx(Path(str(cfg.path)), f"{cfg.prefix}-labels-idx1-ubyte"))
+    elif labels is not None:
+        labels_from = cfg.source
+    return ImageData(
+        images[:cut].contiguous(),
+        images[cut:].contiguous(),
+        None if labels is None else labels[:cut],
+        None if labels is None else labels[cut:],
+        canvas,
+        labels_from,
+    )
+
+
+def _canvas(cfg: DataConfig, shape: tuple[int, ...], total_downsample: int, where: str) -> Canvas:
+    """Where images of ``shape`` (C, H, W) go for the models; refuses images the levels cannot take."""
+    c, h, w = shape
     canvas = Canvas.unpadded((c, h, w))
     if cfg.size is not None and cfg.source != "shapes":
         if h > cfg.size or w > cfg.size:
             raise DataError(
                 f"{where}: images are {h}x{w}, larger than data.size ({cfg.size}); data.size only pads, it never crops"
+                + (" (data.crop does)" if cfg.source == "folder" else "")
             )
         canvas = Canvas((c, h, w), (c, cfg.size, cfg.size))
     _, ph, pw = canvas.padded
@@ -691,15 +704,69 @@ def load_dataset(cfg: DataConfig, total_downsample: int = 1) -> ImageData:
             f"{where}: images are {ph}x{pw}, not divisible by the levels' total downsampling {total_downsample}; "
             "set data.size to pad them"
         )
-    if len(images) <= cfg.heldout:
-        raise DataError(f"{where}: {len(images)} images, need more than data.heldout ({cfg.heldout})")
-    cut = len(images) - cfg.heldout
+    return canvas
+
+
+def _check_count(n: int, cfg: DataConfig, where: str) -> None:
+    if n <= cfg.heldout:
+        raise DataError(f"{where}: {n} images, need more than data.heldout ({cfg.heldout})")
+
+
+def heldout_rows(paths: list[str], heldout: int, seed: int) -> np.ndarray:
+    """Which of the images at ``paths`` are held out: ``heldout`` row numbers, ascending.
+
+    Each path gets a hash of (seed, path) and the ``heldout`` smallest are held out: a
+    function of the seed and the paths alone, and adding or removing one file moves at most
+    one image between the splits.
+    """
+    keys = [hashlib.blake2b(f"{seed}\0{p}".encode(), digest_size=8).digest() for p in paths]
+    order = sorted(range(len(paths)), key=lambda i: (keys[i], paths[i]))
+    return np.sort(np.array(order[:heldout], dtype=np.int64))
+
+
+def _load_folder(
+    cfg: DataConfig,
+    total_downsample: int,
+    *,
+    cache_dir: Path | None,
+    progress: bool | None,
+    log: Callable[[str], None],
+) -> ImageData:
+    """An image folder as split data (see :func:`load_dataset`)."""
+    assert cfg.path is not None
+    folder = Path(cfg.path)
+    listing = list_folder(folder).first(cfg.limit)
+    transform = Transform(cfg.channels, cfg.size, cfg.resize, cfg.crop, cfg.seed)
+    # everything that can be refused from the listing and one header is refused before any decoding
+    shape = first_shape(listing, transform)
+    canvas = _canvas(cfg, shape, total_downsample, str(folder))
+    _check_count(len(listing.entries), cfg, str(folder))
+    skip = cfg.on_unreadable == "skip"
+    if cache_dir is None:
+        decoded = decode_in_memory(listing, transform, skip=skip, progress=progress)
+        if decoded.skipped:
+            log(f"{folder}: {len(decoded.skipped)} unreadable files skipped (first: {decoded.skipped[0]})")
+    else:
+        decoded = cached_folder(listing, transform, Path(cache_dir), skip=skip, progress=progress, log=log)
+    _check_count(len(decoded.entries), cfg, f"{folder} (after skipping {len(decoded.skipped)} unreadable files)")
+    held = heldout_rows([e.rel for e in decoded.entries], cfg.heldout, cfg.seed)
+    keep = np.ones(len(decoded.entries), dtype=bool)
+    keep[held] = False
+    train_rows = np.flatnonzero(keep)
+    train = MappedImages(decoded.images, train_rows)
+    if cache_dir is None:
+        train = torch.from_numpy(np.ascontiguousarray(decoded.images[train_rows]))
+    heldout = torch.from_numpy(np.ascontiguousarray(decoded.images[held]))
+    labels = None
+    if decoded.classes:
+        labels = torch.tensor([e.label for e in decoded.entries], dtype=torch.int64)
     return ImageData(
-        images[:cut].contiguous(),
-        images[cut:].contiguous(),
-        None if labels is None else labels[:cut],
-        None if labels is None else labels[cut:],
+        train,
+        heldout,
+        None if labels is None else labels[train_rows],
+        None if labels is None else labels[held],
         canvas,
+        str(folder) if labels is not None else None,
     )
 
 
@@ -708,6 +775,16 @@ def load_dataset(cfg: DataConfig, total_downsample: int = 1) -> ImageData:
 #: ``data.source`` -> a loader of (uint8 images (N, C, H, W), int64 labels (N,) or None) from the
 #: flat ``data`` section, which every source shares.
 SOURCES = Registry("data source", shared_config=True)
+
+
+def _folder_source(cfg: DataConfig) -> tuple[Tensor, Tensor | None]:
+    """An image folder decoded in memory, in sorted path order, with its class labels (None: no class folders)."""
+    assert cfg.path is not None
+    listing = list_folder(Path(cfg.path))
+    transform = Transform(cfg.channels, cfg.size, cfg.resize, cfg.crop, cfg.seed)
+    decoded = decode_in_memory(listing, transform, skip=cfg.on_unreadable == "skip")
+    labels = torch.tensor([e.label for e in decoded.entries], dtype=torch.int64) if decoded.classes else None
+    return torch.from_numpy(decoded.images), labels
 SOURCES.add(
     "shapes",
     DataConfig,
@@ -717,8 +794,8 @@ SOURCES.add(
     ),
 )
 SOURCES.add("mnist", DataConfig, lambda cfg: load_mnist(Path(cfg.path), cfg.prefix))
-SOURCES.add("folder", DataConfig, lambda cfg: (load_image_folder(Path(cfg.path), cfg.channels), None))
+SOURCES.add("folder", DataConfig, lambda cfg: _folder_source(cfg))
 SOURCES.add("array", DataConfig, lambda cfg: (load_array(Path(cfg.path), cfg.key), None))
-#: Sources whose images can come with class labels: shapes (what was drawn, SHAPE_CLASSES) and mnist
-#: (an idx labels file beside the images).
-LABELLED_SOURCES = ("shapes", "mnist")
+#: Sources whose images can come with class labels: shapes (what was drawn, SHAPE_CLASSES), mnist
+#: (an idx labels file beside the images) and folder (class folders).
+LABELLED_SOURCES = ("shapes", "mnist", "folder")
