@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import zipfile
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -297,6 +299,17 @@ def _triangle(
 # --------------------------------------------------------------------------- #
 
 
+#: idx type codes (the magic's third byte) and what they hold; only unsigned bytes are read.
+_IDX_TYPES = {
+    0x08: "unsigned byte",
+    0x09: "signed byte",
+    0x0B: "int16",
+    0x0C: "int32",
+    0x0D: "float32",
+    0x0E: "float64",
+}
+
+
 def read_idx(path: Path) -> np.ndarray:
     """The idx file (the MNIST format) at ``path``, gzip-compressed or raw, as a uint8 array.
 
@@ -306,6 +319,11 @@ def read_idx(path: Path) -> np.ndarray:
     ``.gz`` name still reads. Only unsigned-byte files are accepted: magic 2049
     and 2051.
 
+    The header is checked before anything is allocated: the product of its dimensions
+    (exact, in Python integers, so no product wraps around) must be the payload's length,
+    the file's length for a raw file, and what the gzip stream holds (read no further
+    than one byte past it, so a stream that inflates without end is refused, not read).
+
     Raises :class:`DataError` for a missing or unreadable file, a bad gzip
     stream, an unknown magic number, a short header, or a payload whose length
     does not match the header.
@@ -314,38 +332,79 @@ def read_idx(path: Path) -> np.ndarray:
     if not path.is_file():
         raise DataError(f"{path}: idx file not found")
     try:
-        raw = path.read_bytes()
-        if raw[:2] == b"\x1f\x8b":
-            raw = gzip.decompress(raw)
+        with open(path, "rb") as raw:
+            compressed = raw.read(2) == b"\x1f\x8b"
+            raw.seek(0)
+            stream = gzip.GzipFile(fileobj=raw) if compressed else raw
+            head = stream.read(4)
+            dims, header_len = _idx_header(path, head, stream)
+            expected = math.prod(dims)
+            if not compressed:
+                payload = path.stat().st_size - header_len
+            else:
+                # read at most one byte more than announced: enough to tell "too long" from "right"
+                data = _read_at_most(stream, expected + 1)
+                payload = len(data)
+            if payload != expected:
+                shape = " x ".join(str(d) for d in dims)
+                more = " or more" if compressed and payload > expected else ""
+                raise DataError(
+                    f"{path}: idx payload is {payload} bytes{more}, header announces {shape} = {expected}"
+                )
+            if not compressed:
+                data = raw.read(expected)
+                if len(data) != expected:
+                    raise DataError(f"{path}: idx payload is {len(data)} bytes, header announces {expected}")
     except (OSError, EOFError, zlib.error) as exc:
         # gzip.BadGzipFile is an OSError; a truncated stream raises EOFError.
         raise DataError(f"{path}: cannot read idx file ({_reason(exc)})") from None
+    # frombuffer gives a read-only view of the bytes; copy so callers (and torch)
+    # get an ordinary writable array.
+    return np.frombuffer(data, dtype=np.uint8).reshape(dims).copy()
 
-    if len(raw) < 4:
-        raise DataError(f"{path}: not an idx file (only {len(raw)} bytes)")
-    magic = int.from_bytes(raw[:4], "big")
+
+def _idx_header(path: Path, head: bytes, stream: Any) -> tuple[tuple[int, ...], int]:
+    """The dimensions of an idx file from its magic ``head`` (4 bytes) and the rest of ``stream``'s header."""
+    if len(head) < 4:
+        raise DataError(f"{path}: not an idx file (only {len(head)} bytes)")
+    magic = int.from_bytes(head, "big")
     if magic not in _IDX_NDIM:
+        code, ndim = head[2], head[3]
+        if head[:2] == b"\0\0" and code in _IDX_TYPES and code != 0x08:
+            raise DataError(
+                f"{path}: idx type code 0x{code:02X} ({_IDX_TYPES[code]}) not supported "
+                f"(magic {magic}); progvq reads unsigned-byte idx files (0x08)"
+            )
+        if head[:2] == b"\0\0" and code == 0x08:
+            raise DataError(
+                f"{path}: idx file of {ndim} dimensions (magic {magic}); expected {IDX_LABELS_MAGIC} "
+                f"for labels (1) or {IDX_IMAGES_MAGIC} for images (3)"
+            )
         raise DataError(
             f"{path}: not an idx file (magic {magic}, expected {IDX_LABELS_MAGIC} "
             f"for labels or {IDX_IMAGES_MAGIC} for images)"
         )
     ndim = _IDX_NDIM[magic]
     header_len = 4 + 4 * ndim
-    if len(raw) < header_len:
-        raise DataError(
-            f"{path}: truncated idx header ({len(raw)} of {header_len} bytes)"
-        )
-    dims = tuple(int.from_bytes(raw[4 + 4 * k : 8 + 4 * k], "big") for k in range(ndim))
-    expected = int(np.prod(dims, dtype=np.int64))
-    payload = len(raw) - header_len
-    if payload != expected:
-        shape = " x ".join(str(d) for d in dims)
-        raise DataError(
-            f"{path}: idx payload is {payload} bytes, header announces {shape} = {expected}"
-        )
-    # frombuffer gives a read-only view of the bytes; copy so callers (and torch)
-    # get an ordinary writable array.
-    return np.frombuffer(raw, dtype=np.uint8, offset=header_len).reshape(dims).copy()
+    rest = stream.read(4 * ndim)
+    if len(rest) < 4 * ndim:
+        raise DataError(f"{path}: truncated idx header ({4 + len(rest)} of {header_len} bytes)")
+    dims = tuple(int.from_bytes(rest[4 * k : 4 * k + 4], "big") for k in range(ndim))
+    return dims, header_len
+
+
+def _read_at_most(stream: Any, limit: int) -> bytearray:
+    """Up to ``limit`` bytes of ``stream``, in blocks (memory grows with what is there, not with ``limit``).
+
+    A bytearray, so arrays made on it with ``np.frombuffer`` are writable without a copy.
+    """
+    out = bytearray()
+    while len(out) < limit:
+        block = stream.read(min(limit - len(out), 1 << 24))
+        if not block:
+            break
+        out += block
+    return out
 
 
 def _find_idx(folder: Path, stem: str) -> Path | None:
@@ -464,26 +523,67 @@ def load_array(path: Path, key: str | None = None) -> Tensor:
         what = "is a directory, expected a .npy or .npz file" if path.is_dir() else "array file not found"
         raise DataError(f"{path}: {what}")
     try:
-        # allow_pickle=False: a data file must never be able to run code.
-        loaded = np.load(path, allow_pickle=False)
-        if isinstance(loaded, np.lib.npyio.NpzFile):
-            with loaded:
-                name = _pick_npz_key(path, list(loaded.files), key)
-                array = loaded[name]
-            where = f"{path}[{name}]"
-        else:
-            if key is not None:
-                raise DataError(
-                    f"{path}: key {key!r} given but this is a .npy file, not .npz"
-                )
-            array = loaded
-            where = str(path)
+        with open(path, "rb") as f:
+            magic = f.read(6)
+            f.seek(0)
+            if magic == b"\x93NUMPY":
+                if key is not None:
+                    raise DataError(f"{path}: key {key!r} given but this is a .npy file, not .npz")
+                array, where = _read_npy(f, path.stat().st_size, str(path)), str(path)
+            elif magic[:2] == b"PK":
+                with zipfile.ZipFile(f) as zf:
+                    members = {n.removesuffix(".npy"): n for n in zf.namelist() if n.endswith(".npy")}
+                    name = _pick_npz_key(path, list(members), key)
+                    where = f"{path}[{name}]"
+                    info = zf.getinfo(members[name])
+                    with zf.open(info) as member:
+                        array = _read_npy(member, info.file_size, where)
+            else:
+                raise DataError(f"{path}: cannot load array (not a .npy or .npz file)")
     except DataError:
         raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        # Not npy/npz, truncated, or an object array needing pickle.
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        # not npy/npz, truncated, a bad zip, or a header numpy cannot parse
         raise DataError(f"{path}: cannot load array ({_reason(exc)})") from None
-    return torch.from_numpy(_to_nchw_uint8(np.asarray(array), where))
+    return torch.from_numpy(_to_nchw_uint8(array, where))
+
+
+def _read_npy(f: Any, length: int, where: str) -> np.ndarray:
+    """The array of the ``.npy`` stream ``f`` of ``length`` bytes (a file, or a member of an npz).
+
+    The header is read first and what it announces (shape x item size, exact integers) is
+    compared with the bytes that follow it before anything is allocated, so a header that
+    announces terabytes is refused in one line. Arrays of Python objects are refused:
+    reading them means unpickling, and a data file must never be able to run code.
+    """
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+    elif version in ((2, 0), (3, 0)):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+    else:
+        raise DataError(f"{where}: cannot load array (.npy format version {version} unknown)")
+    if dtype.hasobject:
+        raise DataError(
+            f"{where}: cannot load array (it holds Python objects, which need allow_pickle=True; "
+            "progvq reads with allow_pickle=False)"
+        )
+    header = f.tell()
+    announced = math.prod(shape) * dtype.itemsize
+    follows = length - header
+    if announced != follows:
+        dims = " x ".join(str(d) for d in shape) or "a scalar"
+        raise DataError(
+            f"{where}: cannot load array (its header announces {dims} of {dtype} = {announced} bytes, "
+            f"but {follows} bytes follow it)"
+        )
+    data = _read_at_most(f, announced)
+    if len(data) != announced:
+        raise DataError(f"{where}: cannot load array ({len(data)} of the {announced} bytes it announces)")
+    array = np.frombuffer(data, dtype=dtype)
+    if fortran:
+        return array.reshape(shape[::-1]).transpose()
+    return array.reshape(shape)
 
 
 def _pick_npz_key(path: Path, keys: list[str], key: str | None) -> str:
@@ -799,3 +899,48 @@ SOURCES.add("array", DataConfig, lambda cfg: (load_array(Path(cfg.path), cfg.key
 #: Sources whose images can come with class labels: shapes (what was drawn, SHAPE_CLASSES), mnist
 #: (an idx labels file beside the images) and folder (class folders).
 LABELLED_SOURCES = ("shapes", "mnist", "folder")
+
+
+# --------------------------------------------------------------------------- a shapes folder
+
+
+def write_shapes_folder(
+    folder: Path, n: int, *, size: int = 32, channels: int = 3, seed: int = 0, suffix: str = ".png"
+) -> None:
+    """Write ``n`` shapes images (see :func:`make_labelled_shapes`) as files in class folders named after
+    :data:`SHAPE_CLASSES`: an image folder with labels, to try the folder source on.
+
+    Files are ``folder/CLASS/NNNNNN.png`` (or ``suffix``: ``.jpg``, ``.webp``); a PNG holds the
+    generated pixels exactly.
+    """
+    from PIL import Image
+
+    folder = Path(folder)
+    images, labels = make_labelled_shapes(n, size=size, channels=channels, seed=seed)
+    for name in SHAPE_CLASSES:
+        (folder / name).mkdir(parents=True, exist_ok=True)
+    width = len(str(max(n - 1, 0)))
+    for i, (image, label) in enumerate(zip(images.numpy(), labels.tolist(), strict=True)):
+        pixels = image[0] if channels == 1 else image.transpose(1, 2, 0)
+        Image.fromarray(pixels).save(folder / SHAPE_CLASSES[label] / f"{i:0{width}d}{suffix}")
+
+
+def _main(argv: list[str] | None = None) -> None:
+    """``python -m progvq.data shapes-folder OUT [--count N] [--size S] [--channels C] [--seed K]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m progvq.data", description="write a data set to files")
+    sub = parser.add_subparsers(dest="command", required=True)
+    shapes = sub.add_parser("shapes-folder", help="shapes as PNG files in one folder per class")
+    shapes.add_argument("out", type=Path)
+    shapes.add_argument("--count", type=int, default=6000)
+    shapes.add_argument("--size", type=int, default=32)
+    shapes.add_argument("--channels", type=int, choices=(1, 3), default=3)
+    shapes.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    write_shapes_folder(args.out, args.count, size=args.size, channels=args.channels, seed=args.seed)
+    print(f"wrote {args.count} {args.size}x{args.size} images to {args.out}")
+
+
+if __name__ == "__main__":
+    _main()
