@@ -6,6 +6,10 @@
     progvq inpaint RUN_DIR --image IN.png (--mask MASK.png | --box x0,y0,x1,y1) -n 16 --out OUT.png
     progvq eval RUN_DIR [--json]
     progvq status RUN_DIR
+    progvq encode RUN_DIR (--images FILES... | --npz FILE | --split heldout) --out CODES.npz
+    progvq decode RUN_DIR CODES.npz --out FILE.png [--level K] [--temperature T]
+    progvq compress RUN_DIR (FILES... | --split heldout) --out FILE.pvq
+    progvq decompress RUN_DIR FILE.pvq --out OUT.npz|DIR
 
 ``python run_stage.py ...`` is the same program. User mistakes print one line
 on stderr and exit with status 2.
@@ -153,8 +157,57 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", help="each stage: done, partial (step N of M) or missing, and whether it is stale")
     p.add_argument("run_dir")
+
+    p = sub.add_parser("encode", help="the codes of every level of images, to an npz")
+    p.add_argument("run_dir")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", nargs="+", metavar="FILE", help="PNG/JPEG images of the run's size")
+    source.add_argument("--npz", metavar="FILE", help="an npz (or npy) of uint8 images")
+    source.add_argument("--split", choices=["heldout", "train"], help="a split of the run's data (with its labels)")
+    p.add_argument("--out", required=True, help="npz: level1, level2, ... (and labels when the data has them)")
+    _stale_option(p)
+
+    p = sub.add_parser("decode", help="render codes of any level (an npz of `encode`) down to images")
+    p.add_argument("run_dir")
+    p.add_argument("codes", help="npz with level1, level2, ... (`progvq encode` writes one)")
+    p.add_argument("--level", type=int, default=None, help="which level's codes to render (default: the highest)")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="temperature of the code decoders below that level; 0 (default) takes the most likely code",
+    )
+    p.add_argument(
+        "--pixel-temperature", type=float, default=0.0, help="pixel decoder; 0 (default) shows its point estimate"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="PNG grid; the images also go to the same name with .npz")
+    p.add_argument("--nrow", type=int, default=None, help="images per row of the grid")
+    _stale_option(p)
+
+    p = sub.add_parser("compress", help="losslessly compress images with the hierarchy (about the bound's size)")
+    p.add_argument("run_dir")
+    p.add_argument("inputs", nargs="*", metavar="INPUT", help="PNG/JPEG images of the run's size, or an npz of them")
+    p.add_argument("--split", choices=["heldout", "train"], help="a split of the run's data instead of INPUT")
+    p.add_argument("--out", required=True, help="the compressed file (.pvq)")
+    _stale_option(p)
+
+    p = sub.add_parser("decompress", help="the images of a compressed file, exactly")
+    p.add_argument("run_dir")
+    p.add_argument("file", help="a file of `progvq compress` made with this run")
+    p.add_argument(
+        "--out", required=True, help="OUT.npz (images, and labels for a class-conditional prior) or a folder of PNGs"
+    )
+    _stale_option(p)
     return parser
 
+
+def _stale_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--allow-stale",
+        action="store_true",
+        help="use the hierarchy even if a stage was trained on a lower stage since retrained",
+    )
 
 def _positive(value: float, flag: str, low: float = 1) -> None:
     if not (value >= low and math.isfinite(value)):
@@ -341,7 +394,121 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "inpaint": cmd_inpaint, "eval": cmd_eval, "status": cmd_status}
+def cmd_encode(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from progvq.codec_io import code_arrays, read_inputs
+    from progvq.fileio import atomic_write
+    from progvq.hierarchy import Hierarchy
+
+    out = Path(args.out)
+    if out.suffix.lower() != ".npz":
+        raise ProgvqError(f"--out {out}: must end in .npz")
+    model = Hierarchy.load(args.run_dir, allow_stale=args.allow_stale)
+    images, labels = read_inputs(model, files=args.images, npz=args.npz, split=args.split)
+    arrays = code_arrays(model, model.encode_split(images))
+    if labels is not None:
+        arrays["labels"] = labels.numpy()
+    atomic_write(out, lambda f: np.savez_compressed(f, **arrays))
+    grids = ", ".join(
+        f"level {k}: {'x'.join(map(str, model.grid_shape(k)))} of {model.config.level(k).codes} codes"
+        for k in range(1, model.num_levels + 1)
+    )
+    print(f"wrote {out} ({len(images)} images; {grids}{'; labels' if labels is not None else ''})")
+    return 0
+
+
+def cmd_decode(args: argparse.Namespace) -> int:
+    import torch
+
+    from progvq.codec_io import read_codes
+    from progvq.hierarchy import Hierarchy
+    from progvq.images import image_grid, save_npz, save_png
+
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise ProgvqError(f"--out {out}: must end in .png (the arrays go beside it as .npz)")
+    _positive(args.temperature, "--temperature", 0)
+    _positive(args.pixel_temperature, "--pixel-temperature", 0)
+    if args.nrow is not None:
+        _positive(args.nrow, "--nrow")
+    model = Hierarchy.load(args.run_dir, allow_stale=args.allow_stale)
+    codes, level = read_codes(model, args.codes, args.level)
+    gen = torch.Generator().manual_seed(args.seed)
+    images = torch.cat(
+        [
+            model.decode(
+                z, level, code_temperature=args.temperature, pixel_temperature=args.pixel_temperature, generator=gen
+            )
+            for z in codes.split(500)
+        ]
+    )
+    save_png(image_grid(images, nrow=args.nrow), out)
+    save_npz(images, out.with_suffix(".npz"))
+    print(f"wrote {out} and {out.with_suffix('.npz')} ({len(images)} images from level {level})")
+    return 0
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from progvq.codec import Codec
+    from progvq.codec_io import read_inputs
+    from progvq.fileio import atomic_write
+
+    if bool(args.inputs) == bool(args.split):
+        raise ProgvqError("give the images one way: INPUT files (PNG, or an npz of images) or --split heldout|train")
+    codec = Codec(args.run_dir, allow_stale=args.allow_stale)
+    images, _ = read_inputs(codec.model, files=args.inputs or None, split=args.split)
+    data = codec.compress(images)
+    atomic_write(args.out, data)
+    layout, n, dims = codec.last_layout, len(images), codec.model.canvas.dims
+    bound = float(codec.bound_bits(images).sum())
+    c, h, w = codec.image_shape
+    print(
+        f"wrote {args.out}: {n} images of {c}x{h}x{w}, {len(data):,} bytes = {layout.header:,} header and checksums "
+        f"+ {layout.coded:,} coded; coded {8 * layout.coded / n:.1f} bits per image ({8 * layout.coded / n / dims:.4f} "
+        f"bits/dim), the bound {bound / n:.1f} ({bound / n / dims:.4f} bits/dim, coded/bound "
+        f"{8 * layout.coded / bound:.4f})"
+    )
+    return 0
+
+
+def cmd_decompress(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from progvq.codec import Codec
+    from progvq.fileio import atomic_write
+    from progvq.images import save_png
+
+    path, out = Path(args.file), Path(args.out)
+    if not path.is_file():
+        raise ProgvqError(f"{path}: {'not a file' if path.exists() else 'no such file'}")
+    codec = Codec(args.run_dir, allow_stale=args.allow_stale)
+    done = codec.decompress(path.read_bytes(), where=str(path))
+    if out.suffix.lower() == ".npz":
+        arrays = {"images": done.images.numpy()[:, 0] if done.images.shape[1] == 1 else done.images.numpy()}
+        if done.labels is not None:
+            arrays["labels"] = done.labels.numpy()
+        atomic_write(out, lambda f: np.savez_compressed(f, **arrays))
+    else:
+        if out.exists() and not out.is_dir():
+            raise ProgvqError(f"--out {out}: not a folder (give OUT.npz or a folder)")
+        for i, image in enumerate(done.images):
+            save_png(image, out / f"{i:05d}.png")
+    print(f"wrote {out} ({len(done.images)} images, exact)")
+    return 0
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "sample": cmd_sample,
+    "inpaint": cmd_inpaint,
+    "eval": cmd_eval,
+    "status": cmd_status,
+    "encode": cmd_encode,
+    "decode": cmd_decode,
+    "compress": cmd_compress,
+    "decompress": cmd_decompress,
+}
 
 
 def _one_line_warnings(

@@ -77,13 +77,17 @@ __all__ = [
     "SHAPE_KINDS",
     "SOURCES",
     "DataConfig",
+    "heldout_rows",
     "load_array",
+    "load_dataset",
     "load_image_folder",
     "load_mnist",
     "make_labelled_shapes",
     "make_shapes",
+    "on_canvas",
     "pad_to",
     "read_idx",
+    "write_shapes_folder",
 ]
 
 #: idx magic number of a 1-d uint8 array (MNIST labels): type code 0x08, 1 dim.
@@ -910,19 +914,21 @@ def write_shapes_folder(
     """Write ``n`` shapes images (see :func:`make_labelled_shapes`) as files in class folders named after
     :data:`SHAPE_CLASSES`: an image folder with labels, to try the folder source on.
 
-    Files are ``folder/CLASS/NNNNNN.png`` (or ``suffix``: ``.jpg``, ``.webp``); a PNG holds the
-    generated pixels exactly.
+    Files are ``folder/K-CLASS/NNNNNN.png`` (``0-ellipse``, ..., ``8-triangle+triangle``), or another
+    ``suffix`` (``.jpg``, ``.webp``); a PNG holds the generated pixels exactly.
     """
     from PIL import Image
 
     folder = Path(folder)
     images, labels = make_labelled_shapes(n, size=size, channels=channels, seed=seed)
-    for name in SHAPE_CLASSES:
+    # "K-name": sorted, the folders are in the order of SHAPE_CLASSES, so class K is SHAPE_CLASSES[K] here too
+    names = [f"{k}-{name}" for k, name in enumerate(SHAPE_CLASSES)]
+    for name in names:
         (folder / name).mkdir(parents=True, exist_ok=True)
     width = len(str(max(n - 1, 0)))
     for i, (image, label) in enumerate(zip(images.numpy(), labels.tolist(), strict=True)):
         pixels = image[0] if channels == 1 else image.transpose(1, 2, 0)
-        Image.fromarray(pixels).save(folder / SHAPE_CLASSES[label] / f"{i:0{width}d}{suffix}")
+        Image.fromarray(pixels).save(folder / names[label] / f"{i:0{width}d}{suffix}")
 
 
 def _main(argv: list[str] | None = None) -> None:

@@ -1,8 +1,9 @@
 """Folders of image files: listing, class labels, transforms, the held-out split and a uint8 cache.
 
 A folder holds PNG, JPEG or WebP files, either directly inside it (no labels) or inside class
-folders one level down (the usual image-folder convention: the sorted names of the class folders
-are classes 0..C-1, and a class folder may hold sub-folders of its own). Files and folders whose
+folders one level down (the usual image-folder convention: the sorted names of the sub-folders
+are classes 0..C-1, a class folder may hold sub-folders of its own, and one without images is a
+class without images). Files and folders whose
 names start with a dot are not read (editors' and file managers' droppings, such as ``._x.jpg``).
 
 Each image is decoded by Pillow, converted to grey (``L``) or colour (``RGB``), then optionally
@@ -157,13 +158,13 @@ def list_folder(folder: Path, *, classes: bool = True) -> Listing:
         raise DataError(f"{folder}: cannot list image folder ({exc.strerror or reason(exc)})") from None
     found: list[tuple[str, list[tuple[str, os.stat_result]]]] = []
     if classes:
-        for sub in subdirs:
-            files = list(_walk_images(Path(sub.path), sub.name))
-            if files:
-                found.append((sub.name, files))
+        found = [(sub.name, list(_walk_images(Path(sub.path), sub.name))) for sub in subdirs]
+        if not any(files for _, files in found):
+            found = []  # no class folders: a flat folder (its sub-folders hold no images)
     if top and found:
         raise DataError(
-            f"{folder}: images both directly inside ({top[0][0]}) and in class folders ({found[0][0]}/); "
+            f"{folder}: images both directly inside ({top[0][0]}) and in class folders "
+            f"({next(name for name, files in found if files)}/); "
             "keep every image in a class folder, or none"
         )
     if found:
@@ -546,6 +547,9 @@ def _build(
     h = hashlib.blake2b(digest_size=20)
     try:
         with os.fdopen(fd, "wb") as f:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.fchmod(f.fileno(), 0o666 & ~umask)  # mkstemp makes 0600; as readable as the run's other files
 
             def write(image: np.ndarray) -> None:
                 data = np.ascontiguousarray(image).tobytes()

@@ -28,6 +28,8 @@ rely on:
 - ``log_likelihood(target, codes) -> (B,)`` nats of D_k(target | codes)
 - ``decode(codes, temperature, generator)``: a value of level k-1; code levels
   also take ``known=(codes, mask)`` to keep given level k-1 codes (inpainting)
+- ``coding_walk(codes, step, target)``: D_k as an entropy coder's model, in its decode
+  order (:data:`~progvq.pixelcnn.CodeStep`); :mod:`progvq.codec` needs nothing else of a level
 """
 
 from __future__ import annotations
@@ -49,8 +51,9 @@ from .nets import (
     logistic_mixture_logits,
     logistic_mixture_logp,
     to_uint8,
+    to_unit,
 )
-from .pixelcnn import GatedPixelCNN, PixelCNNConfig, code_log_prob
+from .pixelcnn import CodeStep, GatedPixelCNN, PixelCNNConfig, code_log_prob
 from .quantize import Quantizer, QuantizerOutput
 
 
@@ -125,7 +128,7 @@ class PixelLevel(nn.Module):
         return Decoder(dim, trunk.hidden, 2 * channels, trunk.downsample, trunk.res_blocks)
 
     def _params(self, vectors: Tensor) -> tuple[Tensor, Tensor]:
-        loc, log_scale = self.decoder(vectors).float().chunk(2, dim=1)  # (B, C, H, W) each
+        loc, log_scale = _full(self.decoder(vectors)).chunk(2, dim=1)  # (B, C, H, W) each
         return loc, log_scale
 
     def forward(self, x: Tensor) -> LevelOutput:
@@ -160,6 +163,25 @@ class PixelLevel(nn.Module):
         u = torch.rand(loc.shape, generator=generator, device=loc.device).clamp(1e-5, 1 - 1e-5)
         noise = torch.log(u) - torch.log1p(-u)  # standard logistic
         return to_uint8(loc + temperature * torch.exp(log_scale) * noise)
+
+    @torch.no_grad()
+    def coding_walk(self, codes: Tensor, step: CodeStep, target: Tensor | None = None) -> Tensor:
+        """D_1 for an entropy coder: codes (B, h, w) -> pixels (B, C, H, W) uint8, one image row per step.
+
+        Each step hands ``step`` the logits (B W, 256) of one row of one channel over the 256 grey
+        levels (the discretised logistic's log-probabilities); ``target`` (B, C, H, W) uint8 are the
+        true pixels when encoding. The pixels are independent given z_1, so any fixed order would do.
+        """
+        loc, log_scale = self._params(self.quantizer.lookup(codes))  # (B, C, H, W) each
+        b, c, h, w = loc.shape
+        grey = to_unit(torch.arange(BINS, device=loc.device)).to(loc.dtype)  # (256,): the levels as the data has them
+        out = torch.empty(b, c, h, w, dtype=torch.long, device=loc.device)
+        for ch in range(c):
+            for i in range(h):
+                logits = discretized_logistic_logp(grey, loc[:, ch, i, :, None], log_scale[:, ch, i, :, None])
+                true = None if target is None else target[:, ch, i].reshape(-1).long()
+                out[:, ch, i] = step(logits.reshape(b * w, BINS), true).view(b, w)
+        return out.to(torch.uint8)
 
 
 @dataclass
@@ -254,6 +276,20 @@ class AutoregressivePixelLevel(PixelLevel):
         )
         return drawn.to(torch.uint8).unsqueeze(1)
 
+    @torch.no_grad()
+    def coding_walk(self, codes: Tensor, step: CodeStep, target: Tensor | None = None) -> Tensor:
+        """D_1 for an entropy coder: codes (B, h, w) -> pixels (B, 1, H, W) uint8, one pixel per step in raster order.
+
+        Each step's logits (B, 256) are the mixture's log-probabilities of the grey levels given the
+        pixels before it (the cached sampler's loop, :meth:`GatedPixelCNN.walk`); ``target`` (B, 1, H, W)
+        uint8 are the true pixels when encoding.
+        """
+        cond, _ = self._outputs(self.quantizer.lookup(codes))
+        b, _, h, w = cond.shape
+        true = None if target is None else target[:, 0].long()
+        levels = self.pixelcnn.walk(b, h, w, step, true, cond=_full(cond), to_logits=logistic_mixture_logits)
+        return levels.to(torch.uint8).unsqueeze(1)
+
 
 class CodeLevel(nn.Module):
     """Level k >= 2: codes of level k-1 (B, h, w) <-> codes (B, h/f, w/f); factorised decoder."""
@@ -334,6 +370,18 @@ class CodeLevel(nn.Module):
         given, mask = known
         return torch.where(mask, given, drawn)
 
+    @torch.no_grad()
+    def coding_walk(self, codes: Tensor, step: CodeStep, target: Tensor | None = None) -> Tensor:
+        """D_k for an entropy coder: level k codes (B, h', w') -> level k-1 codes (B, h, w) int64, in one step.
+
+        The positions are independent given ``codes``: one step of logits (B h w, K_(k-1)), in
+        (image, row, column) order; ``target`` (B, h, w) are the true level k-1 codes when encoding.
+        """
+        logits = self.logits(codes)  # (B, K, h, w)
+        b, _, h, w = logits.shape
+        true = None if target is None else target.reshape(-1)
+        return step(rearrange(logits, "b k h w -> (b h w) k"), true).view(b, h, w)
+
 
 class AutoregressiveCodeLevel(CodeLevel):
     """Level k >= 2 with D_k a gated PixelCNN over the level k-1 codes, conditioned on z_k.
@@ -394,6 +442,14 @@ class AutoregressiveCodeLevel(CodeLevel):
         cond = _full(self.condition(codes))  # the sampler runs in the weights' precision
         b, _, h, w = cond.shape
         return self.pixelcnn.sample(b, h, w, temperature=temperature, generator=generator, cond=cond, known=known)
+
+    @torch.no_grad()
+    def coding_walk(self, codes: Tensor, step: CodeStep, target: Tensor | None = None) -> Tensor:
+        """D_k for an entropy coder: level k codes (B, h', w') -> level k-1 codes (B, h, w), one position per step
+        in raster order (logits (B, K_(k-1)) given the codes before it: :meth:`GatedPixelCNN.walk`)."""
+        cond = _full(self.condition(codes))
+        b, _, h, w = cond.shape
+        return self.pixelcnn.walk(b, h, w, step, target, cond=cond)
 
 
 Level = PixelLevel | CodeLevel

@@ -197,6 +197,14 @@ class _GatedBlock(nn.Module):
         return v, h + h_new if self.residual else h_new, self.skip(g)
 
 
+#: One step of a model's decode order, as an entropy coder sees it (the ``coding_walk`` methods here and in
+#: :mod:`progvq.levels`): ``step(logits (n, K), true (n,) int64 or None) -> (n,) int64``. The logits (any
+#: float; log-probabilities up to a constant per row) are the model's distribution over the step's n symbols.
+#: Encoding, ``true`` holds their values and the coder writes and returns them; decoding, ``true`` is None
+#: and the coder returns the symbols it reads. Either way the walk goes on with what ``step`` returns.
+CodeStep = Callable[[Tensor, Tensor | None], Tensor]
+
+
 class GatedPixelCNN(nn.Module):
     """Autoregressive prior p(codes) = prod_ij p(code_ij | codes before (i, j) in raster order).
 
@@ -399,6 +407,59 @@ class GatedPixelCNN(nn.Module):
             for module, training in modes:
                 module.training = training
         return codes
+
+    @torch.no_grad()
+    def walk(
+        self,
+        n: int,
+        height: int,
+        width: int,
+        step: CodeStep,
+        target: Tensor | None = None,
+        *,
+        cond: Tensor | None = None,
+        label: Tensor | None = None,
+        to_logits: Callable[[Tensor], Tensor] | None = None,
+    ) -> Tensor:
+        """The cached sampler's loop with ``step`` (:data:`CodeStep`) choosing every position: codes (n, height, width).
+
+        ``target`` (n, height, width) int64 are the true codes when encoding (None when decoding);
+        ``cond``, ``label`` and ``to_logits`` as in :meth:`sample`. Encoding and decoding make the
+        very same calls on tensors of the same shapes, fed the same codes, so they see bit-identical
+        logits (a teacher-forced ``forward`` would round differently). Eval-mode arithmetic.
+        """
+        self._check_conditioning(n, height, width, cond, label)
+        codes = torch.zeros(n, height, width, dtype=torch.long, device=self.embed.weight.device)
+
+        def choose(out: Tensor, i: int, j: int) -> Tensor:
+            logits = to_logits(out) if to_logits is not None else out
+            return step(logits, None if target is None else target[:, i, j])
+
+        self._run_cached(n, height, width, cond, label, choose, codes)
+        return codes
+
+    @torch.no_grad()
+    def coding_walk(
+        self, step: CodeStep, n: int, height: int, width: int, target: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """The prior as an entropy coder's model: (top codes (n, height, width) int64, labels (n,) or None).
+
+        A class-conditional prior first codes a class, uniform over its classes; encoding, it takes the
+        class under which ``target``'s codes are likeliest, which makes the shortest code (at most
+        log2(classes) bits above the marginal -log2 p(codes), and close to it when one class explains
+        the codes). Then every position in raster order (:meth:`walk`).
+        """
+        labels = None
+        if self.num_classes:
+            best = None
+            if target is not None:
+                per_class = [
+                    self.log_prob(target, torch.full((n,), y, dtype=torch.long, device=target.device))
+                    for y in range(self.num_classes)
+                ]
+                best = torch.stack(per_class, dim=1).argmax(1)  # (n,)
+            labels = step(self.embed.weight.new_zeros(n, self.num_classes), best)
+        return self.walk(n, height, width, step, target, label=labels), labels
 
     def _check_known(self, known: tuple[Tensor, Tensor], n: int, height: int, width: int) -> None:
         """Raise ValueError unless known = (codes (n, H, W) int64, mask (n, H, W) bool) with valid known codes."""
