@@ -459,7 +459,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     codec = Codec(args.run_dir, allow_stale=args.allow_stale)
     images, _ = read_inputs(codec.model, files=args.inputs or None, split=args.split)
     data = codec.compress(images)
-    atomic_write(args.out, data)
+    atomic_write(args.out, lambda f: f.write(data))
     layout, n, dims = codec.last_layout, len(images), codec.model.canvas.dims
     bound = float(codec.bound_bits(images).sum())
     c, h, w = codec.image_shape
