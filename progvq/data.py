@@ -33,6 +33,7 @@ from progvq.canvas import Canvas
 from progvq.errors import DataError
 from progvq.folder import (
     IMAGE_SUFFIXES,
+    Decoded,
     MappedImages,
     Transform,
     cached_folder,
@@ -846,13 +847,20 @@ def _load_folder(
     canvas = _canvas(cfg, shape, total_downsample, str(folder))
     _check_count(len(listing.entries), cfg, str(folder))
     skip = cfg.on_unreadable == "skip"
+
+    def enough(decoded: Decoded) -> None:
+        # before a new cache is committed: a refused data set leaves no cache behind
+        where = f"{folder} (after skipping {len(decoded.skipped)} unreadable files)"
+        _check_count(len(decoded.entries), cfg, where)
+
     if cache_dir is None:
-        decoded = decode_in_memory(listing, transform, skip=skip, progress=progress)
+        decoded = decode_in_memory(listing, transform, skip=skip, progress=progress, check=enough)
         if decoded.skipped:
             log(f"{folder}: {len(decoded.skipped)} unreadable files skipped (first: {decoded.skipped[0]})")
     else:
-        decoded = cached_folder(listing, transform, Path(cache_dir), skip=skip, progress=progress, log=log)
-    _check_count(len(decoded.entries), cfg, f"{folder} (after skipping {len(decoded.skipped)} unreadable files)")
+        decoded = cached_folder(
+            listing, transform, Path(cache_dir), skip=skip, progress=progress, log=log, check=enough
+        )
     held = heldout_rows([e.rel for e in decoded.entries], cfg.heldout, cfg.seed)
     keep = np.ones(len(decoded.entries), dtype=bool)
     keep[held] = False

@@ -357,9 +357,14 @@ def first_shape(listing: Listing, transform: Transform) -> tuple[int, int, int]:
 
 
 def decode_in_memory(
-    listing: Listing, transform: Transform, *, skip: bool = False, progress: bool | None = None
+    listing: Listing,
+    transform: Transform,
+    *,
+    skip: bool = False,
+    progress: bool | None = None,
+    check: Callable[[Decoded], None] | None = None,
 ) -> Decoded:
-    """Every image of ``listing`` decoded into memory: uint8 (N, C, H, W)."""
+    """Every image of ``listing`` decoded into memory: uint8 (N, C, H, W), seen by ``check`` (which may refuse)."""
     shape = first_shape(listing, transform)
     images = np.empty((len(listing.entries), *shape), dtype=np.uint8)
     n = 0
@@ -372,7 +377,10 @@ def decode_in_memory(
     kept, skipped = _decode_all(
         listing, transform, shape, write, skip=skip, progress=progress, desc=f"reading {listing.folder}"
     )
-    return Decoded(images[:n], kept, listing.classes, skipped)
+    decoded = Decoded(images[:n], kept, listing.classes, skipped)
+    if check is not None:
+        check(decoded)
+    return decoded
 
 
 # --------------------------------------------------------------------------- the cache
@@ -469,8 +477,12 @@ def cached_folder(
     skip: bool = False,
     progress: bool | None = None,
     log: Callable[[str], None] = print,
+    check: Callable[[Decoded], None] | None = None,
 ) -> Decoded:
     """The images of ``listing`` from the memory-mapped cache in ``run_dir/data-cache``, built if needed.
+
+    ``check`` sees what was decoded (skipped files left out) before a new cache is committed,
+    and may refuse it: a refused build leaves nothing behind.
 
     The returned images are a read-only ``np.memmap`` (N, C, H, W) uint8. Raises
     :class:`DataError` (one line) when the folder cannot be read, changes while the cache
@@ -494,11 +506,14 @@ def cached_folder(
         if manifest is not None and manifest.get("source") == source:
             problem = _cache_problem(cache, manifest)
             if problem is None:
-                return _open(cache, manifest, listing, log)
+                decoded = _open(cache, manifest, listing, log)
+                if check is not None:
+                    check(decoded)
+                return decoded
             log(f"{cache}: data cache damaged ({problem}); building it again")
         elif manifest is not None:
             log(f"{cache}: {_what_changed(manifest.get('source'), source)}; building the data cache again")
-        return _build(cache, listing, transform, source, skip=skip, progress=progress, log=log)
+        return _build(cache, listing, transform, source, skip=skip, progress=progress, log=log, check=check)
     except BaseException:
         made.undo()
         raise
@@ -517,7 +532,7 @@ def _what_changed(old: Any, new: dict[str, Any]) -> str:
 
 def _open(cache: Path, manifest: dict[str, Any], listing: Listing, log: Callable[[str], None]) -> Decoded:
     shape = tuple(int(v) for v in manifest["shape"])
-    images = np.memmap(cache / manifest["file"], dtype=np.uint8, mode="r", shape=shape)
+    images = _map(cache / manifest["file"], shape)
     kept = set(manifest.get("kept", []))
     entries = [e for e in listing.entries if e.rel in kept] if "kept" in manifest else listing.entries
     skipped = list(manifest.get("skipped", []))
@@ -537,6 +552,7 @@ def _build(
     skip: bool,
     progress: bool | None,
     log: Callable[[str], None],
+    check: Callable[[Decoded], None] | None,
 ) -> Decoded:
     shape = first_shape(listing, transform)
     per_image = int(np.prod(shape))
@@ -569,6 +585,8 @@ def _build(
                 f"{listing.folder}: changed while its images were read (files added, removed or rewritten); "
                 "run the command again once the folder is still"
             )
+        if check is not None:
+            check(Decoded(_map(tmp, (len(kept), *shape)), kept, listing.classes, skipped))
         os.replace(tmp, cache / name)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
@@ -598,8 +616,15 @@ def _build(
             old.unlink(missing_ok=True)
     if skipped:
         log(f"{listing.folder}: {len(skipped)} unreadable files skipped (first: {skipped[0]})")
-    images = np.memmap(cache / name, dtype=np.uint8, mode="r", shape=full)
+    images = _map(cache / name, full)
     return Decoded(images, kept, listing.classes, skipped)
+
+
+def _map(path: Path, shape: tuple[int, ...]) -> np.ndarray:
+    """The uint8 array ``shape`` in the file ``path``, memory-mapped read-only (an empty one cannot be mapped)."""
+    if 0 in shape:
+        return np.zeros(shape, dtype=np.uint8)
+    return np.memmap(path, dtype=np.uint8, mode="r", shape=shape)
 
 
 def _atomic_json(path: Path, data: dict[str, Any]) -> None:
