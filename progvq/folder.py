@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 from progvq.canvas import Canvas
 from progvq.errors import DataError
+from progvq.fileio import atomic_write as _atomic_write
 
 #: File name suffixes (compared lower-cased) that are read as images.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -53,6 +54,8 @@ ON_UNREADABLE = ("refuse", "skip")
 #: Folder of the cache inside the run folder, and its manifest.
 CACHE_DIR = "data-cache"
 MANIFEST = "manifest.json"
+#: The cached files, one a line: path, size, mtime (ns), class (-1: none), tab-separated.
+FILES = "files.tsv"
 #: Bumped whenever the cache's layout or the decoding changes, so older caches are rebuilt.
 CACHE_VERSION = 1
 #: Bytes hashed per read when a cache file's digest is computed or checked.
@@ -387,13 +390,18 @@ def decode_in_memory(
 
 
 def _source_record(listing: Listing, transform: Transform) -> dict[str, Any]:
-    """What a cache is a function of: the folder's files and the transform."""
+    """What a cache is a function of: the folder's files (a digest of each one's path, size, mtime and
+    class, so a folder of millions of files makes a small record) and the transform."""
+    files = hashlib.blake2b(digest_size=20)
+    for entry in listing.entries:
+        files.update(json.dumps(entry.record()).encode() + b"\n")
     return {
         "version": CACHE_VERSION,
         "folder": str(listing.folder.resolve()),
         "transform": transform.record(),
         "classes": listing.classes,
-        "files": [e.record() for e in listing.entries],
+        "count": len(listing.entries),
+        "files": files.hexdigest(),
     }
 
 
@@ -524,6 +532,8 @@ def cached_folder(
 def _what_changed(old: Any, new: dict[str, Any]) -> str:
     if not isinstance(old, dict):
         return "the manifest is from another version"
+    if old.get("count") != new["count"]:
+        return f"the folder holds {new['count']} images, the cache {old.get('count')}"
     for key in ("version", "folder", "transform", "classes"):
         if old.get(key) != new[key]:
             return f"the {key} differs from the cache's"
@@ -533,9 +543,9 @@ def _what_changed(old: Any, new: dict[str, Any]) -> str:
 def _open(cache: Path, manifest: dict[str, Any], listing: Listing, log: Callable[[str], None]) -> Decoded:
     shape = tuple(int(v) for v in manifest["shape"])
     images = _map(cache / manifest["file"], shape)
-    kept = set(manifest.get("kept", []))
-    entries = [e for e in listing.entries if e.rel in kept] if "kept" in manifest else listing.entries
-    skipped = list(manifest.get("skipped", []))
+    skipped = [str(v) for v in manifest.get("skipped", [])]
+    gone = {str(v) for v in manifest.get("skipped_files", [])}
+    entries = [e for e in listing.entries if e.rel not in gone] if gone else listing.entries
     if len(entries) != shape[0]:
         raise DataError(f"{cache / MANIFEST}: lists {len(entries)} images for a cache of {shape[0]}")
     if skipped:
@@ -604,8 +614,12 @@ def _build(
         "skipped": skipped,
     }
     if skipped:
-        manifest["kept"] = [e.rel for e in kept]
+        kept_rels = {e.rel for e in kept}
+        manifest["skipped_files"] = [e.rel for e in listing.entries if e.rel not in kept_rels]
     try:
+        # the files one per line, for people (the manifest holds their digest); then the manifest itself
+        table = "".join(f"{e.rel}\t{e.size}\t{e.mtime_ns}\t{e.label}\n" for e in listing.entries).encode()
+        _atomic_write(cache / FILES, lambda f: f.write(table))
         _atomic_json(cache / MANIFEST, manifest)
     except OSError as exc:
         raise DataError(f"{cache / MANIFEST}: cannot write ({exc.strerror or reason(exc)})") from None
@@ -628,11 +642,8 @@ def _map(path: Path, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def _atomic_json(path: Path, data: dict[str, Any]) -> None:
-    # progvq.fileio.atomic_write: temporary file, fsync, rename; imported here to keep this module light
-    from progvq.fileio import atomic_write
-
     text = json.dumps(data, indent=1).encode()
-    atomic_write(path, lambda f: f.write(text))
+    _atomic_write(path, lambda f: f.write(text))
 
 
 # --------------------------------------------------------------------------- lazy images

@@ -16,7 +16,7 @@ from progvq.checkpoint import checkpoint_path, load_checkpoint
 from progvq.config import DataConfig
 from progvq.data import SHAPE_CLASSES, heldout_rows, load_dataset, make_labelled_shapes, write_shapes_folder
 from progvq.errors import DataError
-from progvq.folder import CACHE_DIR, MANIFEST, MappedImages, Transform, cached_folder, list_folder
+from progvq.folder import CACHE_DIR, FILES, MANIFEST, MappedImages, Transform, cached_folder, list_folder
 from run_stage import main
 
 from .conftest import TINY
@@ -166,7 +166,8 @@ def test_cache_equals_memory_and_is_reused(tmp_path: Path) -> None:
     assert torch.equal(mapped.train[index], memory.train[index])
     cache = tmp_path / "run" / CACHE_DIR
     files = sorted(p.name for p in cache.iterdir())
-    assert len(files) == 2 and MANIFEST in files
+    assert len(files) == 3 and MANIFEST in files and FILES in files
+    assert (cache / FILES).read_text().splitlines()[0].split("\t")[0].startswith("0-ellipse/")
     stamp = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
     again = load_dataset(cfg, cache_dir=tmp_path / "run", log=log)
     assert torch.equal(again.train[:], memory.train)
@@ -183,7 +184,11 @@ def test_cache_rebuilt_when_the_folder_or_transform_changes(tmp_path: Path) -> N
     write_noise(folder / "6.png", 12, 12, 6)
     data = load_dataset(folder_cfg(folder), cache_dir=run, log=log)
     assert len(data.train) + len(data.heldout) == 7
+    assert said[-1].endswith("the folder holds 7 images, the cache 6; building the data cache again")
+    write_noise(folder / "2.png", 12, 12, 22)  # rewritten in place
+    data = load_dataset(folder_cfg(folder), cache_dir=run, log=log)
     assert said[-1].endswith("the folder's files changed since the cache was built; building the data cache again")
+    assert any(np.array_equal(x.numpy(), noise(12, 12, 22).transpose(2, 0, 1)) for x in data.train[:])
     data = load_dataset(folder_cfg(folder, size=8, crop="centre"), cache_dir=run, log=log)
     assert data.heldout.shape[2:] == (8, 8) and "the transform differs" in said[-1]
     assert len(list((run / CACHE_DIR).glob("images-*.u8"))) == 1  # the earlier cache files are gone
