@@ -397,7 +397,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_encode(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from progvq.codec_io import code_arrays, read_inputs
+    from progvq.codec import code_arrays, read_inputs
     from progvq.fileio import atomic_write
     from progvq.hierarchy import Hierarchy
 
@@ -421,7 +421,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
 def cmd_decode(args: argparse.Namespace) -> int:
     import torch
 
-    from progvq.codec_io import read_codes
+    from progvq.codec import read_codes
     from progvq.hierarchy import Hierarchy
     from progvq.images import image_grid, save_npz, save_png
 
@@ -450,8 +450,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    from progvq.codec import Codec
-    from progvq.codec_io import read_inputs
+    from progvq.codec import Codec, read_inputs
     from progvq.fileio import atomic_write
 
     if bool(args.inputs) == bool(args.split):
