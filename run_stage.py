@@ -209,6 +209,7 @@ def _stale_option(p: argparse.ArgumentParser) -> None:
         help="use the hierarchy even if a stage was trained on a lower stage since retrained",
     )
 
+
 def _positive(value: float, flag: str, low: float = 1) -> None:
     if not (value >= low and math.isfinite(value)):
         raise ProgvqError(f"{flag}: must be >= {low:g}, got {value}")
@@ -269,7 +270,7 @@ def _check_label(label: int | None, classes: int, run_dir: str) -> None:
 
 def cmd_sample(args: argparse.Namespace) -> int:
     from progvq.hierarchy import Hierarchy
-    from progvq.images import image_grid, save_npz, save_png
+    from progvq.images import image_grid, images_array, save_grid_and_arrays
 
     out = _check_sampling(args)
     model = Hierarchy.load(args.run_dir, allow_stale=args.allow_stale)
@@ -284,9 +285,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     )
     # a class-conditional prior cycles the classes: one class per column
     nrow = args.nrow or (model.num_classes if model.num_classes and args.label is None else None)
-    save_png(image_grid(images, nrow=nrow), out)
-    save_npz(images, out.with_suffix(".npz"))
-    print(f"wrote {out} and {out.with_suffix('.npz')} ({args.n} images)")
+    npz = save_grid_and_arrays(image_grid(images, nrow=nrow), out, images=images_array(images))
+    print(f"wrote {out} and {npz} ({args.n} images)")
     return 0
 
 
@@ -294,8 +294,8 @@ def cmd_inpaint(args: argparse.Namespace) -> int:
     import torch
 
     from progvq.hierarchy import Hierarchy
-    from progvq.images import image_grid, save_png
-    from progvq.inpaint import box_mask, complete, masked_view, parse_box, read_image, read_mask, save_inpainting
+    from progvq.images import image_grid, save_grid_and_arrays
+    from progvq.inpaint import box_mask, complete, inpainting_arrays, masked_view, parse_box, read_image, read_mask
 
     out = _check_sampling(args)
     _positive(args.candidates, "--candidates")
@@ -317,9 +317,8 @@ def cmd_inpaint(args: argparse.Namespace) -> int:
         label=args.label,
     )
     shown = torch.cat([image[None], masked_view(image, mask)[None], done.images.cpu()])
-    save_png(image_grid(shown, nrow=args.nrow), out)
-    save_inpainting(out.with_suffix(".npz"), done, image, mask)
-    print(f"wrote {out} (original, masked input, {args.n} completions) and {out.with_suffix('.npz')}")
+    npz = save_grid_and_arrays(image_grid(shown, nrow=args.nrow), out, **inpainting_arrays(done, image, mask))
+    print(f"wrote {out} (original, masked input, {args.n} completions) and {npz}")
     return 0
 
 
@@ -329,7 +328,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from progvq.hierarchy import Hierarchy
 
     model = Hierarchy.load(args.run_dir, allow_stale=args.allow_stale)
-    data = load_dataset(model.config.data, total_downsample=model.config.total_downsample())
+    data = load_dataset(model.config.data, model.config.total_downsample(), cache_dir=Path(args.run_dir))
+    if model.num_classes:
+        data.check_classes(model.num_classes)
     images = data.heldout if args.split == "heldout" else data.train
     labels = data.heldout_labels if args.split == "heldout" else data.train_labels
     report = model.evaluate(images, labels=labels if model.num_classes else None)

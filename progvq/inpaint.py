@@ -46,7 +46,6 @@ from PIL import Image
 from torch import Tensor
 
 from .errors import ProgvqError
-from .fileio import atomic_write
 from .hierarchy import Hierarchy
 from .protocols import Prior
 
@@ -57,13 +56,13 @@ __all__ = [
     "complete",
     "inpaint",
     "inpaint_batch",
+    "inpainting_arrays",
     "known_log_prob",
     "level_masks",
     "masked_view",
     "parse_box",
     "read_image",
     "read_mask",
-    "save_inpainting",
 ]
 
 
@@ -448,9 +447,10 @@ def read_mask(path: str | Path, height: int, width: int) -> Tensor:
     return mask
 
 
-def save_inpainting(path: str | Path, completion: Completion, image: Tensor, mask: Tensor) -> None:
-    """``.npz`` of one inpainting: ``images`` (completions; N x H x W when grey, else N x C x H x W),
-    ``original`` (H x W or C x H x W), ``mask`` (H x W bool, True missing), and ``labels`` when the prior has classes.
+def inpainting_arrays(completion: Completion, image: Tensor, mask: Tensor) -> dict[str, np.ndarray]:
+    """The arrays of one inpainting, as its ``.npz`` holds them: ``images`` (completions; N x H x W when grey,
+    else N x C x H x W), ``original`` (H x W or C x H x W), ``mask`` (H x W bool, True missing), and ``labels``
+    when the prior has classes.
     """
     grey = image.shape[0] == 1
     arrays = {
@@ -460,4 +460,4 @@ def save_inpainting(path: str | Path, completion: Completion, image: Tensor, mas
     }
     if completion.labels is not None:
         arrays["labels"] = completion.labels.cpu().numpy()
-    atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
+    return arrays
