@@ -39,7 +39,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
@@ -53,7 +52,7 @@ from .nets import (
     to_uint8,
     to_unit,
 )
-from .pixelcnn import CodeStep, GatedPixelCNN, PixelCNNConfig, code_log_prob
+from .pixelcnn import CodeStep, GatedPixelCNN, PixelCNNConfig, code_log_prob, draw
 from .quantize import Quantizer, QuantizerOutput
 
 
@@ -359,12 +358,8 @@ class CodeLevel(nn.Module):
         the same whatever is known.
         """
         logits = self.logits(codes)
-        if temperature <= 0:
-            drawn = logits.argmax(1)
-        else:
-            b, _, h, w = logits.shape
-            probs = rearrange(F.softmax(logits / temperature, dim=1), "b k h w -> (b h w) k")
-            drawn = torch.multinomial(probs, 1, generator=generator).view(b, h, w)
+        b, _, h, w = logits.shape
+        drawn = draw(rearrange(logits, "b k h w -> (b h w) k"), temperature, generator).view(b, h, w)
         if known is None:
             return drawn
         given, mask = known

@@ -697,18 +697,24 @@ def _pick(
 
     Drawing even where the code is known keeps the generator stream independent of ``known``.
     """
-    drawn = _draw(logits, temperature, generator)
+    drawn = draw(logits, temperature, generator)
     if known is None:
         return drawn
     codes, mask = known
     return torch.where(mask[:, i, j], codes[:, i, j], drawn)
 
 
-def _draw(logits: Tensor, temperature: float, generator: torch.Generator | None) -> Tensor:
-    """One code per row of logits (n, K) -> (n,) int64; temperature 0 is argmax."""
-    if temperature == 0:
+def draw(logits: Tensor, temperature: float, generator: torch.Generator | None = None) -> Tensor:
+    """One code per row of logits (n, K) -> (n,) int64 from softmax(logits / temperature); 0 is argmax.
+
+    In float64 after subtracting each row's maximum, so that any temperature > 0, down to the
+    smallest double, gives a distribution (its limit, the most likely code, as it nears 0)
+    rather than the inf / inf of the raw quotient.
+    """
+    if temperature <= 0:
         return logits.argmax(dim=1)
-    probs = F.softmax(logits.float() / temperature, dim=1)
+    centred = logits.double() - logits.double().amax(dim=1, keepdim=True)
+    probs = F.softmax(centred / temperature, dim=1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 

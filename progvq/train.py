@@ -40,6 +40,7 @@ from .checkpoint import (
     CHECKPOINT_NAME,
     Found,
     changed_parent,
+    first_nonfinite,
     load_latest,
     rng_state,
     save_checkpoint,
@@ -156,6 +157,27 @@ def _stop_requests() -> Iterator[_StopRequest]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+@contextmanager
+def _writer_thread_errors() -> Iterator[None]:
+    """Keep TensorBoard's writer thread from printing a traceback when a write fails (a full disk).
+
+    The thread keeps the error and the writer raises it on the training thread at its next
+    write or at close, where it becomes one line naming the events file.
+    """
+    previous = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if type(args.thread).__name__ == "_AsyncWriterThread" and isinstance(args.exc_value, OSError):
+            return
+        previous(args)
+
+    threading.excepthook = hook
+    try:
+        yield
+    finally:
+        threading.excepthook = previous
 
 
 def set_aside(path: Path) -> Path:
@@ -308,6 +330,10 @@ class Trainer:
                 f"stage {self.stage.name} returns loss parts {sorted(parts)}, its config weights {sorted(self.weights)}"
             )
         total = sum(self.weights[name] * value for name, value in parts.items())
+        # a diverged step must not reach the weights, or a checkpoint: stop before the update
+        if any_rank(not bool(torch.isfinite(total.detach())), self.ctx):
+            figures = ", ".join(f"{name} {_scalar(value):.4g}" for name, value in parts.items())
+            raise self._diverged(f"loss is not finite at step {self.step + 1} ({figures})")
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         if self.cfg.grad_clip > 0:
@@ -343,8 +369,24 @@ class Trainer:
         figures = ", ".join(f"{k} {v:.4g}" for k, v in self.metrics.items())
         return f"stage {self.stage.name} step {self.step}: {figures}"
 
+    def _diverged(self, what: str) -> RunError:
+        """The one-line refusal of a stage whose training went non-finite; its last checkpoint stays as it was."""
+        name = self.stage.name
+        kept = (
+            f"its last checkpoint (step {self.saved_at}, {self.ckpt_path}) is kept"
+            if self.saved_at > 0
+            else "no checkpoint of it was written"
+        )
+        return RunError(
+            f"stage {name}: {what}; {kept}; lower stages.{name}.lr (now {self.cfg.lr:g}) or set "
+            f"stages.{name}.grad_clip, then train --stage {name} --restart"
+        )
+
     def checkpoint(self) -> None:
         """Write the checkpoint of ``self.step`` (every rank joins: rank 0 gathers their generator states)."""
+        bad = first_nonfinite(self.model.state_dict())
+        if any_rank(bad is not None, self.ctx):
+            raise self._diverged(f"weights are not finite after step {self.step} ({bad or 'on another rank'})")
         self.saved_at = self.step
         rngs = gather_to_main(rng_state(), self.ctx)  # rank 0 gets all, in rank order
         if not self.ctx.main:
@@ -368,6 +410,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
 
+    def _named(self, err: OSError) -> OSError:
+        """``err`` naming a file: TensorBoard's writer reports a full disk without the events file's name."""
+        if err.filename is not None:
+            return err
+        events = getattr(getattr(self.writer, "file_writer", None), "event_writer", None)
+        name = getattr(events, "_file_name", None) or self.stage_dir / "events.out.tfevents.*"
+        return OSError(err.errno, err.strerror or str(err), str(name))
+
     def run(self, until: int | None = None) -> FitResult:
         """Train to the configured steps (or to ``until``); a signal stops it with a checkpoint."""
         cfg, end = self.cfg, self.cfg.steps if until is None else min(until, self.cfg.steps)
@@ -383,7 +433,7 @@ class Trainer:
             dynamic_ncols=True,
         )
         seen, busy, total_seen, total_busy = 0, 0.0, 0, 0.0  # items and seconds of training steps
-        with _stop_requests() as stop:
+        with _stop_requests() as stop, _writer_thread_errors():
             try:
                 while self.step < end:
                     tick = time.perf_counter()
@@ -410,10 +460,15 @@ class Trainer:
                             cfg.steps,
                             str(self.ckpt_path),
                         )
+            except OSError as err:
+                raise self._named(err) from err
             finally:
                 bar.close()
                 if self.writer is not None:
-                    self.writer.close()
+                    try:
+                        self.writer.close()
+                    except OSError as err:
+                        raise self._named(err) from err
         return FitResult(self.step, self.step >= cfg.steps, self.metrics, total_busy + busy, total_seen + seen)
 
 

@@ -18,14 +18,15 @@ import torch
 from torch import Tensor
 
 from progvq.checkpoint import changed_parent, seed_everything
-from progvq.config import Config
+from progvq.config import Config, show
 from progvq.data import ImageData, load_dataset
 from progvq.distributed import barrier, setup
-from progvq.errors import RunError
+from progvq.errors import ProgvqError, RunError
+from progvq.fileio import atomic_write
 from progvq.kinds import Level
 from progvq.metrics import batches
 from progvq.nets import to_unit
-from progvq.run import Run, StageState, first_difference
+from progvq.run import CONFIG_NAME, Run, StageState, first_difference
 from progvq.train import FitResult, Stage, fit, report_damage
 
 from .codes import CodeStage
@@ -51,7 +52,8 @@ class Pipeline:
     def data(self) -> ImageData:
         """The configured data set, loaded on first use."""
         if self._data is None:
-            self._data = load_dataset(self.cfg.data, total_downsample=self.cfg.total_downsample())
+            # an image folder is decoded once into a memory-mapped cache in the run folder
+            self._data = load_dataset(self.cfg.data, self.cfg.total_downsample(), cache_dir=self.run.path)
         return self._data
 
     def level(self, k: int) -> Level:
@@ -136,7 +138,7 @@ def check_run_config(cfg: Config, run: Run, *, force: bool = False) -> bool:
     if not force:
         key, was, now = diff
         raise RunError(
-            f"{run.path} was created with a different config ({key}: {was!r} there, {now!r} now); "
+            f"{run.path} was created with a different config ({key}: {show(was)} there, {show(now)} now); "
             "use another --run-dir, or --force to adopt the new config"
         )
     return True
@@ -190,21 +192,28 @@ def train_stage(
     new_config = check_run_config(cfg, run, force=force)
     # every lower stage must be done and consistent: this stage is trained on their codes
     parents = _lower_parents(cfg, run, name)
-    if restart and ctx.main:
-        _keep_aside(run, name, log)
-    barrier(ctx)  # every rank sees the stage directory as rank 0 left it
-
-    found = run.found(name, on_damaged=report_damage(name, log) if ctx.main else None)
-    state = _checked_state(cfg, run, name, parents)
-    if state.state == "done":
-        log(f"stage {name}: already done ({state.steps} steps); train --stage {name} --restart trains it anew")
-        return FitResult(state.step, True, {})
+    found = None  # --restart: the old training is not resumed, and is moved aside only when the new one starts
+    if not restart:
+        found = run.found(name, on_damaged=report_damage(name, log) if ctx.main else None)
+        state = _checked_state(cfg, run, name, parents)
+        if state.state == "done":
+            log(f"stage {name}: already done ({state.steps} steps); train --stage {name} --restart trains it anew")
+            return FitResult(state.step, True, {})
     # seed before the model is built, so initial weights are a function of (seed, stage)
     seed_everything(cfg.seed * 1000 + names.index(name))
     stage = build_stage(cfg, name, pipeline)
 
-    def record_config() -> None:
-        # only now: a checkpoint that does not fit the new config must leave the old one in place
+    kept: list[Path] = []
+    config_file = run.path / CONFIG_NAME
+    old_config = config_file.read_bytes() if new_config and config_file.is_file() else None
+
+    def ready() -> None:
+        # only now, with the data loaded and the model built: a bad config, missing data or a
+        # checkpoint that does not fit must leave the run as it was (its config, a finished stage)
+        if restart:
+            if ctx.main:
+                kept.extend(_keep_aside(run, name, log))
+            barrier(ctx)  # every rank sees the stage directory as rank 0 left it
         if new_config and ctx.main:
             run.write_config(cfg, stage.canvas)
 
@@ -220,9 +229,13 @@ def train_stage(
             log=log,
             extra=extra,
             ctx=ctx,
-            on_ready=record_config,
+            on_ready=ready,
             found=found,
         )
+    except ProgvqError:
+        if kept and ctx.main and _put_back(run, name, kept[0], log) and old_config is not None:
+            atomic_write(config_file, old_config)  # the run's config as it was, with the training put back
+        raise
     finally:
         pipeline.trained(name)
     barrier(ctx)  # the next stage on any rank reads the checkpoint rank 0 has just written
@@ -234,14 +247,37 @@ def train_stage(
     return result
 
 
-def _keep_aside(run: Run, name: str, log: Callable[[str], None]) -> None:
-    """``--restart``: move stage ``name``'s folder to ``NAME.old-M`` (kept, never loaded again)."""
+def _keep_aside(run: Run, name: str, log: Callable[[str], None]) -> list[Path]:
+    """``--restart``: move stage ``name``'s folder to ``NAME.old-M`` (kept, never loaded again); [] if none."""
     stage_dir = run.stage_dir(name)
+    if not stage_dir.exists():
+        return []
+    keep = _free_name(stage_dir)
+    stage_dir.rename(keep)
+    run.forget(name)
+    log(f"stage {name}: previous training kept in {keep}")
+    return [keep]
+
+
+def _put_back(run: Run, name: str, kept: Path, log: Callable[[str], None]) -> bool:
+    """A restart that failed before its first checkpoint gives the stage its previous training back.
+
+    What the failed attempt wrote (TensorBoard events alone) is removed. A restart that got as
+    far as a checkpoint keeps it, and the old training stays in ``kept``. Returns whether it
+    was put back.
+    """
+    stage_dir = run.stage_dir(name)
+    written = list(stage_dir.iterdir()) if stage_dir.is_dir() else []
+    if any(not p.is_file() or not p.name.startswith("events.out.tfevents.") for p in written):
+        return False
+    for events in written:
+        events.unlink()
     if stage_dir.exists():
-        keep = _free_name(stage_dir)
-        stage_dir.rename(keep)
-        run.forget(name)
-        log(f"stage {name}: previous training kept in {keep}")
+        stage_dir.rmdir()
+    kept.rename(stage_dir)
+    run.forget(name)
+    log(f"stage {name}: the restart failed before its first checkpoint; its previous training is back in place")
+    return True
 
 
 def _checked_state(cfg: Config, run: Run, name: str, parents: dict[str, str]) -> StageState:
@@ -316,7 +352,7 @@ def _brief(value: object) -> str:
     """A config value for a one-line message; a whole section (a level only one run has) is not spelt out."""
     if value == "<absent>":
         return "absent"
-    return "a section" if isinstance(value, dict) else repr(value)
+    return "a section" if isinstance(value, dict) else show(value)
 
 
 def _copy_stage(other: Run, run: Run, name: str) -> None:
