@@ -25,7 +25,6 @@ between the two steps) or damaged, and never loads a damaged file.
 from __future__ import annotations
 
 import hashlib
-import os
 import random
 import re
 import warnings
@@ -38,8 +37,8 @@ import numpy as np
 import torch
 
 from . import __version__
-from .errors import RunError
-from .fileio import atomic_write
+from .errors import ProgvqError, RunError
+from .fileio import atomic_write, check_regular
 
 FORMAT = "progvq-checkpoint"
 VERSION = 2  # 2: content digest and a kept previous checkpoint
@@ -190,6 +189,50 @@ def payload_digest(payload: dict[str, Any]) -> str:
     return digest.hexdigest()
 
 
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_shape(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) == 3 and all(_is_count(v) and v > 0 for v in value)
+
+
+#: What every checkpoint holds, and what each entry must be: a file whose digest holds but
+#: which lacks one (written by other code, or edited and re-digested) is refused by name.
+_SCHEMA: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "stage": ("a stage name", lambda v: isinstance(v, str) and (v == "prior" or (v.isdigit() and int(v) >= 1))),
+    "step": ("a count of steps", _is_count),
+    "steps": ("a count of steps", _is_count),
+    "config": ("a mapping", lambda v: isinstance(v, dict)),
+    "model": ("a mapping of names to tensors", lambda v: isinstance(v, dict) and all(
+        isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in v.items())),
+    "optimizer": ("a mapping", lambda v: isinstance(v, dict)),
+    "parents": ("a mapping of stage names to digests", lambda v: isinstance(v, dict) and all(
+        isinstance(k, str) and isinstance(d, str) for k, d in v.items())),
+    "metrics": ("a mapping", lambda v: isinstance(v, dict)),
+    "extra": ("a mapping (with image shapes as [C, H, W])", lambda v: isinstance(v, dict) and all(
+        _is_shape(v[key]) for key in ("image_shape", "original_shape") if key in v)),
+}
+
+
+def schema_problem(ckpt: dict[str, Any]) -> str | None:
+    """What is missing or of the wrong kind in a checkpoint dict, in words; None when it is whole."""
+    for key, (what, valid) in _SCHEMA.items():
+        if key not in ckpt:
+            return f"no {key!r} entry"
+        if not valid(ckpt[key]):
+            return f"{key!r} is not {what}"
+    return None
+
+
+def first_nonfinite(tensors: dict[str, Any]) -> str | None:
+    """The name of the first floating-point tensor of a state dict holding NaN or inf, or None."""
+    for name, value in tensors.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return name
+    return None
+
+
 def previous_path(path: str | Path) -> Path:
     """Where the checkpoint before ``path`` is kept: ``checkpoint.prev.pt`` beside ``checkpoint.pt``."""
     path = Path(path)
@@ -215,19 +258,20 @@ def save_checkpoint(payload: dict[str, Any], path: str | Path, *, keep_previous:
     header = {"format": FORMAT, "version": VERSION, "versions": versions}
     full = {**header, **payload}
     full["digest"] = payload_digest(full)
-    if keep_previous and path.exists():
-        # A rename, not a copy: the two names never share a file. Until the new
-        # checkpoint lands only the previous one exists, which load_latest uses.
-        os.replace(path, previous_path(path))
-    atomic_write(path, lambda f: torch.save(full, f))
+    # The old checkpoint becomes the previous one by a rename (the two names never share a
+    # file) only once the new one is wholly on disk: a failed write (a full disk) changes
+    # neither. Between the two renames only the previous one exists, which load_latest uses.
+    atomic_write(path, lambda f: torch.save(full, f), previous=previous_path(path) if keep_previous else None)
     return full["digest"]
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint safely (``weights_only=True``), check it is ours and that its digest holds."""
     path = Path(path)
-    if not path.exists():
-        raise RunError(f"{path}: checkpoint not found")
+    try:
+        check_regular(path, "checkpoint")  # a named pipe would block torch.load forever
+    except ProgvqError as err:
+        raise RunError(str(err)) from None
     try:
         with warnings.catch_warnings():
             # e.g. a pickle protocol torch does not expect: the load below succeeds or refuses on its own
@@ -257,6 +301,14 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise RunError(f"{path}: damaged checkpoint ({err})") from None
     if ckpt.get("digest") != digest:
         raise RunError(f"{path}: damaged checkpoint (its content does not match its sha256 digest)")
+    problem = schema_problem(ckpt)
+    if problem is not None:
+        raise RunError(f"{path}: not a usable checkpoint ({problem})")
+    model = ckpt["model"]
+    bad = first_nonfinite(model)
+    if bad is not None:
+        # training never writes such weights (it stops at a non-finite loss), so the file was made elsewhere
+        raise RunError(f"{path}: weights are not finite (model.{bad} holds NaN or inf)")
     return ckpt
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,7 +24,8 @@ from typing import Annotated, Any
 import yaml
 
 from .data import LABELLED_SOURCES, SHAPES_DEFAULT_SIZE, SHAPES_MIN_SIZE, SOURCES, DataConfig
-from .errors import ConfigError
+from .errors import ConfigError, ProgvqError
+from .fileio import read_limited
 from .folder import CROPS, ON_UNREADABLE, RESIZES
 from .kinds import DECODERS, PIXEL_DECODERS, PRIORS, QUANTIZERS, Trunk
 from .pixelcnn import PixelCNNConfig, covers, layers_to_cover, reach_needed
@@ -212,6 +214,9 @@ def _plain(obj: Any) -> Any:
 
 # --------------------------------------------------------------------------- parsing
 
+#: Largest config file read: a config is a page of YAML; /dev/zero or a data file given by mistake must not
+#: fill memory.
+CONFIG_MAX_BYTES = 1 << 20
 #: Longest rendering of a user's key or value in an error message.
 _SHOW_MAX = 80
 #: Integers must fit in 64 bits: torch, numpy and the RNGs take nothing wider.
@@ -220,10 +225,23 @@ _INT_MIN, _INT_MAX = -(2**63), 2**63 - 1
 _SEED_MAX = 2**32 - 1
 
 
-def _show(value: Any) -> str:
+def _bounded_repr() -> reprlib.Repr:
+    """A ``repr`` that renders a bounded part of any value: a YAML alias bomb ("billion laughs") is a
+    small file whose values expand to billions of items, which a plain ``repr`` would try to spell out."""
+    shown = reprlib.Repr()
+    shown.maxlevel = 3
+    shown.maxlist = shown.maxtuple = shown.maxdict = shown.maxset = 4
+    shown.maxstring = shown.maxother = shown.maxlong = _SHOW_MAX
+    return shown
+
+
+_BOUNDED = _bounded_repr()
+
+
+def show(value: Any) -> str:
     """``repr(value)`` on one line, cut to a readable length (an error names the value, not all of it)."""
     try:
-        text = repr(value)
+        text = _BOUNDED.repr(value)
     except RecursionError:  # a self-referencing YAML alias (a: &x [*x])
         text = f"<recursive {type(value).__name__}>"
     return text if len(text) <= _SHOW_MAX else text[: _SHOW_MAX - 3] + "..."
@@ -234,7 +252,7 @@ def _key(key: Any) -> str:
     text = str(key)
     if text and text.isprintable() and len(text) <= _SHOW_MAX:
         return text
-    return _show(key)
+    return show(key)
 
 
 def _join(where: str, key: str) -> str:
@@ -256,7 +274,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {_show(value)}")
+            raise ConfigError(f"{where}: expected a list, got {show(value)}")
         return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
@@ -269,41 +287,41 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             if isinstance(arg, type) and not isinstance(value, bool) and isinstance(value, arg):
                 _coerce(value, arg, where)  # the right type, a wrong value: that error names the problem
         names = " or ".join(_type_name(a) for a in args)
-        raise ConfigError(f"{where}: expected {names}, got {_show(value)}")
+        raise ConfigError(f"{where}: expected {names}, got {show(value)}")
     if origin is dict:
         _, val_tp = typing.get_args(tp)
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {_show(value)}")
+            raise ConfigError(f"{where}: expected a mapping, got {show(value)}")
         return {str(k): _coerce(v, val_tp, f"{where}.{_key(k)}") for k, v in value.items()}
     if tp is type(None):
         if value is not None:
-            raise ConfigError(f"{where}: expected null, got {_show(value)}")
+            raise ConfigError(f"{where}: expected null, got {show(value)}")
         return None
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {_show(value)}")
+            raise ConfigError(f"{where}: expected true or false, got {show(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {_show(value)}")
+            raise ConfigError(f"{where}: expected an integer, got {show(value)}")
         if not _INT_MIN <= value <= _INT_MAX:
-            raise ConfigError(f"{where}: expected an integer that fits in 64 bits, got {_show(value)}")
+            raise ConfigError(f"{where}: expected an integer that fits in 64 bits, got {show(value)}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {_show(value)}")
+            raise ConfigError(f"{where}: expected a number, got {show(value)}")
         try:
             number = float(value)
         except OverflowError:  # an integer beyond any float
             number = math.inf
         if not math.isfinite(number):
-            raise ConfigError(f"{where}: expected a finite number, got {_show(value)}")
+            raise ConfigError(f"{where}: expected a finite number, got {show(value)}")
         return number
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {_show(value)}")
+            raise ConfigError(f"{where}: expected a string, got {show(value)}")
         if "\x00" in value:
-            raise ConfigError(f"{where}: must not contain a NUL character, got {_show(value)}")
+            raise ConfigError(f"{where}: must not contain a NUL character, got {show(value)}")
         return value
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, where)
@@ -313,13 +331,13 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 def _build_kind(registry: Registry, raw: Any, where: str, default: str | None = None) -> Any:
     """A kind-tagged section ``{kind: NAME, ...}`` -> the dataclass that ``registry`` has for NAME."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a mapping with a kind ({', '.join(registry.kinds())}), got {_show(raw)}")
+        raise ConfigError(f"{where}: expected a mapping with a kind ({', '.join(registry.kinds())}), got {show(raw)}")
     raw = dict(raw)
     kind = raw.pop("kind", default)
     if kind is None:
         raise ConfigError(f"{_join(where, 'kind')}: missing (one of {', '.join(registry.kinds())})")
     if not isinstance(kind, str) or kind not in registry:
-        raise ConfigError(f"{_join(where, 'kind')}: must be one of {', '.join(registry.kinds())}, got {_show(kind)}")
+        raise ConfigError(f"{_join(where, 'kind')}: must be one of {', '.join(registry.kinds())}, got {show(kind)}")
     return _build(registry.entry(kind).config, raw, where)
 
 
@@ -328,11 +346,11 @@ def _build_prior(raw: Any, where: str) -> PriorConfig:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {_show(raw)}")
+        raise ConfigError(f"{where}: expected a mapping, got {show(raw)}")
     raw = dict(raw)
     kind = raw.pop("kind", "pixelcnn")
     if not isinstance(kind, str) or kind not in PRIORS:
-        raise ConfigError(f"{where}.kind: must be one of {', '.join(PRIORS.kinds())}, got {_show(kind)}")
+        raise ConfigError(f"{where}.kind: must be one of {', '.join(PRIORS.kinds())}, got {show(kind)}")
     section = raw.pop(kind, None)
     if "model" in raw:
         raise ConfigError(f"{where}.model: unknown key (the network's settings go under {kind}:)")
@@ -346,7 +364,7 @@ def _build(cls: type, raw: Any, where: str) -> Any:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {_show(raw)}")
+        raise ConfigError(f"{where}: expected a mapping, got {show(raw)}")
     hints = typing.get_type_hints(cls, include_extras=True)
     names = {f.name for f in dataclasses.fields(cls)} - ({"model"} if cls is PriorConfig else set())
     for key in raw:
@@ -359,7 +377,7 @@ def _build(cls: type, raw: Any, where: str) -> Any:
 
 def _check(cond: bool, where: str, value: Any, need: str) -> None:
     if not cond:
-        raise ConfigError(f"{where}: must be {need}, got {_show(value)}")
+        raise ConfigError(f"{where}: must be {need}, got {show(value)}")
 
 
 def _validate_train(cfg: TrainConfig, where: str) -> None:
@@ -390,7 +408,7 @@ def _validate_weights(cfg: TrainConfig, stage: str, where: str) -> None:
 def _validate_kind(section: Any, where: str) -> None:
     """A kind's own range checks (its ``problems()``), reported at ``where.key``."""
     for key, value, need in section.problems():
-        raise ConfigError(f"{where}.{key}: must be {need}, got {_show(value)}")
+        raise ConfigError(f"{where}.{key}: must be {need}, got {show(value)}")
 
 
 def check_decoder_coverage(cfg: Config, height: int, width: int) -> None:
@@ -569,17 +587,17 @@ def upgrade_stage(name: str, raw: Any) -> Any:
 def config_from_dict(raw: Any) -> Config:
     """Build and validate a :class:`Config` from a plain mapping (keys without a file prefix)."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"top level: expected a mapping, got {_show(raw)}")
+        raise ConfigError(f"top level: expected a mapping, got {show(raw)}")
     raw = dict(raw)
     stages_raw = raw.pop("stages", None)
     if not isinstance(stages_raw, dict) or not stages_raw:
-        raise ConfigError(f"stages: expected a mapping of stages (1, 2, ..., prior), got {_show(stages_raw)}")
+        raise ConfigError(f"stages: expected a mapping of stages (1, 2, ..., prior), got {show(stages_raw)}")
     cfg = _build(Config, raw, "")
     given: dict[str, Any] = {}
     for key in stages_raw:
         name = _key(key)
         if name in given:
-            raise ConfigError(f"stages.{name}: given twice (as {given[name]!r} and {key!r})")
+            raise ConfigError(f"stages.{name}: given twice (as {show(given[name])} and {show(key)})")
         given[name] = key
     names = list(given)
     if "prior" not in names:
@@ -611,10 +629,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     """``"stages.1.steps=500"`` -> (["stages", "1", "steps"], 500); the value is YAML."""
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. stages.1.steps=500")
+        raise ConfigError(f"--set {show(text)}: expected KEY=VALUE, e.g. stages.1.steps=500")
     path = [part.strip() for part in key.split(".")]
     if not all(path):
-        raise ConfigError(f"--set {text!r}: empty part in the key {key.strip()!r} (parts are separated by one dot)")
+        raise ConfigError(f"--set {show(text)}: empty part in the key {key.strip()!r} (parts are separated by one dot)")
     try:
         parsed = _parse_yaml(value) if value.strip() else None
     except (yaml.YAMLError, RecursionError):
@@ -629,7 +647,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         node: Any = raw
         for i, part in enumerate(path[:-1]):
             if not isinstance(node, dict):
-                raise ConfigError(f"--set {text!r}: {'.'.join(path[:i])} is not a mapping")
+                raise ConfigError(f"--set {show(text)}: {'.'.join(path[:i])} is not a mapping")
             match = next((k for k in node if str(k) == part), None)
             if match is None:
                 node[part] = {}
@@ -638,7 +656,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
                 node[match] = {}
             node = node[match]
         if not isinstance(node, dict):
-            raise ConfigError(f"--set {text!r}: {'.'.join(path[:-1])} is not a mapping")
+            raise ConfigError(f"--set {show(text)}: {'.'.join(path[:-1])} is not a mapping")
         last = next((k for k in node if str(k) == path[-1]), path[-1])
         node[last] = value
     return raw
@@ -663,7 +681,7 @@ class _StrictLoader(yaml.SafeLoader):
                 break
             if first is not None:
                 lines = f"lines {first.start_mark.line + 1} and {key_node.start_mark.line + 1}"
-                raise _DuplicateKey(f"key {_show(key)} given twice ({lines})")
+                raise _DuplicateKey(f"key {show(key)} given twice ({lines})")
             seen[key] = key_node
         return super().construct_mapping(node, deep=deep)
 
@@ -673,7 +691,7 @@ class _StrictLoader(yaml.SafeLoader):
         try:
             return super().construct_object(node, deep=deep)
         except (ValueError, TypeError, OverflowError) as err:
-            value = _show(node.value) if isinstance(node, yaml.ScalarNode) else f"this {node.id}"
+            value = show(node.value) if isinstance(node, yaml.ScalarNode) else f"this {node.id}"
             raise yaml.constructor.ConstructorError(
                 None, None, f"cannot read {value} as {node.tag.rsplit(':', 1)[-1]} ({err})", node.start_mark
             ) from None
@@ -698,13 +716,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """
     path = Path(path)
     try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{path}: is a directory, not a config file") from None
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read config ({err.strerror or err})") from None
+        data = read_limited(path, "config", CONFIG_MAX_BYTES)
+    except ProgvqError as err:
+        raise ConfigError(str(err)) from None
     try:
         text = data.decode("utf-8-sig")  # an editor's byte-order mark is not part of the YAML
     except UnicodeDecodeError as err:

@@ -76,6 +76,7 @@ class Hierarchy(nn.Module):
             raise RunError(f"{run.path}: no level {num_levels} (the run has levels 1..{cfg.num_levels})")
         names = [*(str(k) for k in range(1, num_levels + 1)), *(["prior"] if with_prior else [])]
         run.check_not_stale(allow_stale=allow_stale, upto=names[-1])
+        run.check_consistent(names)
         levels = [run.level(k, device) for k in range(1, num_levels + 1)]
         prior = run.prior(device) if with_prior else None
         model = cls(cfg, levels, prior, run.canvas(names[-1]))

@@ -30,9 +30,9 @@ from torch import nn
 from .build import build_level, build_prior
 from .canvas import Canvas
 from .checkpoint import Found, checkpoint_path, load_latest
-from .config import RECORDED_KEY, Config, config_from_dict, dump_config
-from .errors import ConfigError, RunError
-from .fileio import atomic_write
+from .config import CONFIG_MAX_BYTES, RECORDED_KEY, Config, config_from_dict, dump_config
+from .errors import ConfigError, ProgvqError, RunError
+from .fileio import atomic_write, read_limited
 from .kinds import Level
 
 CONFIG_NAME = "config.yaml"
@@ -46,7 +46,11 @@ def read_run_config(run_dir: str | Path) -> Config:
     if not path.exists():
         raise RunError(f"{path}: missing; {run_dir} is not a progvq run directory")
     try:
-        raw = yaml.safe_load(path.read_bytes().decode("utf-8"))
+        data = read_limited(path, "run config", CONFIG_MAX_BYTES)
+    except ProgvqError as err:
+        raise RunError(str(err)) from None
+    try:
+        raw = yaml.safe_load(data.decode("utf-8"))
         if isinstance(raw, dict):
             raw.pop(RECORDED_KEY, None)  # facts about the data, not settings
         return config_from_dict(raw)
@@ -233,6 +237,48 @@ class Run:
                 )
         return states
 
+    def check_consistent(self, names: list[str]) -> None:
+        """Refuse (one line naming the file and key) stages ``names`` whose checkpoints do not make one
+        hierarchy with each other and with the run config: a config.yaml edited by hand, a checkpoint
+        of another stage put in a stage's folder, or a level that --allow-stale cannot bridge (a lower
+        stage retrained with another codebook size). Each stage must be finished."""
+        cfg = self.config
+        known = set(cfg.stage_names())
+        configs: dict[str, Config] = {}
+        for name in names:
+            path = self.checkpoint_path(name)
+            ckpt = self.finished(name)
+            if ckpt["stage"] != name:
+                raise RunError(f"{path}: holds stage {ckpt['stage']}, not stage {name}")
+            unknown = sorted(set(ckpt["parents"]) - known)
+            if unknown:
+                raise RunError(
+                    f"{self.config_path}: stages: has no stage {unknown[0]}, but {path} was trained on one "
+                    "(the run config was edited?)"
+                )
+            configs[name] = stage_cfg = self.stage_config(name)
+            if name == "prior":
+                levels = stage_cfg.num_levels
+                if levels != cfg.num_levels:
+                    raise RunError(
+                        f"{path}: the prior was trained on level {levels}, but {self.config_path} has "
+                        f"{cfg.num_levels} level(s) (the run config was edited?)"
+                    )
+        for name in names:
+            k = cfg.num_levels + 1 if name == "prior" else int(name)
+            below = str(k - 1)
+            if k < 2 or below not in configs:
+                continue
+            # the codes stage k was trained on against the codes level k-1 now makes
+            expected = configs[name].level(k - 1).codes
+            made = configs[below].level(k - 1).codes
+            if expected != made:
+                raise RunError(
+                    f"{self.checkpoint_path(name)}: level {below} had {expected} codes when this stage "
+                    f"was trained, but now has {made} codes ({self.checkpoint_path(below)}); "
+                    f"--allow-stale cannot bridge that: train --stage {name} --restart"
+                )
+
     def finished(self, name: str) -> dict[str, Any]:
         """Stage ``name``'s checkpoint, which must have reached its last step."""
         path = self.checkpoint_path(name)
@@ -300,6 +346,8 @@ def canvas_of(ckpt: dict[str, Any], where: str | Path) -> Canvas:
     alone; their figures are then over the padded image, and a warning says so.
     """
     extra = ckpt.get("extra", {})
+    if "image_shape" not in extra:
+        raise RunError(f"{where}: a checkpoint does not record the image shape its models take (extra.image_shape)")
     padded = tuple(int(v) for v in extra["image_shape"])
     if "original_shape" not in extra:
         # only data.size pads, and never generated shapes (made at their size): otherwise nothing is lost

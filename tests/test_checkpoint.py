@@ -39,10 +39,13 @@ def _payload(step: int = 3) -> dict:
     return {
         "stage": "2",
         "step": step,
+        "steps": 10,
+        "config": {"seed": 0},
         "model": {"w": torch.arange(6, dtype=torch.float32).view(2, 3), "n": torch.tensor(7)},
+        "optimizer": {},
         "metrics": {"psnr": 21.5, "done": True},
         "parents": {"1": "ab" * 32},
-        "shape": [1, 16, 16],
+        "extra": {"image_shape": [1, 16, 16]},
         "note": None,
     }
 
@@ -246,7 +249,7 @@ def test_every_ranks_generators_load_weights_only(tmp_path: Path) -> None:
     assert ranks is not None and len(ranks) == 1
     seed_everything(1)
     ranks.append(rng_state())
-    save_checkpoint({"stage": "1", "step": 1, "rng": ranks[0], "rng_ranks": ranks}, path)
+    save_checkpoint({**_payload(1), "stage": "1", "rng": ranks[0], "rng_ranks": ranks}, path)
     ckpt = torch.load(path, weights_only=True)
     assert len(ckpt["rng_ranks"]) == 2 and torch.equal(ckpt["rng"]["torch"], ckpt["rng_ranks"][0]["torch"])
     assert load_checkpoint(path)["rng_ranks"][1]["python"] == ranks[1]["python"]  # and its digest holds
@@ -254,7 +257,7 @@ def test_every_ranks_generators_load_weights_only(tmp_path: Path) -> None:
 
 def test_checkpoint_round_trip_is_weights_only_and_atomic(tmp_path: Path) -> None:
     path = tmp_path / "stage-1" / "checkpoint.pt"
-    save_checkpoint({"stage": "1", "step": 3, "rng": rng_state(), "model": {"w": torch.ones(2)}}, path)
+    save_checkpoint({**_payload(3), "stage": "1", "rng": rng_state(), "model": {"w": torch.ones(2)}}, path)
     assert os.listdir(path.parent) == ["checkpoint.pt"]  # no temporary file left behind
     mask = os.umask(0)
     os.umask(mask)
@@ -288,5 +291,5 @@ def test_truncated_and_foreign_checkpoints_are_refused(tmp_path: Path) -> None:
     torch.save({"state_dict": {}}, other)
     with pytest.raises(RunError, match="not a progvq checkpoint"):
         load_checkpoint(other)
-    with pytest.raises(RunError, match="checkpoint not found"):
+    with pytest.raises(RunError, match="checkpoint file not found"):
         load_checkpoint(tmp_path / "none.pt")
