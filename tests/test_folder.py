@@ -287,3 +287,19 @@ def test_training_on_a_cached_folder_resumes_exactly(tmp_path: Path) -> None:
     b = load_checkpoint(checkpoint_path(tmp_path / "resumed", "1"))["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "straight" / CACHE_DIR / MANIFEST).is_file()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_batches_of_a_cached_folder_land_on_the_gpu(tmp_path: Path) -> None:
+    from progvq.canvas import Canvas
+    from progvq.distributed import resolve_device
+
+    device = resolve_device("auto")
+    assert device.type == "cuda"  # auto takes CUDA where there is one
+    write_shapes_folder(tmp_path / "s", 12, size=8, seed=0)
+    data = load_dataset(folder_cfg(tmp_path / "s", heldout=2), cache_dir=tmp_path / "run")
+    assert isinstance(data.train, MappedImages)
+    placed = data.train.placed(Canvas((3, 8, 8), (3, 16, 16)), device)
+    batch = placed[torch.tensor([0, 3])]
+    assert batch.device.type == "cuda" and batch.shape == (2, 3, 16, 16)
+    assert torch.equal(batch[:, :, 4:12, 4:12].cpu(), data.train[torch.tensor([0, 3])])
