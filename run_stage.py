@@ -395,6 +395,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _output(name: str, suffix: str, why: str = "") -> Path:
+    """``--out`` as a path, refused unless it ends in ``suffix``."""
+    out = Path(name)
+    if out.suffix.lower() != suffix:
+        raise ProgvqError(f"--out {out}: must end in {suffix}{why}")
+    return out
+
+
 def cmd_encode(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -402,9 +410,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
     from progvq.fileio import atomic_write
     from progvq.hierarchy import Hierarchy
 
-    out = Path(args.out)
-    if out.suffix.lower() != ".npz":
-        raise ProgvqError(f"--out {out}: must end in .npz")
+    out = _output(args.out, ".npz")
     model = Hierarchy.load(args.run_dir, allow_stale=args.allow_stale)
     images, labels = read_inputs(model, files=args.images, npz=args.npz, split=args.split)
     arrays = code_arrays(model, model.encode_split(images))
@@ -426,13 +432,13 @@ def cmd_decode(args: argparse.Namespace) -> int:
     from progvq.hierarchy import Hierarchy
     from progvq.images import image_grid, save_npz, save_png
 
-    out = Path(args.out)
-    if out.suffix.lower() != ".png":
-        raise ProgvqError(f"--out {out}: must end in .png (the arrays go beside it as .npz)")
+    out = _output(args.out, ".png", " (the arrays go beside it as .npz)")
     _positive(args.temperature, "--temperature", 0)
     _positive(args.pixel_temperature, "--pixel-temperature", 0)
     if args.nrow is not None:
         _positive(args.nrow, "--nrow")
+    if not 0 <= args.seed < 2**63:
+        raise ProgvqError(f"--seed: must be in [0, 2**63), got {args.seed}")
     model = Hierarchy.load(args.run_dir, allow_stale=args.allow_stale)
     codes, level = read_codes(model, args.codes, args.level)
     gen = torch.Generator().manual_seed(args.seed)
