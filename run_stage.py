@@ -404,11 +404,10 @@ def _output(name: str, suffix: str, why: str = "") -> Path:
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
-    import numpy as np
-
     from progvq.codec import code_arrays, read_inputs
     from progvq.fileio import atomic_write
     from progvq.hierarchy import Hierarchy
+    from progvq.images import npz_bytes
 
     out = _output(args.out, ".npz")
     model = Hierarchy.load(args.run_dir, allow_stale=args.allow_stale)
@@ -416,7 +415,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
     arrays = code_arrays(model, model.encode_split(images))
     if labels is not None:
         arrays["labels"] = labels.numpy()
-    atomic_write(out, lambda f: np.savez_compressed(f, **arrays))
+    atomic_write(out, npz_bytes(**arrays))
     grids = ", ".join(
         f"level {k}: {'x'.join(map(str, model.grid_shape(k)))} of {model.config.level(k).codes} codes"
         for k in range(1, model.num_levels + 1)
@@ -430,7 +429,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
 
     from progvq.codec import read_codes
     from progvq.hierarchy import Hierarchy
-    from progvq.images import image_grid, save_npz, save_png
+    from progvq.images import image_grid, images_array, save_grid_and_arrays
 
     out = _output(args.out, ".png", " (the arrays go beside it as .npz)")
     _positive(args.temperature, "--temperature", 0)
@@ -450,9 +449,8 @@ def cmd_decode(args: argparse.Namespace) -> int:
             for z in codes.split(500)
         ]
     )
-    save_png(image_grid(images, nrow=args.nrow), out)
-    save_npz(images, out.with_suffix(".npz"))
-    print(f"wrote {out} and {out.with_suffix('.npz')} ({len(images)} images from level {level})")
+    npz = save_grid_and_arrays(image_grid(images, nrow=args.nrow), out, images=images_array(images))
+    print(f"wrote {out} and {npz} ({len(images)} images from level {level})")
     return 0
 
 
@@ -465,7 +463,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     codec = Codec(args.run_dir, allow_stale=args.allow_stale)
     images, _ = read_inputs(codec.model, files=args.inputs or None, split=args.split)
     data = codec.compress(images)
-    atomic_write(args.out, lambda f: f.write(data))
+    atomic_write(args.out, data)
     layout, n, dims = codec.last_layout, len(images), codec.model.canvas.dims
     bound = float(codec.bound_bits(images).sum())
     c, h, w = codec.image_shape
@@ -479,27 +477,21 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 
 def cmd_decompress(args: argparse.Namespace) -> int:
-    import numpy as np
-
     from progvq.codec import Codec
-    from progvq.fileio import atomic_write
-    from progvq.images import save_png
+    from progvq.fileio import atomic_write, atomic_write_all, check_regular
+    from progvq.images import images_array, npz_bytes, png_bytes
 
     path, out = Path(args.file), Path(args.out)
-    if not path.is_file():
-        raise ProgvqError(f"{path}: {'not a file' if path.exists() else 'no such file'}")
+    check_regular(path, "progvq compressed")
+    if out.suffix.lower() != ".npz" and out.exists() and not out.is_dir():
+        raise ProgvqError(f"--out {out}: not a folder (give OUT.npz or a folder)")
     codec = Codec(args.run_dir, allow_stale=args.allow_stale)
     done = codec.decompress(path.read_bytes(), where=str(path))
     if out.suffix.lower() == ".npz":
-        arrays = {"images": done.images.numpy()[:, 0] if done.images.shape[1] == 1 else done.images.numpy()}
-        if done.labels is not None:
-            arrays["labels"] = done.labels.numpy()
-        atomic_write(out, lambda f: np.savez_compressed(f, **arrays))
-    else:
-        if out.exists() and not out.is_dir():
-            raise ProgvqError(f"--out {out}: not a folder (give OUT.npz or a folder)")
-        for i, image in enumerate(done.images):
-            save_png(image, out / f"{i:05d}.png")
+        labels = {"labels": done.labels.numpy()} if done.labels is not None else {}
+        atomic_write(out, npz_bytes(images=images_array(done.images), **labels))
+    else:  # every PNG or none
+        atomic_write_all({out / f"{i:05d}.png": png_bytes(image) for i, image in enumerate(done.images)})
     print(f"wrote {out} ({len(done.images)} images, exact)")
     return 0
 

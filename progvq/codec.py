@@ -59,6 +59,7 @@ from torch import Tensor
 
 from .data import load_array, load_dataset
 from .errors import ProgvqError
+from .fileio import check_regular
 from .hierarchy import Hierarchy
 from .inpaint import read_image
 from .pixelcnn import CodeStep
@@ -449,8 +450,7 @@ def read_codes(model: Hierarchy, path: str | Path, level: int | None = None) -> 
     lacks, and codes of another grid or out of the level's codebook.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CodecError(f"{path}: codes file not found" if not path.exists() else f"{path}: not a file")
+    check_regular(path, "codes")
     try:
         with np.load(path, allow_pickle=False) as loaded:
             if not isinstance(loaded, np.lib.npyio.NpzFile):

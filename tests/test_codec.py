@@ -113,6 +113,7 @@ def test_every_decoder_kind_codes_its_level_exactly_at_its_likelihood(kind: str)
 def test_the_prior_codes_its_class_and_codes(classes: int) -> None:
     torch.manual_seed(0)
     prior = GatedPixelCNN(8, channels=8, layers=3, kernel_size=3, num_classes=classes).double().eval()
+    prior.requires_grad_(False)
     codes = torch.randint(0, 8, (5, 3, 3), generator=torch.Generator().manual_seed(2))
     encoder = StreamEncoder()
     _, labels = prior.coding_walk(encoder, 5, 3, 3, codes)
