@@ -18,6 +18,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import math
+import os
 import zipfile
 import zlib
 from collections.abc import Callable
@@ -346,18 +347,22 @@ def read_idx(path: Path) -> np.ndarray:
             expected = math.prod(dims)
             if not compressed:
                 payload = path.stat().st_size - header_len
-            else:
-                # read at most one byte more than announced: enough to tell "too long" from "right"
+            elif expected <= _memory():
+                # at most one byte more than announced: enough to tell "too long" from "right"
                 data = _read_at_most(stream, expected + 1)
                 payload = len(data)
+            else:
+                # more than memory holds: count what the stream inflates to, keeping none of it
+                payload = _count_at_most(stream, expected + 1)
             if payload != expected:
                 shape = " x ".join(str(d) for d in dims)
                 more = " or more" if compressed and payload > expected else ""
                 raise DataError(
                     f"{path}: idx payload is {payload} bytes{more}, header announces {shape} = {expected}"
                 )
+            _check_fits(expected, str(path))  # a true header, of more than memory holds
             if not compressed:
-                data = raw.read(expected)
+                data = _read_at_most(raw, expected)
                 if len(data) != expected:
                     raise DataError(f"{path}: idx payload is {len(data)} bytes, header announces {expected}")
     except (OSError, EOFError, zlib.error) as exc:
@@ -396,6 +401,35 @@ def _idx_header(path: Path, head: bytes, stream: Any) -> tuple[tuple[int, ...], 
         raise DataError(f"{path}: truncated idx header ({4 + len(rest)} of {header_len} bytes)")
     dims = tuple(int.from_bytes(rest[4 * k : 4 * k + 4], "big") for k in range(ndim))
     return dims, header_len
+
+
+def _memory() -> int:
+    """Bytes of this machine's memory (a very large number where it cannot be told)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (OSError, ValueError, AttributeError):
+        return 2**63
+
+
+def _check_fits(nbytes: int, where: str) -> None:
+    """Refuse an array of ``nbytes`` that this machine's memory cannot hold (one line, not a MemoryError)."""
+    memory = _memory()
+    if nbytes > memory:
+        raise DataError(
+            f"{where}: holds {nbytes / 2**30:.1f} GiB of images, more than this machine's "
+            f"{memory / 2**30:.1f} GiB of memory (an image folder is read through a cache on disk instead)"
+        )
+
+
+def _count_at_most(stream: Any, limit: int) -> int:
+    """How many bytes ``stream`` yields, counting no further than ``limit`` (the bytes are not kept)."""
+    count = 0
+    while count < limit:
+        block = stream.read(min(limit - count, 1 << 24))
+        if not block:
+            break
+        count += len(block)
+    return count
 
 
 def _read_at_most(stream: Any, limit: int) -> bytearray:
@@ -582,6 +616,7 @@ def _read_npy(f: Any, length: int, where: str) -> np.ndarray:
             f"{where}: cannot load array (its header announces {dims} of {dtype} = {announced} bytes, "
             f"but {follows} bytes follow it)"
         )
+    _check_fits(announced, where)
     data = _read_at_most(f, announced)
     if len(data) != announced:
         raise DataError(f"{where}: cannot load array ({len(data)} of the {announced} bytes it announces)")

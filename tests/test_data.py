@@ -689,3 +689,20 @@ def test_shapes_source_gives_labels_with_the_split() -> None:
     assert data.train_labels is not None and data.heldout_labels is not None
     assert torch.equal(torch.cat([data.train_labels, data.heldout_labels]), labels[:50])
     assert data.num_classes == int(labels[:50].max()) + 1
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_data_beyond_memory_is_refused_before_reading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, gz: bool
+) -> None:
+    import progvq.data
+
+    images = random_images(12, 16, 16)
+    content = b"".join(d.to_bytes(4, "big") for d in (2051, 12, 16, 16)) + images.tobytes()
+    (tmp_path / "i").write_bytes(gzip.compress(content) if gz else content)
+    np.save(tmp_path / "a.npy", images)
+    monkeypatch.setattr(progvq.data, "_memory", lambda: 1000)  # a machine of 1000 bytes
+    with pytest.raises(DataError, match=r"i: holds 0.0 GiB of images, more than this machine's"):
+        read_idx(tmp_path / "i")
+    with pytest.raises(DataError, match=r"a.npy: holds 0.0 GiB of images"):
+        load_array(tmp_path / "a.npy")
