@@ -18,6 +18,7 @@ on stderr and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -26,15 +27,26 @@ import signal
 import sys
 import warnings
 from pathlib import Path
-from typing import TextIO
+from typing import NoReturn, TextIO
 
 from progvq.errors import ProgvqError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one ``progvq: error:`` line and a pointer to ``--help`` (not its usage block)."""
+
+    def error(self, message: str) -> NoReturn:
+        command = self.prog.removeprefix("progvq").strip()
+        hint = f"progvq {command} --help" if command else "progvq --help"
+        if os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 speaks for all
+            print(f"progvq: error: {' '.join(message.split())} (see {hint})", file=sys.stderr)
+        sys.exit(2)
 
 
 def _parser() -> argparse.ArgumentParser:
     from progvq import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="progvq", description="Train, sample and evaluate hierarchical VQ models one level at a time."
     )
     parser.add_argument("--version", action="version", version=f"progvq {__version__}")
@@ -217,26 +229,31 @@ def _positive(value: float, flag: str, low: float = 1) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from progvq.config import load_config
+    from progvq.run import training_lock
     from stages import train_all, train_stage
 
+    if args.run_dir is not None and not args.run_dir.strip():
+        raise ProgvqError("--run-dir: empty; give a folder, or leave the option out to use the config's run_dir")
     cfg = load_config(args.config, args.overrides)
-    run_dir = Path(args.run_dir or cfg.run_dir)
+    run_dir = Path(args.run_dir if args.run_dir is not None else cfg.run_dir)
     if args.until is not None:
         _positive(args.until, "--until")
     progress = not args.no_progress
-    if args.all:
-        if args.until is not None or args.restart:
-            raise ProgvqError("--until and --restart go with --stage, not --all")
-        reuse = Path(args.reuse) if args.reuse is not None else None
-        if reuse is not None and not reuse.is_dir():
-            raise ProgvqError(f"--from {reuse}: no such run directory")
-        train_all(cfg, run_dir, force=args.force, progress=progress, reuse=reuse)
-    else:
-        if args.reuse is not None:
-            raise ProgvqError("--from goes with --all: it adopts the stages it can and trains the rest")
-        train_stage(
-            cfg, args.stage, run_dir, until=args.until, restart=args.restart, force=args.force, progress=progress
-        )
+    if args.all and (args.until is not None or args.restart):
+        raise ProgvqError("--until and --restart go with --stage, not --all")
+    if not args.all and args.reuse is not None:
+        raise ProgvqError("--from goes with --all: it adopts the stages it can and trains the rest")
+    reuse = Path(args.reuse) if args.reuse is not None else None
+    if reuse is not None and not reuse.is_dir():
+        raise ProgvqError(f"--from {reuse}: no such run directory")
+    # one trainer per run folder (under torchrun, rank 0 holds it for the job)
+    with training_lock(run_dir) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext():
+        if args.all:
+            train_all(cfg, run_dir, force=args.force, progress=progress, reuse=reuse)
+        else:
+            train_stage(
+                cfg, args.stage, run_dir, until=args.until, restart=args.restart, force=args.force, progress=progress
+            )
     return 0
 
 
@@ -254,6 +271,25 @@ def _check_sampling(args: argparse.Namespace) -> Path:
     if out.suffix.lower() != ".png":
         raise ProgvqError(f"--out {out}: must end in .png (the arrays go beside it as .npz)")
     return out
+
+
+def _check_sizes(
+    args: argparse.Namespace, shape: tuple[int, int, int], count: int, per_image: int = 0, what: str = ""
+) -> None:
+    """Refuse ``-n`` (with ``count`` images shown) or ``--nrow`` asking for more memory than there is.
+
+    ``per_image``: working bytes per image beyond its pixels (the codes of every level, ...)."""
+    from progvq.memory import check_fits
+
+    c, h, w = shape
+    pad = 2  # image_grid's
+    nrow = args.nrow or max(1, math.isqrt(count - 1) + 1)
+    rows = -(-count // nrow)
+    grid = c * (rows * (h + pad) + pad) * (nrow * (w + pad) + pad)
+    # the images, their array in the npz and the file's bytes: a few copies of every pixel
+    what = what or f"-n {args.n}: {count} images of {c}x{h}x{w}"
+    check_fits(count * (3 * c * h * w + per_image), what)
+    check_fits(2 * grid, f"--nrow {nrow}: a grid of {rows} x {nrow} images of {c}x{h}x{w}")
 
 
 def _check_label(label: int | None, classes: int, run_dir: str) -> None:
@@ -275,6 +311,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     out = _check_sampling(args)
     model = Hierarchy.load(args.run_dir, allow_stale=args.allow_stale)
     _check_label(args.label, model.num_classes, args.run_dir)
+    _check_sizes(args, model.image_shape, args.n)
     images = model.sample(
         args.n,
         temperature=args.temperature,
@@ -303,6 +340,10 @@ def cmd_inpaint(args: argparse.Namespace) -> int:
     model = Hierarchy.load(args.run_dir, allow_stale=args.allow_stale)
     _check_label(args.label, model.num_classes, args.run_dir)
     c, h, w = model.image_shape
+    # every candidate of every completion is drawn at once: its codes at every level and its float pixels
+    codes = sum(a * b for a, b in (model.grid_shape(k) for k in range(1, model.num_levels + 1)))
+    what = f"-n {args.n} --candidates {args.candidates}: {args.n * args.candidates} draws of {c}x{h}x{w} images"
+    _check_sizes(args, (c, h, w), args.n + 2, per_image=args.candidates * (8 * codes + 8 * c * h * w), what=what)
     image = read_image(args.image, (c, h, w))
     mask = box_mask(h, w, box) if box is not None else read_mask(args.mask, h, w)
     done = complete(

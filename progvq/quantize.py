@@ -249,7 +249,9 @@ class VectorQuantizer(nn.Module):
         # Derived from the initial codebook, itself drawn from the global RNG: so it follows
         # the run's seed and differs between quantisers, without drawing again (the initial
         # weights of modules built after this one stay what they were).
-        digest = hashlib.blake2b(init.detach().cpu().contiguous().numpy().tobytes(), digest_size=8).digest()
+        # (A model built on the meta device, only to count its parameters, has no values to hash.)
+        data = b"" if init.is_meta else init.detach().cpu().contiguous().numpy().tobytes()
+        digest = hashlib.blake2b(data, digest_size=8).digest()
         self.register_buffer("draw_seed", torch.tensor(int.from_bytes(digest, "little") >> 1, dtype=torch.long))
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:

@@ -17,13 +17,15 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from progvq.build import build_level, build_prior
 from progvq.checkpoint import changed_parent, seed_everything
 from progvq.config import Config, show
-from progvq.data import ImageData, load_dataset
+from progvq.data import SHAPES_DEFAULT_SIZE, ImageData, load_dataset
 from progvq.distributed import barrier, setup
 from progvq.errors import ProgvqError, RunError
 from progvq.fileio import atomic_write
 from progvq.kinds import Level
+from progvq.memory import check_generated_data_fits, check_model_fits
 from progvq.metrics import batches
 from progvq.nets import to_unit
 from progvq.run import CONFIG_NAME, Run, StageState, first_difference
@@ -31,7 +33,7 @@ from progvq.train import FitResult, Stage, fit, report_damage
 
 from .codes import CodeStage
 from .pixels import PixelStage
-from .prior import PriorStage
+from .prior import PriorStage, require_labels
 
 
 class Pipeline:
@@ -52,6 +54,8 @@ class Pipeline:
     def data(self) -> ImageData:
         """The configured data set, loaded on first use."""
         if self._data is None:
+            d = self.cfg.data
+            check_generated_data_fits(d.source, d.count, d.channels, d.size or SHAPES_DEFAULT_SIZE)
             # an image folder is decoded once into a memory-mapped cache in the run folder
             self._data = load_dataset(self.cfg.data, self.cfg.total_downsample(), cache_dir=self.run.path)
         return self._data
@@ -121,6 +125,17 @@ def build_stage(cfg: Config, name: str, pipeline: Pipeline) -> Stage:
     if name == "prior":
         return PriorStage(cfg, pipeline)
     return CodeStage(cfg, int(name), pipeline)
+
+
+def check_stage_fits(cfg: Config, name: str, device: torch.device) -> None:
+    """Refuse stage ``name`` when its model's training state alone would not fit in memory (built on the
+    meta device to count it, so nothing is allocated)."""
+    if name == "prior":
+        check_model_fits(lambda: build_prior(cfg, 0), "stages.prior", device)
+        return
+    k = int(name)
+    codes_below = cfg.level(k - 1).codes if k > 1 else 0
+    check_model_fits(lambda: build_level(cfg.level(k), cfg.data.channels, codes_below), f"stages.{name}", device)
 
 
 def check_run_config(cfg: Config, run: Run, *, force: bool = False) -> bool:
@@ -199,6 +214,7 @@ def train_stage(
         if state.state == "done":
             log(f"stage {name}: already done ({state.steps} steps); train --stage {name} --restart trains it anew")
             return FitResult(state.step, True, {})
+    check_stage_fits(cfg, name, ctx.device)
     # seed before the model is built, so initial weights are a function of (seed, stage)
     seed_everything(cfg.seed * 1000 + names.index(name))
     stage = build_stage(cfg, name, pipeline)
@@ -232,7 +248,7 @@ def train_stage(
             on_ready=ready,
             found=found,
         )
-    except ProgvqError:
+    except (ProgvqError, OSError, KeyboardInterrupt):  # a refusal, a full disk, a second Ctrl-C
         if kept and ctx.main and _put_back(run, name, kept[0], log) and old_config is not None:
             atomic_write(config_file, old_config)  # the run's config as it was, with the training put back
         raise
@@ -372,6 +388,14 @@ def _copy_stage(other: Run, run: Run, name: str) -> None:
         raise
 
 
+def _preflight(cfg: Config, pipeline: Pipeline) -> None:
+    """What ``train --all`` can refuse before its first step rather than after hours of the stages below:
+    a model too large for memory, data that cannot be read, a class-conditional prior on data without labels."""
+    for name in cfg.stage_names():
+        check_stage_fits(cfg, name, pipeline.device)
+    require_labels(cfg, pipeline.data)  # loads the data (once, for every stage): a missing file is refused now
+
+
 def train_all(
     cfg: Config,
     run_dir: Path | Run,
@@ -389,6 +413,7 @@ def train_all(
         adopt(cfg, run, Run(reuse), log=log)
     barrier(ctx)
     pipeline = Pipeline(cfg, run, ctx.device)
+    _preflight(cfg, pipeline)
     for name in cfg.stage_names():
         result = train_stage(cfg, name, run, force=force, progress=progress, log=log, pipeline=pipeline)
         if not result.done:

@@ -17,6 +17,8 @@ from progvq.metrics import prior_metrics
 from progvq.pixelcnn import code_log_prob
 
 if TYPE_CHECKING:
+    from progvq.data import ImageData
+
     from . import Pipeline
 
 
@@ -32,12 +34,7 @@ class PriorStage:
         self.heldout_labels: Tensor | None = None
         num_classes = 0
         if cfg.prior.class_conditional:
-            if data.train_labels is None or data.heldout_labels is None:
-                # the config allows only labelled sources; an idx folder may still lack its labels file
-                raise DataError(
-                    f"{cfg.data.path}: no labels ({cfg.data.prefix}-labels-idx1-ubyte[.gz]) beside the images, "
-                    "but stages.prior.class_conditional is true"
-                )
+            require_labels(cfg, data)
             num_classes = data.num_classes
             self.train_labels, self.heldout_labels = data.train_labels.to(device), data.heldout_labels
         self.model = build_prior(cfg, num_classes).to(device)
@@ -76,3 +73,13 @@ class PriorStage:
         samples = self.hierarchy.sample(32, seed=self.seed)
         nrow = self.hierarchy.num_classes or 8  # one class per column
         return {"samples": image_grid(samples, nrow=nrow)}
+
+
+def require_labels(cfg: Config, data: ImageData) -> None:
+    """Refuse a class-conditional prior on data without labels (checked before any stage trains)."""
+    if cfg.prior.class_conditional and (data.train_labels is None or data.heldout_labels is None):
+        # the config allows only labelled sources; an idx folder may still lack its labels file
+        raise DataError(
+            f"{cfg.data.path}: no labels ({cfg.data.prefix}-labels-idx1-ubyte[.gz]) beside the images, "
+            "but stages.prior.class_conditional is true"
+        )
