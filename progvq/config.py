@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import reprlib
 import types
 import typing
@@ -265,6 +266,10 @@ def _type_name(tp: Any) -> str:
     return names.get(tp, getattr(tp, "__name__", str(tp)))
 
 
+#: A decimal number as people write it (1e-3, .5, -2.5E+4): what a float key accepts as text.
+_DECIMAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check ``value`` against the annotation ``tp``; returns it (ints widen to floats)."""
     registry = _registry(tp)
@@ -308,6 +313,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected an integer that fits in 64 bits, got {show(value)}")
         return value
     if tp is float:
+        given = value
+        if isinstance(value, str) and _DECIMAL.fullmatch(value.strip()):
+            # YAML 1.1 reads 1e-3 (no dot) and 1.0e3 without a sign as text; a number key means the number
+            value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {show(value)}")
         try:
@@ -315,7 +324,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         except OverflowError:  # an integer beyond any float
             number = math.inf
         if not math.isfinite(number):
-            raise ConfigError(f"{where}: expected a finite number, got {show(value)}")
+            raise ConfigError(f"{where}: expected a finite number, got {show(given)}")
         return number
     if tp is str:
         if not isinstance(value, str):

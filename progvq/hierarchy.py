@@ -34,6 +34,12 @@ from .run import Run
 Known = dict[int, tuple[Tensor, Tensor]]
 
 
+#: Images drawn at once by :meth:`Hierarchy.sample`; more are drawn in batches of this many.
+SAMPLE_BATCH = 500
+#: Seeds of successive sample batches are this far apart (an odd 63-bit constant, so they never repeat).
+_SEED_STRIDE = 0x1E3779B97F4A7C15
+
+
 class Hierarchy(nn.Module):
     """Levels 1..L (and, when trained, the prior) of one run."""
 
@@ -209,6 +215,22 @@ class Hierarchy(nn.Module):
         code_temperature = settings.code_temperature if code_temperature is None else code_temperature
         pixel_temperature = settings.pixel_temperature if pixel_temperature is None else pixel_temperature
         labels = self.labels_for(n, label)
+        if known is None and n > SAMPLE_BATCH:
+            # in batches, so memory stays that of one batch whatever n is; batch i draws from its own
+            # stream (batch 0 from ``seed`` itself, so n <= SAMPLE_BATCH images are as they always were)
+            return torch.cat(
+                [
+                    self.sample(
+                        min(SAMPLE_BATCH, n - start),
+                        temperature=temperature,
+                        code_temperature=code_temperature,
+                        pixel_temperature=pixel_temperature,
+                        seed=(seed + i * _SEED_STRIDE) % 2**63,
+                        label=None if labels is None else labels[start : start + SAMPLE_BATCH],
+                    )
+                    for i, start in enumerate(range(0, n, SAMPLE_BATCH))
+                ]
+            )
         gen = torch.Generator(device=self.device).manual_seed(seed)
         h, w = self.grid_shape(self.num_levels)
         known = known or {}

@@ -18,7 +18,11 @@ codes the hierarchy no longer produces.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -381,3 +385,49 @@ def prior_classes(ckpt: dict[str, Any], cfg: Config, path: Path) -> int:
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise RunError(f"{path}: a class-conditional prior whose checkpoint records no class count (extra.num_classes)")
     return int(weight.shape[0])
+
+
+def _lock_holder(path: Path) -> str:
+    """The PID holding a lock on the folder ``path``, as /proc/locks tells it (Linux), else ''."""
+    try:
+        inode = os.stat(path).st_ino
+        for line in Path("/proc/locks").read_text().splitlines():
+            fields = line.split()
+            if "FLOCK" in fields and len(fields) > 5 and fields[5].rsplit(":", 1)[-1] == str(inode):
+                return fields[4]
+    except (OSError, IndexError):
+        pass
+    return ""
+
+
+@contextmanager
+def training_lock(run_dir: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on the run folder while a ``train`` command runs in it.
+
+    A second trainer on the same folder is refused in one line naming the holder's PID:
+    two would overwrite each other's checkpoints. The lock is ``flock`` on the folder
+    itself, so no file is made, and the kernel releases it when the process ends in any
+    way (a SIGKILL leaves no stale lock). Readers (sample, eval, status) never take it.
+    A folder made here only to be locked is removed again if nothing was written to it.
+    """
+    path = Path(run_dir)
+    made = [p for p in (path, *path.parents) if not p.exists()]  # the folders this call creates, deepest first
+    path.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(path)
+            who = f"process {holder}" if holder else "another process"
+            raise RunError(
+                f"{path}: {who} is training this run; wait for it to finish (or stop it) and train again"
+            ) from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+        for folder in made:
+            try:
+                folder.rmdir()  # only if still empty: a failed command leaves no folder behind
+            except OSError:
+                break
