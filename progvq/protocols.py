@@ -1,18 +1,21 @@
 """The small protocols the rest of the code relies on, beside the registries of :mod:`progvq.kinds`.
 
 - :class:`~progvq.quantize.Quantizer`: what a level's quantiser gives (``vq``, ``fsq``).
-- :class:`Prior`: what a prior over the top codes gives training, ``eval``, sampling and
-  inpainting alike (``pixelcnn``).
+- :class:`Prior`: what a prior over the top codes gives training, ``eval``, sampling,
+  inpainting and compression alike (``pixelcnn``).
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import Tensor
 
 from .quantize import Quantizer
+
+if TYPE_CHECKING:
+    from .pixelcnn import CodeStep
 
 __all__ = ["Prior", "Quantizer"]
 
@@ -41,3 +44,10 @@ class Prior(Protocol):
         known: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         """(n, height, width) int64 codes; ``known`` = (codes, mask) kept where the mask is True."""
+
+    def coding_walk(
+        self, step: CodeStep, n: int, height: int, width: int, target: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """The prior as an entropy coder's model: every symbol it codes (a class first, when it has classes,
+        then each top code in its order) goes through ``step``; returns (codes (n, height, width) int64,
+        labels (n,) or None). ``target`` holds the codes to encode; None decodes them."""
