@@ -6,10 +6,12 @@
    under ``OUT/images`` (kept: a second run reuses them), with ``--workers`` processes.
 2. Builds the uint8 cache of the folder at 32x32 (shorter side scaled to 32, a random crop fixed per
    image) in ``OUT/run``, timed; then opens it again (reused: its digest is checked, nothing decoded).
-3. Trains stage 1 of ``configs/folder-32.yaml`` for ``--steps`` steps twice, each in a fresh process:
-   batches read from the memory map, and from the same images copied into one in-memory tensor.
+3. Trains stage 1 of ``configs/folder-32.yaml`` for ``--steps`` steps, each time in a fresh process:
+   batches read from the memory map, and from the same images copied into one in-memory tensor,
+   in ``--rounds`` alternating rounds (medians reported).
    Reports the images/s of each (the training loop's own count) and the peak resident memory of each
-   process against the cache's size; and, apart from the model, the rate at which each path gathers
+   process against the cache's size, and that of the same training on 6,000 of the images (what the
+   process takes whatever the data); and, apart from the model, the rate at which each path gathers
    random batches.
 
 Prints JSON and writes it to ``OUT/folder.json``.
@@ -21,10 +23,12 @@ import argparse
 import json
 import multiprocessing
 import resource
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+from statistics import median
 from typing import Any
 
 import numpy as np
@@ -109,7 +113,10 @@ def measure(path: str, folder: Path, run: Path, steps: int) -> dict[str, Any]:
     from progvq.train import fit
     from stages.pixels import PixelStage
 
-    cfg = load_config(ROOT / "configs" / "folder-32.yaml", overrides(folder, steps))
+    sets = overrides(folder, steps) + (["data.limit=6000"] if path == "small" else [])
+    cfg = load_config(ROOT / "configs" / "folder-32.yaml", sets)
+    if path == "small":
+        run = run.with_name("run-small")  # its own cache: the big one stays as it is
     tick = time.perf_counter()
     data = load_dataset(cfg.data, cfg.total_downsample(), cache_dir=run, progress=False)
     open_s = time.perf_counter() - tick
@@ -119,6 +126,7 @@ def measure(path: str, folder: Path, run: Path, steps: int) -> dict[str, Any]:
     stage = PixelStage(cfg, data, torch.device("cpu"))
     gather = gather_rate(stage.train_images, stage.settings.batch_size)
     stage_dir = run / f"stage-1-{path}"
+    shutil.rmtree(stage_dir, ignore_errors=True)  # an earlier benchmark's checkpoints would be resumed
     warm = 10
     fit(stage, cfg, stage_dir, progress=False, log=lambda m: None, until=warm)  # oneDNN builds its kernels
     result = fit(stage, cfg, stage_dir, progress=False, log=lambda m: None)
@@ -151,7 +159,8 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=200_000)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--measure", choices=("mapped", "memory"), help=argparse.SUPPRESS)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of the two training runs")
+    parser.add_argument("--measure", choices=("mapped", "memory", "small"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     folder, run = args.out / "images", args.out / "run"
     if args.measure:  # one training process of the two, started by the main one
@@ -182,15 +191,38 @@ def main() -> None:
         "build_images_per_s": round(args.count / build_s, 1),
         "reuse_s": round(reuse_s, 2),
     }
-    for path in ("mapped", "memory"):
-        cmd = [sys.executable, __file__, "--out", str(args.out), "--steps", str(args.steps), "--measure", path]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        figures[path] = json.loads(out.strip().splitlines()[-1])
+    # alternating rounds, each process fresh: the machine is shared and its speed drifts
+    rounds: dict[str, list[dict[str, Any]]] = {"mapped": [], "memory": []}
+    for r in range(args.rounds):
+        for path in ("mapped", "memory") if r % 2 == 0 else ("memory", "mapped"):
+            cmd = [sys.executable, __file__, "--out", str(args.out), "--steps", str(args.steps), "--measure", path]
+            out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
+            rounds[path].append(json.loads(out.strip().splitlines()[-1]))
+            print(json.dumps(rounds[path][-1]), file=sys.stderr)
+    for path, runs in rounds.items():
+        figures[path] = {
+            "images_per_s": median(r["images_per_s"] for r in runs),
+            "images_per_s_rounds": [r["images_per_s"] for r in runs],
+            "gather_images_per_s": median(r["gather_images_per_s"] for r in runs),
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+            "rss_anon_mb_at_end": max(r["rss_anon_mb_at_end"] for r in runs),
+            "rss_file_mb_at_end": max(r["rss_file_mb_at_end"] for r in runs),
+            "open_s": median(r["open_s"] for r in runs),
+            "steps": runs[0]["steps"],
+            "train_images": runs[0]["train_images"],
+        }
         figures[path]["peak_rss_over_cache"] = round(figures[path]["peak_rss_mb"] / cache_mb, 3)
-        print(json.dumps(figures[path]), file=sys.stderr)
+    # what any training process of this stage takes: the same, on 6,000 of the images
+    cmd = [sys.executable, __file__, "--out", str(args.out), "--steps", str(args.steps), "--measure", "small"]
+    out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
+    small = json.loads(out.strip().splitlines()[-1])
+    figures["small_peak_rss_mb"] = small["peak_rss_mb"]
     figures["mapped_over_memory_images_per_s"] = round(
         figures["mapped"]["images_per_s"] / figures["memory"]["images_per_s"], 3
     )
+    figures["mapped_over_memory_images_per_s_rounds"] = [
+        round(a["images_per_s"] / b["images_per_s"], 3) for a, b in zip(rounds["mapped"], rounds["memory"], strict=True)
+    ]
     figures["mapped_over_memory_gather"] = round(
         figures["mapped"]["gather_images_per_s"] / figures["memory"]["gather_images_per_s"], 3
     )

@@ -41,6 +41,7 @@ from progvq.folder import (
     decode_in_memory,
     first_shape,
     list_folder,
+    release,
 )
 from progvq.folder import reason as _reason
 from progvq.registry import Registry
@@ -904,6 +905,7 @@ def _load_folder(
     if cache_dir is None:
         train = torch.from_numpy(np.ascontiguousarray(decoded.images[train_rows]))
     heldout = torch.from_numpy(np.ascontiguousarray(decoded.images[held]))
+    release(decoded.images)  # the pages reading the held-out images mapped (see progvq.folder.release)
     labels = None
     if decoded.classes:
         labels = torch.tensor([e.label for e in decoded.entries], dtype=torch.int64)
