@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from progvq.build import build_level
 from progvq.config import Config
-from progvq.data import ImageData
+from progvq.data import ImageData, on_canvas
 from progvq.images import image_grid
 from progvq.metrics import level_metrics
 from progvq.nets import to_unit
@@ -27,8 +27,9 @@ class PixelStage:
         # channels_last: oneDNN's convolutions run 15-20% faster on CPU in that layout
         self.model = build_level(self.settings, data.channels, 0).to(device, memory_format=torch.channels_last)
         self.canvas = data.canvas
-        # padded once here, so a batch is a single gather: (N, C, H', W') uint8
-        self.train_images = self.canvas.pad(data.train.to(device))
+        # padded once here, so a batch is a single gather: (N, C, H', W') uint8 (a memory-mapped
+        # image folder stays on disk, and each batch comes out of it padded)
+        self.train_images = on_canvas(data.train, self.canvas, device)
         self.heldout = data.heldout  # (N, C, H, W) at the data's own size
         self.num_train = len(data.train)
         self.preview = data.heldout[:32].to(device)
