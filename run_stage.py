@@ -452,7 +452,9 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
     out = _output(args.out, ".npz")
     model = Hierarchy.load(args.run_dir, allow_stale=args.allow_stale)
-    images, labels = read_inputs(model, files=args.images, npz=args.npz, split=args.split)
+    images, labels = read_inputs(
+        model, files=args.images, npz=args.npz, split=args.split, cache_dir=Path(args.run_dir)
+    )
     arrays = code_arrays(model, model.encode_split(images))
     if labels is not None:
         arrays["labels"] = labels.numpy()
@@ -502,7 +504,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if bool(args.inputs) == bool(args.split):
         raise ProgvqError("give the images one way: INPUT files (PNG, or an npz of images) or --split heldout|train")
     codec = Codec(args.run_dir, allow_stale=args.allow_stale)
-    images, _ = read_inputs(codec.model, files=args.inputs or None, split=args.split)
+    images, _ = read_inputs(codec.model, files=args.inputs or None, split=args.split, cache_dir=Path(args.run_dir))
     data = codec.compress(images)
     atomic_write(args.out, data)
     layout, n, dims = codec.last_layout, len(images), codec.model.canvas.dims

@@ -395,20 +395,22 @@ def read_inputs(
     files: list[str] | None = None,
     npz: str | None = None,
     split: str | None = None,
+    cache_dir: Path | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """The images to encode, uint8 (N, C, H, W) at the run's own size, and their labels (N,) or None.
 
     Exactly one source: image ``files`` (PNG/JPEG; a ``.npz`` or ``.npy`` among them is read as an
     array of images), one ``npz`` (or ``.npy``) of images, or the run's data ``split`` (``heldout`` or
     ``train``, with the data's labels when it has them). Anything of another size or colour, or no
-    image at all, is refused (:class:`~progvq.errors.ProgvqError`) naming the file.
+    image at all, is refused (:class:`~progvq.errors.ProgvqError`) naming the file. ``cache_dir``: the
+    run folder, where an image folder's decoded cache is kept (see :func:`~progvq.data.load_dataset`).
     """
     given = [name for name, value in (("images", files), ("--npz", npz), ("--split", split)) if value]
     if len(given) != 1:
         raise CodecError("give the images one way: image files, --npz FILE or --split heldout|train")
     shape = model.image_shape
     if split:
-        data = load_dataset(model.config.data, total_downsample=model.config.total_downsample())
+        data = load_dataset(model.config.data, total_downsample=model.config.total_downsample(), cache_dir=cache_dir)
         images, labels = (data.heldout, data.heldout_labels) if split == "heldout" else (data.train, data.train_labels)
         return images, labels
     parts = []
