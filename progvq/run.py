@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -408,7 +409,9 @@ def training_lock(run_dir: str | Path) -> Iterator[None]:
     two would overwrite each other's checkpoints. The lock is ``flock`` on the folder
     itself, so no file is made, and the kernel releases it when the process ends in any
     way (a SIGKILL leaves no stale lock). Readers (sample, eval, status) never take it.
-    A folder made here only to be locked is removed again if nothing was written to it.
+    A run folder made by this command is removed again when the command fails before any
+    checkpoint was written in it (what it may hold then, a config, a data cache, the events of a
+    step or two, is worth less than a folder the user never asked for).
     """
     path = Path(run_dir)
     made = [p for p in (path, *path.parents) if not p.exists()]  # the folders this call creates, deepest first
@@ -424,10 +427,14 @@ def training_lock(run_dir: str | Path) -> Iterator[None]:
                 f"{path}: {who} is training this run; wait for it to finish (or stop it) and train again"
             ) from None
         yield
+    except BaseException:
+        if made and not any(path.rglob("checkpoint*.pt")):
+            shutil.rmtree(path, ignore_errors=True)
+        raise
     finally:
         os.close(fd)  # releases the lock
         for folder in made:
             try:
-                folder.rmdir()  # only if still empty: a failed command leaves no folder behind
+                folder.rmdir()  # only if (now) empty: a failed command leaves no folder behind
             except OSError:
                 break

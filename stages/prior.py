@@ -78,8 +78,11 @@ class PriorStage:
 def require_labels(cfg: Config, data: ImageData) -> None:
     """Refuse a class-conditional prior on data without labels (checked before any stage trains)."""
     if cfg.prior.class_conditional and (data.train_labels is None or data.heldout_labels is None):
-        # the config allows only labelled sources; an idx folder may still lack its labels file
-        raise DataError(
-            f"{cfg.data.path}: no labels ({cfg.data.prefix}-labels-idx1-ubyte[.gz]) beside the images, "
-            "but stages.prior.class_conditional is true"
+        # the config allows only labelled sources; an idx folder may still lack its labels file, and an
+        # image folder its class folders
+        where = (
+            "no class folders (each class's images in a folder of its own)"
+            if cfg.data.source == "folder"
+            else f"no labels ({cfg.data.prefix}-labels-idx1-ubyte[.gz]) beside the images"
         )
+        raise DataError(f"{cfg.data.path}: {where}, but stages.prior.class_conditional is true")

@@ -218,8 +218,8 @@ _AR = ["stages.2.decoder.kind=autoregressive"]
             "stages.1.decoder.kind: must be logistic or pixelcnn (level 1 decodes pixels), got 'autoregressive'",
         ),
         (
-            ["data={source: folder, path: images}", "stages.prior.class_conditional=true"],
-            "stages.prior.class_conditional: must be false for data source 'folder', which has no labels",
+            ["data={source: array, path: images.npy}", "stages.prior.class_conditional=true"],
+            "stages.prior.class_conditional: must be false for data source 'array', which has no labels",
         ),
     ],
 )

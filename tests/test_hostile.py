@@ -36,7 +36,7 @@ from run_stage import main
 
 from .conftest import ROOT, TINY
 from .helpers import idx_bytes, tiny_raw
-from .test_bad_input import Case, Ctx, images16, train_args, trains
+from .test_bad_input import Case, Ctx, images16, png_folder, train_args, trains
 
 WATCHDOG_S = 60
 
@@ -511,6 +511,9 @@ CASES: list[Case] = [
     Case("late", "conditional-prior-without-labels", lambda ctx: train_args(
         ctx, TINY, "data.source=mnist", f"data.path={mnist_without_labels(ctx)}", "data.heldout=2",
         "stages.prior.class_conditional=true"), ("no labels", "class_conditional")),
+    Case("late", "conditional-prior-flat-folder",
+         png_folder(lambda folder: None, "stages.prior.class_conditional=true"),
+         ("pngs", "no class folders", "class_conditional")),
     Case("late", "prior-too-large", sets("stages.prior.pixelcnn.channels=200000"), ("stages.prior",)),
     Case("late", "stage-2-too-large", sets("stages.2.hidden=300000"), ("stages.2",)),
     Case("late", "prior-layers-too-many", sets("stages.prior.pixelcnn.channels=4096",
