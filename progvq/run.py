@@ -436,5 +436,7 @@ def training_lock(run_dir: str | Path) -> Iterator[None]:
         for folder in made:
             try:
                 folder.rmdir()  # only if (now) empty: a failed command leaves no folder behind
+            except FileNotFoundError:
+                continue  # removed with its content above
             except OSError:
                 break
