@@ -35,7 +35,7 @@ Known = dict[int, tuple[Tensor, Tensor]]
 
 
 #: Images drawn at once by :meth:`Hierarchy.sample`; more are drawn in batches of this many.
-SAMPLE_BATCH = 500
+SAMPLE_BATCH = 1000
 #: Seeds of successive sample batches are this far apart (an odd 63-bit constant, so they never repeat).
 _SEED_STRIDE = 0x1E3779B97F4A7C15
 
