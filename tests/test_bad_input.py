@@ -17,7 +17,10 @@ import errno
 import gzip
 import os
 import shutil
-from collections.abc import Callable
+import signal
+import stat
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +39,8 @@ from .conftest import TINY
 from .helpers import idx_bytes, tiny_raw
 
 # --------------------------------------------------------------------------- helpers
+
+WATCHDOG_S = 60  # seconds a row may take before it counts as a hang
 
 
 @dataclass
@@ -86,20 +91,74 @@ class Case:
         return getattr(self.setup, "trains", False)
 
 
-def snapshot(root: Path) -> dict[str, bytes | None]:
-    """Every file (its bytes) and folder (None) under ``root``, by relative path."""
-    out: dict[str, bytes | None] = {}
+def snapshot(root: Path) -> dict[str, bytes | str | None]:
+    """Every entry under ``root`` by relative path: a file's bytes, None for a folder, a word for anything
+    else (a named pipe is never opened: reading it would block)."""
+    out: dict[str, bytes | str | None] = {}
     for path in sorted(root.rglob("*")):
         rel = str(path.relative_to(root))
-        if path.is_dir():
+        mode = path.lstat().st_mode
+        if stat.S_ISDIR(mode):
             out[rel + "/"] = None
-        else:
+        elif stat.S_ISREG(mode):
             try:
                 out[rel] = path.read_bytes()
             except PermissionError:
                 out[rel] = b"<unreadable>"
+        else:
+            out[rel] = f"<mode {stat.S_IFMT(mode):o}>"
     return out
 
+
+@contextmanager
+def watchdog(seconds: int) -> Iterator[None]:
+    """Raise TimeoutError in this thread if the block runs longer than ``seconds`` (a hang is a failure)."""
+
+    def expired(*_: Any) -> None:
+        raise TimeoutError(f"still running after {seconds} s: a hang")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def check_refusal(
+    case: Case,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> tuple[dict[str, bytes | str | None], dict[str, bytes | str | None]]:
+    """Run a row's command (in ``tmp_path``, under a watchdog) and check its refusal: exit status 2, one
+    ``progvq: error:`` line with every needle, no traceback, no temporary file's name, and every entry
+    present before unchanged after. Returns the snapshots before and after, for the rows' own checks of
+    new files."""
+    monkeypatch.chdir(tmp_path)  # relative defaults (runs/<name>, samples.png) land here too
+    argv = case.setup(Ctx(tmp_path, request))
+    before = snapshot(tmp_path)
+    capsys.readouterr()
+    with watchdog(WATCHDOG_S):
+        try:
+            code = main(argv)
+        except SystemExit as exit_:  # as the installed command would exit
+            code = exit_.code  # type: ignore[assignment]
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert code == 2, err
+    assert len(lines) == 1 and err.endswith("\n"), err
+    line = lines[0]
+    assert line.startswith("progvq: error: ") and line.removeprefix("progvq: error: ").strip(), line
+    assert "Traceback" not in err and ".tmp" not in line, line  # a temporary file's name means nothing to a user
+    for needle in case.needles:
+        assert needle.format(tmp=tmp_path) in line, line
+    after = snapshot(tmp_path)
+    changed = sorted(k for k, v in before.items() if after.get(k, b"<gone>") != v)
+    assert not changed, f"changed or removed by a failed command: {changed}"
+    return before, after
 
 
 def train_args(ctx: Ctx, config: Path | str, *sets: str, verb: tuple[str, ...] = ("--all",)) -> list[str]:
@@ -781,25 +840,7 @@ def test_bad_input_is_one_line_status_2_and_keeps_files(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.chdir(tmp_path)  # relative defaults (runs/<name>, samples.png) land here too
-    argv = case.setup(Ctx(tmp_path, request))
-    before = snapshot(tmp_path)
-    capsys.readouterr()
-
-    code = main(argv)
-
-    err = capsys.readouterr().err
-    lines = err.splitlines()
-    assert code == 2, err
-    assert len(lines) == 1 and err.endswith("\n"), err
-    line = lines[0]
-    assert line.startswith("progvq: error: ") and line.removeprefix("progvq: error: ").strip(), line
-    assert "Traceback" not in err
-    for needle in case.needles:
-        assert needle.format(tmp=tmp_path) in line, line
-    after = snapshot(tmp_path)
-    changed = sorted(k for k, v in before.items() if after.get(k, b"<gone>") != v)
-    assert not changed, f"changed or removed by a failed command: {changed}"
+    before, after = check_refusal(case, tmp_path, request, capsys, monkeypatch)
     if not case.new_files_ok:
         assert sorted(set(after) - set(before)) == []
 

@@ -26,7 +26,17 @@ from run_stage import main
 
 from .conftest import TINY
 from .helpers import idx_bytes
-from .test_bad_input import Case, Ctx, array_file, data_source, images16, mnist_folder, snapshot, train_args, trains
+from .test_bad_input import (
+    Case,
+    Ctx,
+    array_file,
+    check_refusal,
+    data_source,
+    images16,
+    mnist_folder,
+    train_args,
+    trains,
+)
 
 # --------------------------------------------------------------------------- file makers
 
@@ -439,24 +449,7 @@ def test_bad_data_is_one_line_status_2_and_keeps_files(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.chdir(tmp_path)
-    argv = case.setup(Ctx(tmp_path, request))
-    before = snapshot(tmp_path)
-    capsys.readouterr()
-
-    code = main(argv)
-
-    err = capsys.readouterr().err
-    lines = err.splitlines()
-    assert code == 2, err
-    assert len(lines) == 1 and err.endswith("\n"), err
-    line = lines[0]
-    assert line.startswith("progvq: error: ") and "Traceback" not in err, err
-    for needle in case.needles:
-        assert needle.format(tmp=tmp_path) in line, line
-    after = snapshot(tmp_path)
-    changed = sorted(k for k, v in before.items() if after.get(k, b"<gone>") != v)
-    assert not changed, f"changed or removed by a failed command: {changed}"
+    before, after = check_refusal(case, tmp_path, request, capsys, monkeypatch)
     if not case.new_files_ok:
         assert sorted(set(after) - set(before)) == [], "a failed command left new files"
     else:

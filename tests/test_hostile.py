@@ -15,8 +15,6 @@ import json
 import os
 import re
 import shutil
-import signal
-import stat
 import subprocess
 import sys
 import textwrap
@@ -36,43 +34,10 @@ from run_stage import main
 
 from .conftest import ROOT, TINY
 from .helpers import idx_bytes, tiny_raw
-from .test_bad_input import Case, Ctx, images16, png_folder, train_args, trains
-
-WATCHDOG_S = 60
+from .test_bad_input import WATCHDOG_S, Case, Ctx, check_refusal, images16, png_folder, train_args, trains, watchdog
+from .test_bad_input import snapshot as snap
 
 # --------------------------------------------------------------------------- helpers
-
-
-def snap(root: Path) -> dict[str, bytes | str | None]:
-    """Every entry under ``root`` by relative path: a file's bytes, None for a folder, a word for anything
-    else (a named pipe is never opened: reading it would block)."""
-    out: dict[str, bytes | str | None] = {}
-    for path in sorted(root.rglob("*")):
-        rel = str(path.relative_to(root))
-        mode = path.lstat().st_mode
-        if stat.S_ISDIR(mode):
-            out[rel + "/"] = None
-        elif stat.S_ISREG(mode):
-            out[rel] = path.read_bytes()
-        else:
-            out[rel] = f"<mode {stat.S_IFMT(mode):o}>"
-    return out
-
-
-@contextmanager
-def watchdog(seconds: int) -> Iterator[None]:
-    """Raise TimeoutError in this thread if the block runs longer than ``seconds`` (a hang is a failure)."""
-
-    def expired(*_: Any) -> None:
-        raise TimeoutError(f"still running after {seconds} s: a hang")
-
-    previous = signal.signal(signal.SIGALRM, expired)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def stage_files(run: Path, stage: str) -> list[Path]:
@@ -543,29 +508,7 @@ def test_hostile_input_is_one_line_status_2_and_keeps_files(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.chdir(tmp_path)  # relative defaults (runs/<name>, samples.png) land here too
-    argv = case.setup(Ctx(tmp_path, request))
-    before = snap(tmp_path)
-    capsys.readouterr()
-
-    with watchdog(WATCHDOG_S):
-        try:
-            code = main(argv)
-        except SystemExit as exit_:  # argparse's exit, as the installed command would see it
-            code = exit_.code  # type: ignore[assignment]
-
-    err = capsys.readouterr().err
-    lines = err.splitlines()
-    assert code == 2, err
-    assert len(lines) == 1 and err.endswith("\n"), err
-    line = lines[0]
-    assert line.startswith("progvq: error: ") and "Traceback" not in err, line
-    assert ".tmp" not in line, line  # a temporary file's name means nothing to a user
-    for needle in case.needles:
-        assert needle.format(tmp=tmp_path) in line, line
-    after = snap(tmp_path)
-    changed = sorted(k for k, v in before.items() if after.get(k, b"<gone>") != v)
-    assert not changed, f"changed or removed by a failed command: {changed}"
+    before, after = check_refusal(case, tmp_path, request, capsys, monkeypatch)
     assert sorted(set(after) - set(before)) == [], "a failed command made files"
 
 
