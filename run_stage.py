@@ -103,6 +103,13 @@ def _parser() -> argparse.ArgumentParser:
         help="temperature of the pixel decoder; 0 shows its point estimate (default: the run's "
         "sample.pixel_temperature)",
     )
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="class guidance of a class-conditional prior, w >= 0: codes from p(code | y)^(1+w) / p(code)^w "
+        "(default: the run's sample.guidance)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="samples.png", help="PNG grid; the images also go to the same name with .npz")
     p.add_argument("--nrow", type=int, default=None, help="images per row of the grid")
@@ -260,7 +267,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _check_sampling(args: argparse.Namespace) -> Path:
     """The options ``sample`` and ``inpaint`` share; returns the PNG path of ``--out``."""
     _positive(args.n, "-n")
-    for name in ("temperature", "code_temperature", "pixel_temperature"):
+    for name in ("temperature", "code_temperature", "pixel_temperature", "guidance"):
         if getattr(args, name, None) is not None:
             _positive(getattr(args, name), "--" + name.replace("_", "-"), 0)
     if args.nrow is not None:
@@ -311,6 +318,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
     out = _check_sampling(args)
     model = Hierarchy.load(args.run_dir, allow_stale=args.allow_stale)
     _check_label(args.label, model.num_classes, args.run_dir)
+    if args.guidance and not model.num_classes:
+        raise ProgvqError(
+            f"--guidance {args.guidance:g}: the prior of {args.run_dir} is not class-conditional "
+            "(stages.prior.class_conditional: false)"
+        )
     _check_sizes(args, model.image_shape, args.n)
     images = model.sample(
         args.n,
@@ -319,6 +331,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         pixel_temperature=args.pixel_temperature,
         seed=args.seed,
         label=args.label,
+        guidance=args.guidance,
     )
     # a class-conditional prior cycles the classes: one class per column
     nrow = args.nrow or (model.num_classes if model.num_classes and args.label is None else None)

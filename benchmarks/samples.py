@@ -333,8 +333,8 @@ def score_run(
         labels = torch.multinomial(freq / freq.sum(), args.n, replacement=True, generator=gen)
     temperatures = {
         key: getattr(args, key)
-        for key in ("temperature", "code_temperature", "pixel_temperature")
-        if getattr(args, key) is not None
+        for key in ("temperature", "code_temperature", "pixel_temperature", "guidance")
+        if getattr(args, key) is not None and (key != "guidance" or model.num_classes)
     }
     samples, seconds = draw(model, args.n, args.seed, labels, temperatures)
     log(f"{name}: {args.n} samples in {seconds:.1f} s")
@@ -346,7 +346,7 @@ def score_run(
         "sample_seconds": round(seconds, 1),
         "temperatures": {
             key: temperatures.get(key, getattr(model.config.sample, key))
-            for key in ("temperature", "code_temperature", "pixel_temperature")
+            for key in ("temperature", "code_temperature", "pixel_temperature", "guidance")
         },
         **sample_figures(samples, probs, features, labels, ref),
     }
@@ -446,7 +446,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/samples-benchmark", help="classifier cache and training times")
     parser.add_argument("--json", help="figures as JSON (default: OUT/samples.json)")
     parser.add_argument("--grid-dir", help="a PNG grid of 64 samples per run")
-    for flag in ("--temperature", "--code-temperature", "--pixel-temperature"):
+    for flag in ("--temperature", "--code-temperature", "--pixel-temperature", "--guidance"):
         parser.add_argument(flag, type=float, help=f"sampling {flag[2:]} (default: each run's sample settings)")
     parser.add_argument("--flat-steps", type=int, help="a flat config's prior steps, instead of equal training time")
     parser.add_argument(

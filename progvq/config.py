@@ -131,6 +131,9 @@ class SampleConfig:
     # temperature of the pixel decoder: 0 shows its point estimate (a logistic's location, a pixelcnn
     # decoder's mean), t > 0 draws the pixels
     pixel_temperature: float = 0.0
+    # class guidance of a class-conditional prior: each top code from p(code | y)^(1+w) / p(code)^w
+    # (GatedPixelCNN.sample); 0 draws from p(code | y) itself
+    guidance: float = 0.0
 
 
 @dataclass
@@ -475,9 +478,15 @@ def _validate(cfg: Config) -> None:
         _check(d.size is not None, "data.size", d.size, f"the crop's side with data.crop {d.crop!r}")
     _check(0 <= d.seed <= _SEED_MAX, "data.seed", d.seed, f"in [0, {_SEED_MAX}]")
     _check(0 <= cfg.seed <= _SEED_MAX, "seed", cfg.seed, f"in [0, {_SEED_MAX}]")
-    for key in ("temperature", "code_temperature", "pixel_temperature"):
+    for key in ("temperature", "code_temperature", "pixel_temperature", "guidance"):
         value = getattr(cfg.sample, key)
         _check(value >= 0, f"sample.{key}", value, ">= 0")  # the loader already refuses nan and inf
+    _check(
+        cfg.sample.guidance == 0 or cfg.prior.class_conditional,
+        "sample.guidance",
+        cfg.sample.guidance,
+        "0 for an unconditional prior (stages.prior.class_conditional: false)",
+    )
     _check(cfg.device in DEVICES, "device", cfg.device, "one of " + ", ".join(DEVICES))
     if cfg.run_dir is not None:
         _check(cfg.run_dir.strip() != "", "run_dir", cfg.run_dir, "a path or null, not empty")

@@ -198,6 +198,7 @@ class Hierarchy(nn.Module):
         seed: int = 0,
         label: int | Tensor | None = None,
         known: Known | None = None,
+        guidance: float | None = None,
     ) -> Tensor:
         """Draw ``n`` images (n, C, H, W) uint8 from the whole hierarchy.
 
@@ -206,11 +207,16 @@ class Hierarchy(nn.Module):
         point estimate); each None takes the run's ``sample`` setting. ``label``: the
         class (one int, or (n,) ints) for a class-conditional prior; None
         cycles through the classes (see :meth:`labels_for`). ``known`` keeps given
-        codes at any level, as in :meth:`decode` (the top level's too).
+        codes at any level, as in :meth:`decode` (the top level's too). ``guidance`` (None: the
+        run's ``sample.guidance``) sharpens a class-conditional prior towards the class
+        (:meth:`progvq.pixelcnn.GatedPixelCNN.sample`); an unconditional prior takes 0 only.
         """
         if self.prior is None:
             raise RunError("this hierarchy has no trained prior; train stage prior first")
         settings = self.config.sample
+        guidance = settings.guidance if guidance is None else guidance
+        if guidance and not self.num_classes:
+            raise RunError(f"guidance {guidance:g} needs a class-conditional prior; this run's prior has no classes")
         temperature = settings.temperature if temperature is None else temperature
         code_temperature = settings.code_temperature if code_temperature is None else code_temperature
         pixel_temperature = settings.pixel_temperature if pixel_temperature is None else pixel_temperature
@@ -227,6 +233,7 @@ class Hierarchy(nn.Module):
                         pixel_temperature=pixel_temperature,
                         seed=(seed + i * _SEED_STRIDE) % 2**63,
                         label=None if labels is None else labels[start : start + SAMPLE_BATCH],
+                        guidance=guidance,
                     )
                     for i, start in enumerate(range(0, n, SAMPLE_BATCH))
                 ]
@@ -235,7 +242,14 @@ class Hierarchy(nn.Module):
         h, w = self.grid_shape(self.num_levels)
         known = known or {}
         top = self.prior.sample(
-            n, h, w, temperature=temperature, generator=gen, label=labels, known=known.get(self.num_levels)
+            n,
+            h,
+            w,
+            temperature=temperature,
+            generator=gen,
+            label=labels,
+            known=known.get(self.num_levels),
+            guidance=guidance,
         )
         return self.decode(
             top,

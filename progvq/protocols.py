@@ -42,8 +42,10 @@ class Prior(Protocol):
         generator: torch.Generator | None = None,
         label: Tensor | None = None,
         known: tuple[Tensor, Tensor] | None = None,
+        guidance: float = 0.0,
     ) -> Tensor:
-        """(n, height, width) int64 codes; ``known`` = (codes, mask) kept where the mask is True."""
+        """(n, height, width) int64 codes; ``known`` = (codes, mask) kept where the mask is True; ``guidance``
+        w > 0 (class-conditional only) draws from p(code | y)^(1+w) / p(code)^w."""
 
     def coding_walk(
         self, step: CodeStep, n: int, height: int, width: int, target: Tensor | None = None

@@ -359,6 +359,7 @@ CASES: list[Case] = [
     Case("nonfinite", "inf-temperature", verb("sample", trained, "--temperature", "inf"), ("--temperature",)),
     Case("nonfinite", "nan-code-temperature", verb("sample", trained, "--code-temperature", "nan"),
          ("--code-temperature",)),
+    Case("nonfinite", "nan-guidance", verb("sample", trained, "--guidance", "nan"), ("--guidance",)),
     Case("nonfinite", "inf-lr", sets("stages.1.lr=.inf"), ("stages.1.lr: expected a finite number",)),
     Case("nonfinite", "huge-lr-text", sets("stages.1.lr=1e400"), ("stages.1.lr", "1e400")),
     # ---- unbounded input
@@ -471,6 +472,11 @@ CASES: list[Case] = [
          ("--all", "--help")),
     Case("cli", "inpaint-no-image", verb("inpaint", trained, "--image"), ("--image", "--help")),
     Case("cli", "eval-bad-split", verb("eval", trained, "--split", "test"), ("--split", "--help")),
+    Case("cli", "guidance-unconditional", verb("sample", trained, "--guidance", "1"),
+         ("--guidance 1", "not class-conditional")),
+    Case("cli", "guidance-in-config-unconditional", sets("sample.guidance=2"),
+         ("sample.guidance", "unconditional prior")),
+    Case("cli", "negative-guidance-in-config", sets("sample.guidance=-1"), ("sample.guidance", ">= 0")),
     Case("cli", "set-text-for-int", sets("stages.1.hidden=1e3"), ("stages.1.hidden: expected an integer",)),
     # ---- late refusals: train --all checks what it can before its first step
     Case("late", "conditional-prior-without-labels", lambda ctx: train_args(

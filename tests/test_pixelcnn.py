@@ -442,3 +442,74 @@ def test_unused_parameters_is_what_a_backward_leaves_without_a_gradient() -> Non
     (-code_log_prob(model(codes), codes).sum()).backward()
     unused = sorted(name for name, p in model.named_parameters() if p.grad is None)
     assert GatedPixelCNN.unused_parameters and unused == ["blocks.2.h_out.bias", "blocks.2.h_out.weight"]
+
+
+# --------------------------------------------------------------------------- class guidance
+
+
+def _guidance_model() -> GatedPixelCNN:
+    torch.manual_seed(0)
+    model = GatedPixelCNN(7, channels=16, layers=3, kernel_size=3, num_classes=4)
+    for p in model.parameters():
+        p.data.normal_(0, 0.5)  # far from uniform
+    for block in model.blocks:
+        block.label_bias.weight.data.mul_(0.1)  # classes that differ a little: guidance has work to do
+    return model.eval()
+
+
+def _guided_reference(model: GatedPixelCNN, label: torch.Tensor, w: float, height: int, width: int) -> torch.Tensor:
+    """Greedy guided codes computed the long way: full forward passes under every class at every position,
+    p(y | codes so far) from the log-likelihood of the codes drawn so far under each class."""
+    import torch.nn.functional as F
+
+    n, classes = len(label), model.num_classes
+    codes = torch.zeros(n, height, width, dtype=torch.long)
+    with torch.no_grad():
+        for i in range(height):
+            for j in range(width):
+                per_class = [F.log_softmax(model(codes, label=torch.full((n,), y)).double(), 1) for y in range(classes)]
+                logp = torch.stack([lp[:, :, i, j] for lp in per_class], 1)  # (n, C, K)
+                drawn = torch.stack([lp.gather(1, codes[:, None])[:, 0] for lp in per_class], 1)  # (n, C, H, W)
+                before = (torch.arange(height * width) < i * width + j).view(height, width)
+                posterior = F.log_softmax((drawn * before).flatten(2).sum(2), 1)
+                marginal = torch.logsumexp(posterior[:, :, None] + logp, 1)
+                asked = logp[torch.arange(n), label]
+                codes[:, i, j] = (asked + w * (asked - marginal)).argmax(1)
+    return codes
+
+
+@pytest.mark.parametrize("method", ["cached", "naive"])
+def test_guided_sample_is_the_guided_distribution(method: str) -> None:
+    """p(code | y)^(1+w) / p(code)^w with p(code) the model's own mixture over classes: a known answer."""
+    model = _guidance_model()
+    label = torch.tensor([0, 1, 2, 3, 1])
+    got = model.sample(5, 3, 4, temperature=0, label=label, guidance=1.5, method=method)  # type: ignore[arg-type]
+    assert torch.equal(got, _guided_reference(model, label, 1.5, 3, 4))
+    plain = model.sample(5, 3, 4, temperature=0, label=label)
+    assert not torch.equal(got, plain)  # guidance changed something on this model
+
+
+def test_guidance_zero_is_the_plain_draw_and_is_checked() -> None:
+    model = _guidance_model()
+    label = torch.tensor([2, 0, 3])
+    a = model.sample(3, 3, 3, label=label, generator=torch.Generator().manual_seed(4))
+    b = model.sample(3, 3, 3, label=label, generator=torch.Generator().manual_seed(4), guidance=0.0)
+    assert torch.equal(a, b)
+    for bad in (-1.0, math.nan, math.inf):
+        with pytest.raises(ValueError, match="guidance"):
+            model.sample(3, 3, 3, label=label, guidance=bad)
+    with pytest.raises(ValueError, match="class-conditional"):
+        GatedPixelCNN(7, channels=8, layers=2).sample(3, 3, 3, guidance=1.0)
+
+
+def test_guidance_raises_the_asked_class_posterior() -> None:
+    """Guided samples are likelier under their class, relative to the others, than plain ones (same seeds)."""
+    model = _guidance_model()
+    label = torch.arange(4).repeat(16)
+    posteriors = []
+    for w in (0.0, 3.0):
+        codes = model.sample(64, 3, 3, label=label, generator=torch.Generator().manual_seed(7), guidance=w)
+        with torch.no_grad():
+            per_class = torch.stack([model.log_prob(codes, torch.full((64,), y)) for y in range(4)], 1)
+        posteriors.append(torch.softmax(per_class, 1)[torch.arange(64), label].mean())
+    assert posteriors[1] > posteriors[0] + 0.05
