@@ -408,6 +408,20 @@ class GatedPixelCNN(nn.Module):
             return _pick(logits, i, j, temperature, generator, known)
 
         codes = torch.zeros(n, height, width, dtype=torch.long, device=device)
+        self._fill(codes, cond, label, choose, method)
+        return codes
+
+    def _fill(
+        self,
+        codes: Tensor,
+        cond: Tensor | None,
+        label: Tensor | None,
+        choose: Callable[[Tensor, int, int], Tensor],
+        method: Literal["cached", "naive"],
+    ) -> None:
+        """Fill ``codes`` (n, height, width) int64 in raster order with ``choose(logits (n, outputs), i, j)``,
+        in eval mode, by the cached loop or one forward pass per position (``method``)."""
+        n, height, width = codes.shape
         # Remember every submodule's mode, not just the top one, so a caller's
         # mixed setting (e.g. some parts frozen in eval) survives sampling.
         modes = [(m, m.training) for m in self.modules()]
@@ -416,14 +430,12 @@ class GatedPixelCNN(nn.Module):
             if method == "naive":
                 for i in range(height):
                     for j in range(width):
-                        logits = self(codes, cond, label)[:, :, i, j]  # (n, num_codes)
-                        codes[:, i, j] = choose(logits, i, j)
+                        codes[:, i, j] = choose(self(codes, cond, label)[:, :, i, j], i, j)
             else:
                 self._run_cached(n, height, width, cond, label, choose, codes)
         finally:
             for module, training in modes:
                 module.training = training
-        return codes
 
     def _sample_guided(
         self,
@@ -469,18 +481,7 @@ class GatedPixelCNN(nn.Module):
             drawn = _pick(to_guided(out), i, j, temperature, generator, known)
             return record(out, drawn)
 
-        modes = [(m, m.training) for m in self.modules()]
-        self.eval()
-        try:
-            if method == "naive":
-                for i in range(height):
-                    for j in range(width):
-                        wide[:, i, j] = choose(self(wide, wide_cond, every)[:, :, i, j], i, j)
-            else:
-                self._run_cached(n * classes, height, width, wide_cond, every, choose, wide)
-        finally:
-            for module, training in modes:
-                module.training = training
+        self._fill(wide, wide_cond, every, choose, method)
         return narrow.clone()
 
     @torch.no_grad()
