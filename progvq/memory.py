@@ -42,10 +42,15 @@ def available_bytes(device: torch.device | str = "cpu") -> int:
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
+    return physical_bytes()
+
+
+def physical_bytes() -> int:
+    """This machine's memory in bytes (a very large number where it cannot be told: let the allocator decide)."""
     try:
         return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
     except (ValueError, OSError, AttributeError):
-        return 1 << 62  # nothing to measure by: let the allocator decide
+        return 1 << 62
 
 
 def check_fits(nbytes: int, what: str, device: torch.device | str = "cpu") -> None:
