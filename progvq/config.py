@@ -277,7 +277,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check ``value`` against the annotation ``tp``; returns it (ints widen to floats)."""
     registry = _registry(tp)
     if registry is not None:
-        return None if value is None else _build_kind(registry, value, where)
+        return _build_kind(registry, value, where)
     origin = typing.get_origin(tp)
     if origin is list:
         (item_tp,) = typing.get_args(tp)
@@ -371,8 +371,17 @@ def _build_prior(raw: Any, where: str) -> PriorConfig:
     return cfg
 
 
+def _is_section(tp: Any) -> bool:
+    """Whether a field annotated ``tp`` holds a section of its own: a dataclass, or a kind-tagged one."""
+    return _registry(tp) is not None or dataclasses.is_dataclass(tp)
+
+
 def _build(cls: type, raw: Any, where: str) -> Any:
-    """Build dataclass ``cls`` from a mapping, refusing unknown keys (a null section takes every default)."""
+    """Build dataclass ``cls`` from a mapping, refusing unknown keys.
+
+    A null section takes every default, and a null field that holds a section (``quantizer: ~``,
+    ``data:`` with nothing under it) is that section left out: its field's default.
+    """
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -383,7 +392,14 @@ def _build(cls: type, raw: Any, where: str) -> Any:
         if not isinstance(key, str) or key not in names:
             known = ", ".join(sorted(names))
             raise ConfigError(f"{_join(where, _key(key))}: unknown key (known: {known})")
-    kwargs = {k: _coerce(v, hints[k], _join(where, k)) for k, v in raw.items()}
+    # a null section goes to the field's own default rather than through _coerce: a kind-tagged
+    # section has no kind to build without one, and a field whose default is None (a decoder: the
+    # level's own kind, chosen in _validate) keeps it; a null section never reaches validation as None
+    kwargs = {
+        k: _coerce(v, hints[k], _join(where, k))
+        for k, v in raw.items()
+        if v is not None or not _is_section(hints[k])
+    }
     return cls(**kwargs)
 
 
