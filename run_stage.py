@@ -10,6 +10,9 @@
     progvq decode RUN_DIR CODES.npz --out FILE.png [--level K] [--temperature T]
     progvq compress RUN_DIR (FILES... | --split heldout) --out FILE.pvq
     progvq decompress RUN_DIR FILE.pvq --out OUT.npz|DIR
+    progvq data get NAME [DIR] [--mirror URL]  download mnist, fashion-mnist or cifar10, checked
+    progvq data list                          the data sets `data get` knows
+    progvq data shapes OUT --count N          the shapes as PNG files in class folders
 
 ``python run_stage.py ...`` is the same program. User mistakes print one line
 on stderr and exit with status 2.
@@ -218,7 +221,31 @@ def _parser() -> argparse.ArgumentParser:
         "--out", required=True, help="OUT.npz (images, and labels for a class-conditional prior) or a folder of PNGs"
     )
     _stale_option(p)
+
+    _data_parser(sub)
     return parser
+
+
+def _data_parser(sub: argparse._SubParsersAction) -> None:
+    """``progvq data get | list | shapes``: data sets as files."""
+    p = sub.add_parser("data", help="download a known data set, or write the shapes as image files")
+    verbs = p.add_subparsers(dest="data_command", required=True, metavar="VERB")
+    g = verbs.add_parser("get", help="download a known data set (mnist, fashion-mnist, cifar10) and check each file")
+    g.add_argument("name", metavar="NAME", help="mnist, fashion-mnist or cifar10 (`progvq data list`)")
+    g.add_argument("dir", metavar="DIR", nargs="?", help="the folder to write it to (default: data/NAME)")
+    g.add_argument(
+        "--mirror",
+        metavar="URL",
+        help="download each file from URL/NAME/FILE instead of its publisher (default: $PROGVQ_DATA_MIRROR if set)",
+    )
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    verbs.add_parser("list", help="the known data sets: where each comes from, its licence, files and checksums")
+    s = verbs.add_parser("shapes", help="the generated shapes as PNG files in one folder per class")
+    s.add_argument("out", metavar="OUT", help="the folder to write (class folders 0-ellipse ... 8-triangle+triangle)")
+    s.add_argument("--count", type=int, default=6000, help="how many images (default 6000)")
+    s.add_argument("--size", type=int, default=32, help="side in pixels (default 32)")
+    s.add_argument("--channels", type=int, choices=(1, 3), default=3, help="1 grey, 3 colour (default 3)")
+    s.add_argument("--seed", type=int, default=0)
 
 
 def _stale_option(p: argparse.ArgumentParser) -> None:
@@ -552,6 +579,30 @@ def cmd_decompress(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    from progvq import datasets
+
+    if args.data_command == "list":
+        print("\n".join(datasets.describe()))
+        return 0
+    if args.data_command == "shapes":
+        from progvq.data import write_shapes_folder
+
+        write_shapes_folder(Path(args.out), args.count, size=args.size, channels=args.channels, seed=args.seed)
+        print(f"wrote {args.count} {args.size}x{args.size} images to {args.out}")
+        return 0
+    dataset = datasets.known(args.name)
+    mirror = args.mirror
+    if mirror is not None:
+        datasets.check_mirror(mirror, "--mirror")
+    elif os.environ.get(datasets.MIRROR_VARIABLE):
+        mirror = datasets.check_mirror(os.environ[datasets.MIRROR_VARIABLE], datasets.MIRROR_VARIABLE)
+    folder = Path(args.dir if args.dir is not None else dataset.place)
+    datasets.get(dataset.name, folder, mirror=mirror, progress=False if args.no_progress else None)
+    print(f"{dataset.name} is in {folder}: {datasets.usage(dataset, folder)}")
+    return 0
+
+
 COMMANDS = {
     "train": cmd_train,
     "sample": cmd_sample,
@@ -562,6 +613,7 @@ COMMANDS = {
     "decode": cmd_decode,
     "compress": cmd_compress,
     "decompress": cmd_decompress,
+    "data": cmd_data,
 }
 
 
@@ -606,8 +658,9 @@ def main(argv: list[str] | None = None) -> int:
         say(f"progvq: {stop}; to resume, run the same command again: {again}")
         return 128 + int(getattr(signal, stop.signal_name, signal.SIGTERM))
     except KeyboardInterrupt:
-        # checkpoints are atomic, so the last one written is intact
-        say(f"progvq: interrupted; to resume from the last checkpoint, run the same command again: {again}")
+        # checkpoints are atomic, so the last one written is intact; a download keeps its .part file
+        where = "the download" if args.command == "data" else "from the last checkpoint"
+        say(f"progvq: interrupted; to resume {where}, run the same command again: {again}")
         return 130
     finally:
         teardown()

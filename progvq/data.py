@@ -968,22 +968,11 @@ def write_shapes_folder(
         Image.fromarray(pixels).save(folder / names[label] / f"{i:0{width}d}{suffix}")
 
 
-def _main(argv: list[str] | None = None) -> None:
-    """``python -m progvq.data shapes-folder OUT [--count N] [--size S] [--channels C] [--seed K]``."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m progvq.data", description="write a data set to files")
-    sub = parser.add_subparsers(dest="command", required=True)
-    shapes = sub.add_parser("shapes-folder", help="shapes as PNG files in one folder per class")
-    shapes.add_argument("out", type=Path)
-    shapes.add_argument("--count", type=int, default=6000)
-    shapes.add_argument("--size", type=int, default=32)
-    shapes.add_argument("--channels", type=int, choices=(1, 3), default=3)
-    shapes.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    write_shapes_folder(args.out, args.count, size=args.size, channels=args.channels, seed=args.seed)
-    print(f"wrote {args.count} {args.size}x{args.size} images to {args.out}")
-
-
 if __name__ == "__main__":
-    _main()
+    # the older spelling of `progvq data shapes`, kept for the scripts that use it
+    import sys
+
+    from run_stage import main
+
+    _argv = sys.argv[1:]
+    sys.exit(main(["data", "shapes", *_argv[1:]] if _argv[:1] == ["shapes-folder"] else ["data", *_argv]))
