@@ -24,7 +24,7 @@ from typing import Annotated, Any
 
 import yaml
 
-from .data import LABELLED_SOURCES, SHAPES_DEFAULT_SIZE, SHAPES_MIN_SIZE, SOURCES, DataConfig
+from .data import DEFAULT_PATHS, LABELLED_SOURCES, SHAPES_DEFAULT_SIZE, SHAPES_MIN_SIZE, SOURCES, DataConfig
 from .errors import ConfigError, ProgvqError
 from .fileio import read_limited
 from .folder import CROPS, ON_UNREADABLE, RESIZES
@@ -470,7 +470,8 @@ def _validate(cfg: Config) -> None:
     if d.source == "shapes":
         _check(d.count > d.heldout, "data.count", d.count, f"> data.heldout ({d.heldout})")
     else:
-        _check(d.path is not None, "data.path", d.path, f"a path for source {d.source!r}")
+        # mnist without a path reads the test set progvq ships (data.DEFAULT_PATHS)
+        _check(d.path is not None or d.source in DEFAULT_PATHS, "data.path", d.path, f"a path for source {d.source!r}")
     if d.path is not None:
         _check(d.path.strip() != "", "data.path", d.path, "a path, not empty")
     if d.size is not None:

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from progvq.canvas import Canvas
+from progvq.datasets import SHIPPED_MNIST, get_command
 from progvq.errors import DataError
 from progvq.folder import (
     IMAGE_SUFFIXES,
@@ -46,6 +47,11 @@ from progvq.folder import reason as _reason
 from progvq.memory import physical_bytes as _memory  # a name tests can stand in for
 from progvq.registry import Registry
 
+#: Where a source reads when ``data.path`` is not given (the other sources with files need one): for
+#: ``mnist``, MNIST's test set shipped with progvq (t10k files only: 9,000 train and 1,000 held out
+#: with ``data.heldout: 1000``).
+DEFAULT_PATHS = {"mnist": SHIPPED_MNIST}
+
 #: Side of generated shapes images when ``data.size`` is not set, and the smallest side they can have.
 SHAPES_DEFAULT_SIZE = 32
 SHAPES_MIN_SIZE = 8
@@ -56,7 +62,7 @@ class DataConfig:
     """Where images come from and how they are split."""
 
     source: str = "shapes"  # shapes | mnist | folder | array
-    path: str | None = None  # folder (mnist, folder) or file (array)
+    path: str | None = None  # folder (mnist, folder) or file (array); mnist without one: DEFAULT_PATHS
     prefix: str = "t10k"  # mnist: files {prefix}-images-idx3-ubyte[.gz]
     key: str | None = None  # array: the .npz entry to read
     channels: int = 1  # shapes and folder: 1 (grey) or 3 (RGB)
@@ -73,6 +79,7 @@ class DataConfig:
 
 
 __all__ = [
+    "DEFAULT_PATHS",
     "IDX_IMAGES_MAGIC",
     "IDX_LABELS_MAGIC",
     "IMAGE_SUFFIXES",
@@ -80,6 +87,7 @@ __all__ = [
     "SHAPE_KINDS",
     "SOURCES",
     "DataConfig",
+    "data_path",
     "heldout_rows",
     "load_array",
     "load_dataset",
@@ -793,10 +801,12 @@ def load_dataset(
     training split is then read batch by batch. ``progress`` shows a bar while a folder is
     decoded (None: only on a terminal); ``log`` reports a rebuilt cache and skipped files.
     """
+    if cfg.source != "shapes":
+        _refuse_missing(cfg)
     if cfg.source == "folder":
         return _load_folder(cfg, total_downsample, cache_dir=cache_dir, progress=progress, log=log)
     images, labels = SOURCES.entry(cfg.source).builder(cfg)
-    where = "shapes" if cfg.source == "shapes" else cfg.path
+    where = "shapes" if cfg.source == "shapes" else data_path(cfg)
     if images.shape[1] != cfg.channels:
         raise DataError(f"{where}: images have {images.shape[1]} channels but data.channels is {cfg.channels}")
     if cfg.limit is not None:
@@ -807,7 +817,7 @@ def load_dataset(
     cut = len(images) - cfg.heldout
     labels_from = None
     if labels is not None and cfg.source == "mnist":
-        labels_from = str(_find_idx(Path(str(cfg.path)), f"{cfg.prefix}-labels-idx1-ubyte"))
+        labels_from = str(_find_idx(data_path(cfg), f"{cfg.prefix}-labels-idx1-ubyte"))
     elif labels is not None:
         labels_from = cfg.source
     return ImageData(
@@ -818,6 +828,38 @@ def load_dataset(
         canvas,
         labels_from,
     )
+
+
+def data_path(cfg: DataConfig) -> Path:
+    """The file or folder the configured source reads: ``data.path``, else the source's :data:`DEFAULT_PATHS`."""
+    if cfg.path is not None:
+        return Path(cfg.path)
+    if cfg.source not in DEFAULT_PATHS:
+        raise DataError(f"data.path: source {cfg.source!r} needs one")
+    return DEFAULT_PATHS[cfg.source]
+
+
+def _refuse_missing(cfg: DataConfig) -> None:
+    """Refuse a ``data.path`` with nothing there to read, in one line that names the ``progvq data get``
+    command writing it when the path is a known data set's place (see :func:`progvq.datasets.get_command`)."""
+    path = data_path(cfg)
+    images = f"{cfg.prefix}-images-idx3-ubyte"
+    if cfg.path is None and _find_idx(path, images) is None:
+        # the default is mnist's alone (data_path refuses the others), and it holds the t10k files only
+        raise DataError(
+            f"data.path: not given, and MNIST's test set shipped with progvq has only t10k files, not "
+            f"data.prefix {cfg.prefix!r}; get the whole set with: progvq data get mnist data/mnist, "
+            "and set data.path: data/mnist"
+        )
+    if not path.exists():
+        what = {"mnist": "MNIST folder", "folder": "image folder", "array": "array file"}.get(cfg.source, "data")
+        what = f"{what} not found"
+    elif cfg.source == "mnist" and path.is_dir() and _find_idx(path, images) is None:
+        what = f"no MNIST images file (looked for {images} and {images}.gz)"
+    else:
+        return  # there: the source reads it and says what is wrong with it, if anything
+    command = get_command(path, cfg.source)
+    raise DataError(f"data.path: {path}: {what}" + (f"; get it with: {command}" if command else ""))
 
 
 def _canvas(cfg: DataConfig, shape: tuple[int, ...], total_downsample: int, where: str) -> Canvas:
@@ -934,7 +976,7 @@ SOURCES.add(
         cfg.count, size=cfg.size or SHAPES_DEFAULT_SIZE, channels=cfg.channels, seed=cfg.seed
     ),
 )
-SOURCES.add("mnist", DataConfig, lambda cfg: load_mnist(Path(cfg.path), cfg.prefix))
+SOURCES.add("mnist", DataConfig, lambda cfg: load_mnist(data_path(cfg), cfg.prefix))
 SOURCES.add("folder", DataConfig, lambda cfg: _folder_source(cfg))
 SOURCES.add("array", DataConfig, lambda cfg: (load_array(Path(cfg.path), cfg.key), None))
 #: Sources whose images can come with class labels: shapes (what was drawn, SHAPE_CLASSES), mnist

@@ -1,6 +1,6 @@
 """progvq.datasets and ``progvq data``: known data sets downloaded from a local HTTP server, checked, resumed,
 written out (CIFAR-10 as image folders the folder source reads), every refusal in one line; the MNIST test set
-progvq ships; the command that gets a data set a config names.
+progvq ships; a missing data set's place named with the command that gets it.
 
 The server runs on 127.0.0.1 in a thread and serves ``/NAME/FILE`` (the layout ``--mirror`` reads). MNIST's t10k
 files are the published ones from ``../shared/data/mnist`` with their real checksums; the other files are small
@@ -35,11 +35,12 @@ import pytest
 import torch
 
 from progvq import datasets
+from progvq.config import load_config
 from progvq.data import DataConfig, load_dataset, load_mnist
 from progvq.datasets import KNOWN, SHIPPED_MNIST, get_command
 from run_stage import main
 
-from .conftest import MNIST_DIR, ROOT
+from .conftest import MNIST_DIR, ROOT, TINY
 from .helpers import idx_bytes
 
 needs_mnist = pytest.mark.skipif(not MNIST_DIR.is_dir(), reason="no ../shared/data/mnist")
@@ -715,7 +716,59 @@ def test_the_shipped_test_set_is_the_published_one() -> None:
             assert remote.sha256 in readme
 
 
-# --------------------------------------------------------------------------- the command that gets a data set
+@needs_mnist
+def test_mnist_without_a_path_reads_the_shipped_set() -> None:
+    cfg = load_config(TINY, ["data.source=mnist", "data.size=32", "data.heldout=1000", "data.limit=null"])
+    assert cfg.data.path is None
+    data = load_dataset(cfg.data, 4)
+    shared = load_dataset(dataclasses.replace(cfg.data, path=str(MNIST_DIR)), 4)
+    assert data.train.shape == (9000, 1, 28, 28) and data.heldout.shape == (1000, 1, 28, 28)
+    for a, b in ((data.train, shared.train), (data.heldout, shared.heldout), (data.train_labels, shared.train_labels),
+                 (data.heldout_labels, shared.heldout_labels)):
+        assert torch.equal(a, b)
+    assert data.labels_from == str(SHIPPED_MNIST / "t10k-labels-idx1-ubyte.gz")
+
+
+# --------------------------------------------------------------------------- a missing data set, named
+
+
+@pytest.mark.parametrize(
+    ("sets", "needle"),
+    [
+        (["data.source=folder", "data.path=data/cifar10/train"],
+         "data.path: data/cifar10/train: image folder not found; get it with: progvq data get cifar10 data/cifar10"),
+        (["data.source=folder", "data.path=data/cifar10"],
+         ("data.path: data/cifar10: image folder not found; get it with: progvq data get cifar10 data/cifar10 "
+         "(then data.path: data/cifar10/train)")),
+        (["data.source=mnist", "data.path=data/fashion-mnist", "data.prefix=train"],
+         ("data.path: data/fashion-mnist: MNIST folder not found; "
+         "get it with: progvq data get fashion-mnist data/fashion-mnist")),
+        (["data.source=mnist", "data.path=my digits"],
+         "data.path: my digits: MNIST folder not found; get it with: progvq data get mnist 'my digits'"),
+        (["data.source=mnist", "data.prefix=train"],
+         ("data.path: not given, and MNIST's test set shipped with progvq has only t10k files, not data.prefix "
+         "'train'; get the whole set with: progvq data get mnist data/mnist, and set data.path: data/mnist")),
+        (["data.source=folder", "data.path=pictures"], "data.path: pictures: image folder not found"),
+    ],
+)
+def test_a_missing_data_set_names_the_command_that_gets_it(
+    sets: list[str], needle: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    args = ["train", str(TINY), "--all", "--no-progress"]
+    for s in sets:
+        args += ["--set", s]
+    capsys.readouterr()
+    line = assert_refused(main(args), capsys.readouterr().err, needle)
+    assert line.endswith(needle) and "progvq data get" in line or "pictures" in needle and "progvq data" not in line
+    assert list(tmp_path.iterdir()) == []  # no run folder left
+
+
+def test_an_empty_mnist_folder_names_the_command(tmp_path: Path) -> None:
+    (tmp_path / "mnist").mkdir()
+    cfg = DataConfig(source="mnist", path=str(tmp_path / "mnist"), prefix="train")
+    with pytest.raises(datasets.DataError, match=r"no MNIST images file .*get it with: progvq data get mnist "):
+        load_dataset(cfg)
 
 
 def test_get_command_names_only_what_the_source_reads() -> None:
