@@ -3,7 +3,7 @@
     python benchmarks/compress.py [--config configs/mnist.yaml] [--shapes-config configs/shapes.yaml]
                                   [--runs-dir runs/samples] [--n 1000] [--json OUT]
 
-Run from the project root (the MNIST config reads ../shared/data/mnist), with OMP_NUM_THREADS=1 for
+Run from the project root (the MNIST config reads the test set the package ships), with OMP_NUM_THREADS=1 for
 timings comparable to the README's. What it does:
 
 1. Trains each config into ``RUNS_DIR/<config name>`` if a stage is not done yet (the runs of

@@ -5,7 +5,7 @@
 Prints JSON: wall-clock of each stage, stage-1 images/s, held-out figures per
 level (PSNR, code accuracy, codes used), prior bits/code, the likelihood bound
 in bits/dim split by level, and writes a grid of 64 samples. Run from the
-project root (the config reads ../shared/data/mnist). A run directory that
+project root (the config reads the MNIST test set the package ships). A run directory that
 already has finished stages is reused; pass a fresh one to time everything.
 """
 

@@ -3,7 +3,7 @@
     python benchmarks/quality.py [--factorised-run runs/quality-factorised] [--ar-run runs/quality-ar]
                                  [--docs docs] [--quick]
 
-Run from the project root (the configs read ../shared/data/mnist). What it does:
+Run from the project root (the configs read the MNIST test set the package ships). What it does:
 
 1. Trains ``configs/mnist-ar.yaml`` with a factorised level-2 decoder and an unconditional prior
    (what ``mnist.yaml`` was before its pixelcnn decoder), and as it is (autoregressive level-2 decoder,

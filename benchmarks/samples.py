@@ -5,7 +5,7 @@
     python benchmarks/samples.py --config configs/mnist.yaml --config configs/mnist-flat.yaml [--runs-dir runs]
     python benchmarks/samples.py --data mnist        # the same two configs
 
-Run from the project root (the MNIST configs read ../shared/data/mnist). What it does:
+Run from the project root (the MNIST configs read the test set the package ships). What it does:
 
 1. With ``--config`` (repeatable; ``--data mnist`` alone means ``mnist.yaml`` then
    ``mnist-flat.yaml``), trains each config into ``RUNS_DIR/<config name>`` first, stages
