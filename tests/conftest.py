@@ -8,11 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from progvq.datasets import SHIPPED_MNIST
 from run_stage import main
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
-MNIST_DIR = ROOT.parent / "shared" / "data" / "mnist"
+#: MNIST's published test set (the t10k idx files and their SHA256SUMS) kept beside the project
+SHARED_MNIST = ROOT.parent / "shared" / "data" / "mnist"
+#: the t10k files the tests train and read: the shared folder where there is one, else the package's
+#: own copy of the same published files, so that a fresh clone anywhere runs every MNIST test
+MNIST_DIR = SHARED_MNIST if SHARED_MNIST.is_dir() else SHIPPED_MNIST
 
 
 @pytest.fixture(autouse=True, scope="session")

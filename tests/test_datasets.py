@@ -40,10 +40,11 @@ from progvq.data import DataConfig, load_dataset, load_mnist
 from progvq.datasets import KNOWN, SHIPPED_MNIST, get_command
 from run_stage import main
 
-from .conftest import MNIST_DIR, ROOT, TINY
+from .conftest import MNIST_DIR, ROOT, SHARED_MNIST, TINY
 from .helpers import idx_bytes
 
-needs_mnist = pytest.mark.skipif(not MNIST_DIR.is_dir(), reason="no ../shared/data/mnist")
+#: tests that compare with the shared folder itself (its SHA256SUMS, the shipped copy against it)
+needs_shared_mnist = pytest.mark.skipif(not SHARED_MNIST.is_dir(), reason="no ../shared/data/mnist")
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
@@ -267,13 +268,13 @@ def test_the_table_names_every_file_with_its_size_and_sha256() -> None:
     assert KNOWN["cifar10"].files[0].urls == ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",)
 
 
-@needs_mnist
+@needs_shared_mnist
 def test_the_tables_mnist_test_files_are_the_published_ones() -> None:
-    sums = dict(line.split()[::-1] for line in (MNIST_DIR / "SHA256SUMS").read_text().splitlines())
+    sums = dict(line.split()[::-1] for line in (SHARED_MNIST / "SHA256SUMS").read_text().splitlines())
     for remote in KNOWN["mnist"].files:
         if remote.name.startswith("t10k"):
             assert remote.sha256 == sums[remote.name]
-            assert remote.size == (MNIST_DIR / remote.name).stat().st_size
+            assert remote.size == (SHARED_MNIST / remote.name).stat().st_size
 
 
 def test_data_list_prints_the_table(capsys: pytest.CaptureFixture[str]) -> None:
@@ -716,12 +717,12 @@ def test_the_shipped_test_set_is_the_published_one() -> None:
             assert remote.sha256 in readme
 
 
-@needs_mnist
+@needs_shared_mnist
 def test_mnist_without_a_path_reads_the_shipped_set() -> None:
     cfg = load_config(TINY, ["data.source=mnist", "data.size=32", "data.heldout=1000", "data.limit=null"])
     assert cfg.data.path is None
     data = load_dataset(cfg.data, 4)
-    shared = load_dataset(dataclasses.replace(cfg.data, path=str(MNIST_DIR)), 4)
+    shared = load_dataset(dataclasses.replace(cfg.data, path=str(SHARED_MNIST)), 4)
     assert data.train.shape == (9000, 1, 28, 28) and data.heldout.shape == (1000, 1, 28, 28)
     for a, b in ((data.train, shared.train), (data.heldout, shared.heldout), (data.train_labels, shared.train_labels),
                  (data.heldout_labels, shared.heldout_labels)):
