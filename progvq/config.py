@@ -541,7 +541,6 @@ def _validate(cfg: Config) -> None:
         _validate_kind(level.decoder, f"{where}.decoder")
         _validate_weights(level, name, where)
         if kind == "pixelcnn":
-            _check(d.channels == 1, f"{where}.decoder.kind", kind, "logistic for colour images (data.channels: 3)")
             # the decoder's point estimate (reconstructions, samples at pixel temperature 0) learns from it alone
             mse = level.loss_weights["mse"]
             need = "> 0 with a pixelcnn decoder (it trains the point estimate)"

@@ -4,7 +4,8 @@
 logistic per pixel, so its likelihood has a real number of bits.
 ``AutoregressivePixelLevel`` (``decoder: {kind: pixelcnn}``) keeps that encoder and
 quantiser and makes D_1 a gated PixelCNN over the pixels in raster order, each a
-mixture of discretised logistics, conditioned on z_1: the pixels given z_1 are most of the bound, and a
+mixture of discretised logistics (for colour PixelCNN++'s, its channels coupled),
+conditioned on z_1: the pixels given z_1 are most of the bound, and a
 pixel's neighbours say much of what z_1 leaves open (where exactly a stroke's edge
 falls). Its trunk also gives a point estimate of the image (trained by squared
 error), which is its reconstruction and what samples show at pixel temperature 0.
@@ -46,11 +47,14 @@ from .nets import (
     BINS,
     Decoder,
     Encoder,
+    colour_mixture_logp,
+    colour_mixture_outputs,
     discretized_logistic_logp,
     logistic_mixture_logits,
     logistic_mixture_logp,
     to_uint8,
     to_unit,
+    walk_colour_mixture,
 )
 from .pixelcnn import CodeStep, GatedPixelCNN, PixelCNNConfig, code_log_prob, draw
 from .quantize import Quantizer, QuantizerOutput
@@ -185,14 +189,17 @@ class PixelLevel(nn.Module):
 
 @dataclass
 class PixelCNNDecoderConfig:
-    """``decoder: {kind: pixelcnn, pixelcnn: {...}, mixture: K}`` (level 1, grey images): a gated PixelCNN
-    over the pixels in raster order, conditioned on z_1 upsampled to the image, each pixel a mixture
-    of K discretised logistics. It needs no reach over the whole image: z_1 carries the layout,
-    the PixelCNN the local detail."""
+    """``decoder: {kind: pixelcnn, pixelcnn: {...}, mixture: K}`` (level 1): a gated PixelCNN over the
+    pixels in raster order, conditioned on z_1 upsampled to the image, each pixel a mixture of K
+    discretised logistics. A colour pixel's mixture is PixelCNN++'s (Salimans et al. 2017): the
+    three channels share the K weights, and component k gives R, G and B a logistic each, of means
+    mu_R, mu_G + alpha R and mu_B + beta R + gamma G (alpha, beta, gamma in (-1, 1) from the
+    network), 10K numbers per pixel against a grey pixel's 3K. It needs no reach over the whole
+    image: z_1 carries the layout, the PixelCNN the local detail."""
 
     pixelcnn: PixelCNNConfig = field(default_factory=PixelCNNConfig)
-    # components per pixel: ordered levels and few parameters (3K against a 256-way softmax's 256)
-    # learn from 9,000 images, and cost a fraction of the softmax's time
+    # components per pixel: ordered levels and few parameters (3K against a 256-way softmax's 256;
+    # colour 10K against 256^3) learn from 9,000 images, and cost a fraction of the softmax's time
     mixture: int = 5
 
     def problems(self) -> list[tuple[str, Any, str]]:
@@ -203,13 +210,20 @@ class PixelCNNDecoderConfig:
 
 
 class AutoregressivePixelLevel(PixelLevel):
-    """Level 1 with D_1 a gated PixelCNN over grey pixels, conditioned on z_1.
+    """Level 1 with D_1 a gated PixelCNN over the pixels, conditioned on z_1.
 
-    p(x | z_1) = prod_ij p(x[i, j] | x before (i, j) in raster order, z_1), each factor a mixture
-    of K discretised logistics over the 256 grey levels (:func:`~progvq.nets.logistic_mixture_logp`),
-    so its bits are exact. The PixelCNN reads the pixels as 256 levels (an embedding per level).
-    The decoder trunk maps the z_1 vectors (B, dim, h, w) to (B, channels + 1, H, W): a
-    conditioning map for every gated block, and one channel of point estimate in [-1, 1]
+    p(x | z_1) = prod_ij p(x[:, i, j] | x before (i, j) in raster order, z_1), so its bits are
+    exact. A grey pixel's factor is a mixture of K discretised logistics over the 256 levels
+    (:func:`~progvq.nets.logistic_mixture_logp`). A colour pixel's is PixelCNN++'s mixture over its
+    C = 3 channels (:func:`~progvq.nets.colour_mixture_logp`): shared weights, and each component's
+    G and B means moved linearly by the channels before them; entropy coding and sampling take the
+    channels in turn, each from its distribution given the earlier ones
+    (:func:`~progvq.nets.walk_colour_mixture`). The PixelCNN reads every channel of the earlier
+    pixels as 256 levels (an embedding per level and channel, summed over a pixel's channels;
+    :class:`~progvq.pixelcnn.GatedPixelCNN`'s ``code_channels``). A grey model has exactly the
+    parameters and arithmetic it always had.
+    The decoder trunk maps the z_1 vectors (B, dim, h, w) to (B, channels + C, H, W): a
+    conditioning map for every gated block, and C channels of point estimate in [-1, 1]
     (squared error trains it: the stage's ``mse`` loss part), which :meth:`decode` returns at
     temperature 0.
     """
@@ -217,77 +231,110 @@ class AutoregressivePixelLevel(PixelLevel):
     def __init__(
         self, trunk: Trunk, make_quantizer: MakeQuantizer, channels: int, dim: int, config: PixelCNNDecoderConfig
     ) -> None:
-        if channels != 1:
-            raise ValueError(f"a pixelcnn decoder models grey images (1 channel), got {channels}")
         self._decoder_config = config  # read by _decoder_trunk, which the base class calls
         super().__init__(trunk, make_quantizer, channels, dim)
 
     def _decoder_trunk(self, trunk: Trunk, channels: int, dim: int) -> nn.Module:
-        """z_1 vectors (B, dim, h, w) -> the conditioning map and the point estimate (B, channels + 1, H, W)."""
+        """z_1 vectors (B, dim, h, w) -> the conditioning map and the point estimate (B, channels + C, H, W)."""
         p = self._decoder_config.pixelcnn
+        k = self._decoder_config.mixture
         self.cond_channels = p.channels
         # the PixelCNN is built here so the module order (and state-dict order) is fixed
         self.pixelcnn = GatedPixelCNN.from_config(
-            p, BINS, cond_channels=p.channels, outputs=3 * self._decoder_config.mixture
+            p,
+            BINS,
+            cond_channels=p.channels,
+            outputs=3 * k if channels == 1 else colour_mixture_outputs(k, channels),
+            code_channels=channels,
         )
         return Decoder(dim, trunk.hidden, p.channels + channels, trunk.downsample, trunk.res_blocks)
 
     def _outputs(self, vectors: Tensor) -> tuple[Tensor, Tensor]:
-        """z_1 vectors (B, dim, h, w) -> conditioning map (B, channels, H, W), point estimate (B, 1, H, W)."""
+        """z_1 vectors (B, dim, h, w) -> conditioning map (B, channels, H, W), point estimate (B, C, H, W)."""
         out = self.decoder(vectors)
         return out[:, : self.cond_channels], out[:, self.cond_channels :].float()
 
-    @staticmethod
-    def _levels(x: Tensor) -> Tensor:
-        """Images (B, 1, H, W) in [-1, 1] -> grey levels (B, H, W) int64 in 0..255."""
-        return to_uint8(x[:, 0]).long()
+    def _levels(self, x: Tensor) -> Tensor:
+        """Images (B, C, H, W) in [-1, 1] -> the PixelCNN's codes in 0..255, int64: grey (B, H, W),
+        colour (B, H, W, C)."""
+        if self.channels == 1:
+            return to_uint8(x[:, 0]).long()
+        return to_uint8(x).long().permute(0, 2, 3, 1)
 
     def _log_prob(self, x: Tensor, cond: Tensor) -> Tensor:
-        """(B,) nats of images x (B, 1, H, W) given the conditioning map (B, channels, H, W)."""
-        params = _full(self.pixelcnn(self._levels(x), cond))  # (B, 3K, H, W), teacher-forced
-        return logistic_mixture_logp(x.float(), params).flatten(1).sum(1)
+        """(B,) nats of images x (B, C, H, W) given the conditioning map (B, channels, H, W)."""
+        params = _full(self.pixelcnn(self._levels(x), cond))  # (B, 3K or 10K, H, W), teacher-forced
+        if self.channels == 1:
+            return logistic_mixture_logp(x.float(), params).flatten(1).sum(1)
+        return colour_mixture_logp(_full(x), params).flatten(1).sum(1)
 
     def forward(self, x: Tensor) -> LevelOutput:
-        """x: (B, 1, H, W) in [-1, 1]."""
+        """x: (B, C, H, W) in [-1, 1]."""
         quant = self.quantizer(self.encoder(x))
         cond, mean = self._outputs(quant.quantized)
         return LevelOutput(quant, -self._log_prob(x, cond), x[0].numel(), mean)
 
     def log_likelihood(self, x: Tensor, codes: Tensor) -> Tensor:
-        """(B,) nats of the images x (B, 1, H, W) given level-1 codes (B, h, w)."""
+        """(B,) nats of the images x (B, C, H, W) given level-1 codes (B, h, w)."""
         cond, _ = self._outputs(self.quantizer.lookup(codes))
         return self._log_prob(x, cond)
 
     @torch.no_grad()
     def decode(self, codes: Tensor, temperature: float = 0.0, generator: torch.Generator | None = None) -> Tensor:
-        """Codes (B, h, w) -> images (B, 1, H, W) uint8.
+        """Codes (B, h, w) -> images (B, C, H, W) uint8.
 
         Temperature 0 gives the trunk's point estimate (no pixel drawn); t > 0 draws every
         pixel in raster order from the PixelCNN's 256-level distribution at temperature t
-        (its cached sampler).
+        (its cached sampler), a colour pixel's channels in turn, each given those before it.
         """
         cond, mean = self._outputs(self.quantizer.lookup(codes))
         if temperature <= 0:
             return to_uint8(mean)
         b, _, h, w = mean.shape
-        drawn = self.pixelcnn.sample(
-            b, h, w, temperature=temperature, generator=generator, cond=_full(cond), to_logits=logistic_mixture_logits
-        )
-        return drawn.to(torch.uint8).unsqueeze(1)
+        if self.channels == 1:
+            drawn = self.pixelcnn.sample(
+                b,
+                h,
+                w,
+                temperature=temperature,
+                generator=generator,
+                cond=_full(cond),
+                to_logits=logistic_mixture_logits,
+            )
+            return drawn.to(torch.uint8).unsqueeze(1)
+
+        def choose(out: Tensor, i: int, j: int) -> Tensor:
+            return walk_colour_mixture(out, self.channels, lambda c, logits: draw(logits, temperature, generator))
+
+        drawn = self.pixelcnn.fill(b, h, w, choose, cond=_full(cond))  # (B, H, W, C)
+        return drawn.to(torch.uint8).permute(0, 3, 1, 2).contiguous()
 
     @torch.no_grad()
     def coding_walk(self, codes: Tensor, step: CodeStep, target: Tensor | None = None) -> Tensor:
-        """D_1 for an entropy coder: codes (B, h, w) -> pixels (B, 1, H, W) uint8, one pixel per step in raster order.
+        """D_1 for an entropy coder: codes (B, h, w) -> pixels (B, C, H, W) uint8, one pixel per step in raster
+        order (a colour pixel: one step per channel, R, G, B).
 
-        Each step's logits (B, 256) are the mixture's log-probabilities of the grey levels given the
-        pixels before it (the cached sampler's loop, :meth:`GatedPixelCNN.walk`); ``target`` (B, 1, H, W)
-        uint8 are the true pixels when encoding.
+        Each step's logits (B, 256) are the mixture's log-probabilities of the levels given the
+        pixels before it (the cached sampler's loop, :meth:`GatedPixelCNN.walk`) and, for colour, the
+        channels of the pixel before it (:func:`~progvq.nets.walk_colour_mixture`), so the steps'
+        bits add up to the joint's; ``target`` (B, C, H, W) uint8 are the true pixels when encoding.
         """
         cond, _ = self._outputs(self.quantizer.lookup(codes))
         b, _, h, w = cond.shape
-        true = None if target is None else target[:, 0].long()
-        levels = self.pixelcnn.walk(b, h, w, step, true, cond=_full(cond), to_logits=logistic_mixture_logits)
-        return levels.to(torch.uint8).unsqueeze(1)
+        if self.channels == 1:
+            true = None if target is None else target[:, 0].long()
+            levels = self.pixelcnn.walk(b, h, w, step, true, cond=_full(cond), to_logits=logistic_mixture_logits)
+            return levels.to(torch.uint8).unsqueeze(1)
+        given = None if target is None else target.long().permute(0, 2, 3, 1)  # (B, H, W, C)
+
+        def choose(out: Tensor, i: int, j: int) -> Tensor:
+            def channel(c: int, logits: Tensor) -> Tensor:
+                return step(logits, None if given is None else given[:, i, j, c])
+
+            return walk_colour_mixture(out, self.channels, channel)
+
+        levels = self.pixelcnn.fill(b, h, w, choose, cond=_full(cond))  # (B, H, W, C)
+        return levels.to(torch.uint8).permute(0, 3, 1, 2).contiguous()
 
 
 class CodeLevel(nn.Module):

@@ -9,6 +9,7 @@ discretised logistic vs. a categorical) differ.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -156,3 +157,101 @@ def logistic_mixture_logits(params: Tensor) -> Tensor:
     levels = torch.linspace(-1, 1, BINS, device=params.device, dtype=params.dtype)  # (256,)
     # every level against every row's K components: x (1, 1, 256), params (n, 3K, 1)
     return logistic_mixture_logp(levels.view(1, 1, BINS), params.unsqueeze(-1))  # (n, 256)
+
+
+# ------------------------------------------------------------------ colour pixels: PixelCNN++'s coupled mixture
+
+
+def coupling_pairs(channels: int) -> list[tuple[int, int]]:
+    """The (channel, earlier channel) pairs of the coupling, in the order of its coefficients.
+
+    Three channels give (1, 0), (2, 0), (2, 1): PixelCNN++'s alpha (G on R), beta (B on R) and
+    gamma (B on G).
+    """
+    return [(c, e) for c in range(channels) for e in range(c)]
+
+
+def colour_mixture_outputs(mixture: int, channels: int) -> int:
+    """Numbers per pixel of a coupled mixture of ``mixture`` components over ``channels``: 10K for colour.
+
+    K weights shared by the channels, then per channel K means and K log-scales, then K
+    coefficients per :func:`coupling_pairs` pair.
+    """
+    return mixture * (1 + 2 * channels + len(coupling_pairs(channels)))
+
+
+def split_colour_mixture(params: Tensor, channels: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A coupled mixture's parameters (B, P, ...) -> weights (B, K, ...), means (B, C, K, ...),
+    log-scales (B, C, K, ...), coefficients in (-1, 1) (B, pairs, K, ...), the trailing dims kept.
+
+    Along dim 1 the P = :func:`colour_mixture_outputs` numbers are the K mixture logits, then
+    the C K means channel by channel, the C K log-scales likewise, then the raw coefficients,
+    pair by pair, which tanh bounds (a channel can then move the next one's mean by at most
+    its own value, as in PixelCNN++).
+    """
+    pairs = len(coupling_pairs(channels))
+    k = params.shape[1] // (1 + 2 * channels + pairs)
+    rest = params.shape[2:]
+    weights, means, log_scales, coeffs = params.split([k, channels * k, channels * k, pairs * k], dim=1)
+    b = params.shape[0]
+    return (
+        weights,
+        means.reshape(b, channels, k, *rest),
+        log_scales.reshape(b, channels, k, *rest),
+        torch.tanh(coeffs.reshape(b, pairs, k, *rest)),
+    )
+
+
+def colour_mixture_logp(x: Tensor, params: Tensor) -> Tensor:
+    """Log-probability of 8-bit colour pixels under PixelCNN++'s coupled mixture, per pixel.
+
+    x: (B, C, H, W) in [-1, 1] on the 256-level grid; params: (B, P, H, W) as
+    :func:`split_colour_mixture` reads them. Component k gives channel c a discretised logistic
+    (:func:`discretized_logistic_logp`) of mean mu_c(k) + sum over earlier channels e of
+    coeff_(c, e)(k) x_e (for RGB: mean_G = mu_G + alpha R, mean_B = mu_B + beta R + gamma G)
+    and log-scale s_c(k); the channels of a pixel share the component, so
+    p(x_ij) = sum_k w_k prod_c Logistic_disc(x_c | mean_c(k), s_c(k)), summed in log space.
+    Returns (B, H, W) nats, exact: given the earlier channels each channel's 256
+    probabilities sum to 1 under every component, so the 256^C joint ones do too.
+    """
+    channels = x.shape[1]
+    weights, means, log_scales, coeffs = split_colour_mixture(params, channels)
+    pair = {p: n for n, p in enumerate(coupling_pairs(channels))}
+    total = F.log_softmax(weights, dim=1)  # (B, K, H, W)
+    for c in range(channels):
+        mean = means[:, c]
+        for e in range(c):
+            mean = mean + coeffs[:, pair[c, e]] * x[:, e : e + 1]
+        total = total + discretized_logistic_logp(x[:, c : c + 1], mean, log_scales[:, c])
+    return torch.logsumexp(total, dim=1)
+
+
+def walk_colour_mixture(params: Tensor, channels: int, choose: Callable[[int, Tensor], Tensor]) -> Tensor:
+    """One pixel of each of n images, channel by channel: params (n, P) -> levels (n, C) int64 in 0..255.
+
+    For channel c it hands ``choose(c, logits (n, 256))`` the log-probabilities of the 256 levels
+    given the channels already chosen, and goes on with the levels (n,) int64 it returns (drawn,
+    or an entropy coder's symbols). Given the earlier channels x_<c, the mixture of c is
+    p(x_c | x_<c) = sum_k p(k | x_<c) Logistic_disc(x_c | mean_c(k), s_c(k)) with the posterior
+    p(k | x_<c) proportional to w_k prod_(e < c) Logistic_disc(x_e | mean_e(k), s_e(k)), so the
+    product of the C conditionals is the joint of :func:`colour_mixture_logp`, and coding each
+    channel by its conditional costs exactly the joint's bits.
+    """
+    weights, means, log_scales, coeffs = split_colour_mixture(params, channels)  # (n, K), (n, C, K) ...
+    pair = {p: n for n, p in enumerate(coupling_pairs(channels))}
+    grid = to_unit(torch.arange(BINS, device=params.device)).to(params.dtype)  # (256,): as the data has them
+    posterior = F.log_softmax(weights, dim=1)  # (n, K): log p(k | the channels chosen so far)
+    values: list[Tensor] = []  # the chosen channels in [-1, 1], (n, 1) each
+    out = []
+    for c in range(channels):
+        mean = means[:, c]
+        for e in range(c):
+            mean = mean + coeffs[:, pair[c, e]] * values[e]
+        per_level = discretized_logistic_logp(grid, mean[..., None], log_scales[:, c, :, None])  # (n, K, 256)
+        joint = posterior[..., None] + per_level  # log p(k, x_c | x_<c)
+        chosen = choose(c, torch.logsumexp(joint, dim=1))
+        out.append(chosen)
+        at = joint.gather(2, chosen.view(-1, 1, 1).expand(-1, joint.shape[1], 1))[..., 0]  # (n, K)
+        posterior = F.log_softmax(at, dim=1)
+        values.append(grid[chosen].unsqueeze(1))
+    return torch.stack(out, dim=1)

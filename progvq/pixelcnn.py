@@ -216,6 +216,15 @@ class GatedPixelCNN(nn.Module):
     classes of an optional class label (0: none, for either). ``outputs`` (0: ``num_codes``)
     is the width of the head: logits over the codes, or the parameters of another
     distribution over them, which :meth:`sample` turns into logits with ``to_logits``.
+
+    ``code_channels`` > 1 makes every position hold that many codes (an image's colour channels):
+    code grids are then (B, H, W, code_channels) int64, each channel has its own embedding of the
+    ``num_codes`` values (rows ``c * num_codes ..`` of one table) and a position's input is their
+    sum, and the head's output at a position is one distribution over all its channels, which a
+    caller's ``choose`` (:meth:`fill`) turns into the channels' codes. The sum costs no
+    generality: a concatenation of narrower embeddings followed by the first layer's linear maps
+    is a special case of it (each channel's table may keep to its own slice of the width), and it
+    keeps the stacks' width and one input row per position in the cached sampler.
     """
 
     def __init__(
@@ -229,6 +238,7 @@ class GatedPixelCNN(nn.Module):
         cond_channels: int = 0,
         num_classes: int = 0,
         outputs: int = 0,
+        code_channels: int = 1,
     ) -> None:
         super().__init__()
         if num_codes < 2 or channels < 1 or layers < 1:
@@ -238,7 +248,9 @@ class GatedPixelCNN(nn.Module):
         self.num_codes = num_codes
         self.cond_channels = cond_channels
         self.num_classes = num_classes
-        self.embed = nn.Embedding(num_codes, channels)
+        self.code_channels = code_channels
+        # one table for all channels (rows c * num_codes + code), so a one-channel model's is as it always was
+        self.embed = nn.Embedding(num_codes * code_channels, channels)
         self.blocks = nn.ModuleList(
             _GatedBlock(
                 channels,
@@ -270,6 +282,7 @@ class GatedPixelCNN(nn.Module):
         cond_channels: int = 0,
         num_classes: int = 0,
         outputs: int = 0,
+        code_channels: int = 1,
     ) -> GatedPixelCNN:
         return cls(
             num_codes,
@@ -280,7 +293,15 @@ class GatedPixelCNN(nn.Module):
             cond_channels=cond_channels,
             num_classes=num_classes,
             outputs=outputs,
+            code_channels=code_channels,
         )
+
+    def _embed_codes(self, codes: Tensor) -> Tensor:
+        """Code grids (B, H, W) or (B, H, W, code_channels) int64 -> inputs (B, H, W, channels)."""
+        if self.code_channels == 1:
+            return self.embed(codes)
+        offsets = torch.arange(self.code_channels, device=codes.device) * self.num_codes
+        return self.embed(codes + offsets).sum(-2)
 
     def log_prob_per_position(self, codes: Tensor, label: Tensor | None = None) -> Tensor:
         """(B, H, W) nats: log p(code at (i, j) | the codes before it[, label]), in the module's mode."""
@@ -302,10 +323,14 @@ class GatedPixelCNN(nn.Module):
         return torch.logsumexp(per_class, dim=1) - math.log(self.num_classes)
 
     def forward(self, codes: Tensor, cond: Tensor | None = None, label: Tensor | None = None) -> Tensor:
-        """codes (B, H, W) int64 -> logits (B, num_codes, H, W)."""
-        if codes.dim() != 3 or codes.dtype != torch.long:
-            raise ValueError(f"codes must be (B, H, W) int64, got {tuple(codes.shape)} {codes.dtype}")
-        x = self.embed(codes).permute(0, 3, 1, 2)  # (B, C, H, W)
+        """codes (B, H, W) int64 -> logits (B, num_codes, H, W) (or the head's ``outputs``);
+        with ``code_channels`` > 1, codes (B, H, W, code_channels)."""
+        shape = "(B, H, W)" if self.code_channels == 1 else f"(B, H, W, {self.code_channels})"
+        wanted = 3 if self.code_channels == 1 else 4
+        channels_ok = wanted == 3 or codes.shape[-1] == self.code_channels
+        if codes.dim() != wanted or codes.dtype != torch.long or not channels_ok:
+            raise ValueError(f"codes must be {shape} int64, got {tuple(codes.shape)} {codes.dtype}")
+        x = self._embed_codes(codes).permute(0, 3, 1, 2)  # (B, C, H, W)
         return self.forward_embedded(x, cond, label)
 
     def forward_embedded(self, x: Tensor, cond: Tensor | None = None, label: Tensor | None = None) -> Tensor:
@@ -385,6 +410,7 @@ class GatedPixelCNN(nn.Module):
         each sample, and p(y' | before) follows from the codes drawn so far under a uniform p(y')).
         It costs ``num_classes`` times the arithmetic of a draw; w = 0 is the plain draw.
         """
+        self._one_channel("sample")
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         if not guidance >= 0 or not math.isfinite(guidance):
@@ -411,6 +437,38 @@ class GatedPixelCNN(nn.Module):
         self._fill(codes, cond, label, choose, method)
         return codes
 
+    def _one_channel(self, method: str) -> None:
+        """Raise ValueError for a model with several codes per position: one categorical per position
+        cannot choose them, its caller's ``choose`` must (:meth:`fill`)."""
+        if self.code_channels > 1:
+            raise ValueError(f"{method} draws one code per position; with {self.code_channels} use fill")
+
+    @torch.no_grad()
+    def fill(
+        self,
+        n: int,
+        height: int,
+        width: int,
+        choose: Callable[[Tensor, int, int], Tensor],
+        *,
+        cond: Tensor | None = None,
+        label: Tensor | None = None,
+        method: Literal["cached", "naive"] = "cached",
+    ) -> Tensor:
+        """Code grids chosen position by position in raster order by the caller: (n, height, width) int64,
+        or (n, height, width, code_channels).
+
+        ``choose(out (n, outputs), i, j)`` gets the head's output at ``(i, j)`` given the codes chosen
+        before it and returns the codes there, (n,) or (n, code_channels) int64: drawn, or an entropy
+        coder's symbols (what :meth:`sample` and :meth:`walk` do for one code per position).
+        ``cond``, ``label`` and ``method`` as in :meth:`sample`; eval-mode arithmetic.
+        """
+        self._check_conditioning(n, height, width, cond, label)
+        extra = () if self.code_channels == 1 else (self.code_channels,)
+        codes = torch.zeros(n, height, width, *extra, dtype=torch.long, device=self.embed.weight.device)
+        self._fill(codes, cond, label, choose, method)
+        return codes
+
     def _fill(
         self,
         codes: Tensor,
@@ -419,9 +477,10 @@ class GatedPixelCNN(nn.Module):
         choose: Callable[[Tensor, int, int], Tensor],
         method: Literal["cached", "naive"],
     ) -> None:
-        """Fill ``codes`` (n, height, width) int64 in raster order with ``choose(logits (n, outputs), i, j)``,
-        in eval mode, by the cached loop or one forward pass per position (``method``)."""
-        n, height, width = codes.shape
+        """Fill ``codes`` (n, height, width[, code_channels]) int64 in raster order with
+        ``choose(logits (n, outputs), i, j)``, in eval mode, by the cached loop or one forward pass per
+        position (``method``)."""
+        n, height, width = codes.shape[:3]
         # Remember every submodule's mode, not just the top one, so a caller's
         # mixed setting (e.g. some parts frozen in eval) survives sampling.
         modes = [(m, m.training) for m in self.modules()]
@@ -504,6 +563,7 @@ class GatedPixelCNN(nn.Module):
         very same calls on tensors of the same shapes, fed the same codes, so they see bit-identical
         logits (a teacher-forced ``forward`` would round differently). Eval-mode arithmetic.
         """
+        self._one_channel("walk")
         self._check_conditioning(n, height, width, cond, label)
         codes = torch.zeros(n, height, width, dtype=torch.long, device=self.embed.weight.device)
 
@@ -551,15 +611,16 @@ class GatedPixelCNN(nn.Module):
 
     @torch.no_grad()
     def _cached_logits(self, codes: Tensor, cond: Tensor | None = None, label: Tensor | None = None) -> Tensor:
-        """Teacher-forced run of the cached sampler: codes (B, H, W) int64 -> logits (B, num_codes, H, W).
+        """Teacher-forced run of the cached sampler: codes (B, H, W) int64 (or (B, H, W, code_channels))
+        -> logits (B, num_codes, H, W) (or the head's ``outputs``).
 
         Every position takes its code from ``codes`` instead of drawing, and the
         logits the sampler computed there are recorded. By causality this equals
         ``self(codes, cond, label)`` in eval mode (up to rounding); exposed for tests.
         """
-        b, height, width = codes.shape
+        b, height, width = codes.shape[:3]
         self._check_conditioning(b, height, width, cond, label)
-        out = self.embed.weight.new_empty(b, self.num_codes, height, width)
+        out = self.embed.weight.new_empty(b, self.head[-1].out_channels, height, width)
 
         def choose(logits: Tensor, i: int, j: int) -> Tensor:
             out[:, :, i, j] = logits
@@ -581,7 +642,8 @@ class GatedPixelCNN(nn.Module):
         """Cached incremental sampling loop; fills ``codes`` (n, height, width) int64 in place.
 
         ``choose(logits (n, num_codes), i, j) -> (n,) int64`` picks the codes at
-        ``(i, j)``. Always eval-mode arithmetic (dropout is never applied).
+        ``(i, j)`` ((n, code_channels) when ``code_channels`` > 1; ``codes`` is then
+        (n, height, width, code_channels)). Always eval-mode arithmetic (dropout is never applied).
 
         Caches, all channels last so that a column or a window is a matmul
         operand without copying, for layer ``l`` with ``r = kernel_size // 2``:
@@ -610,6 +672,9 @@ class GatedPixelCNN(nn.Module):
         r = blocks[0].h_conv.conv.weight.shape[-1] - 1
         kw = 2 * r + 1
         embedding = self.embed.weight
+        offsets = None
+        if self.code_channels > 1:
+            offsets = torch.arange(self.code_channels, device=embedding.device) * self.num_codes
 
         def new(*shape: int) -> Tensor:
             return torch.zeros(shape, dtype=embedding.dtype, device=embedding.device)
@@ -697,9 +762,12 @@ class GatedPixelCNN(nn.Module):
                 torch.addmm(skip_b, gates, skip_w, out=skips).relu_()
                 torch.addmm(b1, skips, w1, out=hidden).relu_()
                 logits = torch.addmm(b2, hidden, w2)  # (n, outputs), fresh: choose may keep it
-                chosen = choose(logits, i, j)
+                chosen = choose(logits, i, j)  # (n,), or (n, code_channels)
                 codes[:, i, j] = chosen
-                torch.index_select(embedding, 0, chosen, out=h_col[0][j])
+                if offsets is None:
+                    torch.index_select(embedding, 0, chosen, out=h_col[0][j])
+                else:  # the sum of the channels' embeddings, as _embed_codes
+                    h_col[0][j].copy_(embedding[chosen + offsets].sum(1))
 
             # Row i is final: it enters layer 0's vertical cache.
             push_row(0, slot, x_row[:, r:])
