@@ -327,8 +327,7 @@ class GatedPixelCNN(nn.Module):
         with ``code_channels`` > 1, codes (B, H, W, code_channels)."""
         shape = "(B, H, W)" if self.code_channels == 1 else f"(B, H, W, {self.code_channels})"
         wanted = 3 if self.code_channels == 1 else 4
-        channels_ok = wanted == 3 or codes.shape[-1] == self.code_channels
-        if codes.dim() != wanted or codes.dtype != torch.long or not channels_ok:
+        if codes.dim() != wanted or codes.dtype != torch.long or (wanted == 4 and codes.shape[3] != self.code_channels):
             raise ValueError(f"codes must be {shape} int64, got {tuple(codes.shape)} {codes.dtype}")
         x = self._embed_codes(codes).permute(0, 3, 1, 2)  # (B, C, H, W)
         return self.forward_embedded(x, cond, label)

@@ -159,6 +159,9 @@ def test_colour_level_shapes_and_parameters() -> None:
     assert out.nll.shape == (2,) and out.dims == 3 * 256 and out.prediction.shape == (2, 3, 16, 16)
     assert torch.equal(level._levels(x), images(2).long().permute(0, 2, 3, 1))
     assert torch.allclose(-level.log_likelihood(x, level.encode(x)), out.nll, rtol=1e-5)
+    cond, _ = level._outputs(level.quantizer.lookup(level.encode(x)))
+    with pytest.raises(ValueError, match=r"codes must be \(B, H, W, 3\) int64"):
+        level.pixelcnn(level._levels(x)[..., 0], cond)  # one channel of a colour grid
 
 
 def test_the_likelihood_is_the_code_length_of_the_coding_walk() -> None:
