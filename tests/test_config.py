@@ -21,10 +21,17 @@ def write(tmp_path: Path, raw: dict | str) -> Path:
 
 
 
-@pytest.mark.parametrize("name", ["tiny", "shapes", "mnist"])
+SHIPPED_CONFIGS = sorted(path.stem for path in (ROOT / "configs").glob("*.yaml"))
+
+
+def test_the_shipped_configs_are_found() -> None:
+    assert {"quickstart", "tiny", "shapes", "mnist", "cifar10"} <= set(SHIPPED_CONFIGS)
+
+
+@pytest.mark.parametrize("name", SHIPPED_CONFIGS)
 def test_shipped_configs_load(name: str) -> None:
     cfg = load_config(ROOT / "configs" / f"{name}.yaml")
-    assert cfg.stage_names() == ["1", "2", "prior"]
+    assert cfg.stage_names()[0] == "1" and cfg.stage_names()[-1] == "prior"
     assert cfg.run_dir == f"runs/{name}"
     assert isinstance(cfg.level(1), LevelConfig)
 
