@@ -34,6 +34,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -127,33 +128,60 @@ class Classifier(nn.Module):
         return torch.cat([self(images[i : i + batch_size]).argmax(1) for i in range(0, len(images), batch_size)])
 
 
-def train_classifier(
-    data: ImageData, epochs: int, seed: int = 0, *, classes: int = 10, max_shift: int = 2
-) -> Classifier:
-    """Train on the training split, each batch shifted by up to ``max_shift`` pixels (rolled), so it
-    judges shapes, not positions; digits sit in a 4-pixel border. ``max_shift`` 0 draws no shift."""
+def fit_classifier(
+    data: ImageData,
+    make_model: Callable[[], nn.Module],
+    epochs: int,
+    seed: int,
+    *,
+    lr: float,
+    weight_decay: float,
+    batch: int,
+    augment: Callable[[Tensor, torch.Generator], Tensor],
+) -> nn.Module:
+    """The classifiers' one training loop: AdamW under a one-cycle schedule on the training split.
+
+    ``make_model`` is called after the seed is set; each epoch draws a permutation from a generator
+    seeded with ``seed``, and ``augment`` maps each batch of uint8 images (B, C, H, W) with it.
+    """
     assert data.train_labels is not None
     torch.manual_seed(seed)
-    model = Classifier(*data.image_shape, classes)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    model = make_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     gen = torch.Generator().manual_seed(seed)
     n = len(data.train)
-    batch = min(64, n)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=max(2, epochs * (n // batch)))
+    batch = min(batch, n)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(2, epochs * (n // batch)))
     model.train()
     for _ in range(epochs):
         order = torch.randperm(n, generator=gen)
         for i in range(0, n - batch + 1, batch):
             index = order[i : i + batch]
-            x = data.train[index]
-            if max_shift:
-                dx, dy = (int(v) for v in torch.randint(-max_shift, max_shift + 1, (2,), generator=gen))
-                x = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
-            loss = F.cross_entropy(model(x), data.train_labels[index])
+            loss = F.cross_entropy(model(augment(data.train[index], gen)), data.train_labels[index])
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
+    return model
+
+
+def train_classifier(
+    data: ImageData, epochs: int, seed: int = 0, *, classes: int = 10, max_shift: int = 2
+) -> Classifier:
+    """Train on the training split, each batch shifted by up to ``max_shift`` pixels (rolled), so it
+    judges shapes, not positions; digits sit in a 4-pixel border. ``max_shift`` 0 draws no shift."""
+
+    def shift(x: Tensor, gen: torch.Generator) -> Tensor:
+        if not max_shift:
+            return x
+        dx, dy = (int(v) for v in torch.randint(-max_shift, max_shift + 1, (2,), generator=gen))
+        return torch.roll(x, shifts=(dy, dx), dims=(2, 3))
+
+    model = fit_classifier(
+        data, lambda: Classifier(*data.image_shape, classes), epochs, seed,
+        lr=2e-3, weight_decay=1e-4, batch=64, augment=shift,
+    )
+    assert isinstance(model, Classifier)
     return model
 
 

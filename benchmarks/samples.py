@@ -70,7 +70,7 @@ from torch import Tensor, nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the project's packages, also when progvq is not installed
 
-from quality import Classifier, log, train, train_classifier  # after the path is set
+from quality import Classifier, fit_classifier, log, train, train_classifier  # after the path is set
 
 from progvq.config import Config, load_config
 from progvq.data import SHAPE_CLASSES, ImageData, load_dataset
@@ -302,25 +302,11 @@ def train_colour_classifier(data: ImageData, epochs: int, seed: int = 0, *, clas
     AdamW under a one-cycle schedule, as :func:`quality.train_classifier`. No label smoothing: it
     would cap the classifier's confidence near 0.9, the threshold of the confidence figure.
     """
-    assert data.train_labels is not None
-    torch.manual_seed(seed)
-    model = ColourClassifier(*data.image_shape, classes)
-    opt = torch.optim.AdamW(model.parameters(), lr=4e-3, weight_decay=5e-4)
-    gen = torch.Generator().manual_seed(seed)
-    n = len(data.train)
-    batch = min(128, n)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=4e-3, total_steps=max(2, epochs * (n // batch)))
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(n, generator=gen)
-        for i in range(0, n - batch + 1, batch):
-            index = order[i : i + batch]
-            x = crop_and_flip(data.train[index], COLOUR_PAD, gen)
-            loss = F.cross_entropy(model(x), data.train_labels[index])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
+    model = fit_classifier(
+        data, lambda: ColourClassifier(*data.image_shape, classes), epochs, seed,
+        lr=4e-3, weight_decay=5e-4, batch=128, augment=lambda x, gen: crop_and_flip(x, COLOUR_PAD, gen),
+    )
+    assert isinstance(model, ColourClassifier)
     return model
 
 
