@@ -9,8 +9,11 @@ it loads with ``torch.load(weights_only=True)`` and can never run code:
 - ``model``, ``optimizer``: state dicts; ``scheduler``: the schedule's state
 - ``rng``: rank 0's python, numpy and torch generator states; ``rng_ranks``: every
   rank's, in rank order (one entry in a single process; see :func:`set_rank_rng_state`)
-- ``data``: epoch and position
 - ``parents``: for each lower stage, the sha256 of the checkpoint it was trained on
+- ``extra``: what the stage's models were made for: the data's own image shape and the padded
+  one, and under ``extra.data`` what the data was (its shapes, split counts and content
+  digests: :func:`progvq.data.data_record`); checkpoints written before that record was kept
+  have none, and their data counts as unknown, never as different
 - ``versions``: progvq and torch versions that wrote it
 - ``digest``: sha256 of everything above (see :func:`payload_digest`)
 
@@ -25,6 +28,7 @@ between the two steps) or damaged, and never loads a damaged file.
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import re
 import warnings
@@ -37,6 +41,7 @@ import numpy as np
 import torch
 
 from . import __version__
+from .data import is_data_record
 from .errors import ProgvqError, RunError
 from .fileio import atomic_write, check_regular
 
@@ -138,6 +143,7 @@ def changed_parent(recorded: dict[str, str], parents: dict[str, str]) -> str | N
     A stage records the digests of the lower stages it was trained on; a differing one means a
     lower stage was retrained (or removed) since, so the stage cannot simply go on.
     """
+
     def order(name: str) -> tuple[bool, int, str]:
         return (not name.isdigit(), int(name) if name.isdigit() else 0, name)
 
@@ -204,14 +210,24 @@ _SCHEMA: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "step": ("a count of steps", _is_count),
     "steps": ("a count of steps", _is_count),
     "config": ("a mapping", lambda v: isinstance(v, dict)),
-    "model": ("a mapping of names to tensors", lambda v: isinstance(v, dict) and all(
-        isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in v.items())),
+    "model": (
+        "a mapping of names to tensors",
+        lambda v: isinstance(v, dict) and all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in v.items()),
+    ),
     "optimizer": ("a mapping", lambda v: isinstance(v, dict)),
-    "parents": ("a mapping of stage names to digests", lambda v: isinstance(v, dict) and all(
-        isinstance(k, str) and isinstance(d, str) for k, d in v.items())),
+    "parents": (
+        "a mapping of stage names to digests",
+        lambda v: isinstance(v, dict) and all(isinstance(k, str) and isinstance(d, str) for k, d in v.items()),
+    ),
     "metrics": ("a mapping", lambda v: isinstance(v, dict)),
-    "extra": ("a mapping (with image shapes as [C, H, W])", lambda v: isinstance(v, dict) and all(
-        _is_shape(v[key]) for key in ("image_shape", "original_shape") if key in v)),
+    "extra": (
+        "a mapping (with image shapes as [C, H, W] and a data record)",
+        lambda v: (
+            isinstance(v, dict)
+            and all(_is_shape(v[key]) for key in ("image_shape", "original_shape") if key in v)
+            and ("data" not in v or is_data_record(v["data"]))
+        ),
+    ),
 }
 
 
@@ -265,6 +281,46 @@ def save_checkpoint(payload: dict[str, Any], path: str | Path, *, keep_previous:
     return full["digest"]
 
 
+#: The data record (``extra.data``, None when absent) of every checkpoint file this process has loaded, by
+#: the file's identity (see :func:`_file_key`): a command that loads a run's models and then its data
+#: compares the two without reading the checkpoints again (see :func:`latest_data_record`).
+_DATA_RECORDS: dict[tuple[str, int, int, int, int], dict[str, Any] | None] = {}
+_DATA_RECORDS_MAX = 4096  # records are small; the bound only keeps a long-lived process from growing
+
+
+def _file_key(path: Path) -> tuple[str, int, int, int, int]:
+    """A file's path, device, inode, size and modification time: checkpoints are replaced by a rename, so a
+    rewritten checkpoint has another key."""
+    st = os.stat(path)
+    return str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _remember(key: tuple[str, int, int, int, int], ckpt: dict[str, Any]) -> None:
+    if len(_DATA_RECORDS) >= _DATA_RECORDS_MAX:
+        _DATA_RECORDS.clear()
+    record = ckpt["extra"].get("data")
+    _DATA_RECORDS[key] = dict(record) if isinstance(record, dict) else None
+
+
+def latest_data_record(path: str | Path) -> dict[str, Any] | None:
+    """The data record of the checkpoint :func:`load_latest` would use at ``path`` (None: no checkpoint, no
+    good one, or one that records none), read from what this process loaded already when the file is
+    unchanged since."""
+    for candidate in (Path(path), previous_path(path)):
+        try:
+            key = _file_key(candidate)
+        except OSError:
+            continue
+        if key not in _DATA_RECORDS:
+            try:
+                load_checkpoint(candidate)
+            except RunError:
+                continue  # damaged: load_latest would fall back to the previous one too
+        if key in _DATA_RECORDS:
+            return _DATA_RECORDS[key]
+    return None
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint safely (``weights_only=True``), check it is ours and that its digest holds."""
     path = Path(path)
@@ -272,6 +328,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         check_regular(path, "checkpoint")  # a named pipe would block torch.load forever
     except ProgvqError as err:
         raise RunError(str(err)) from None
+    try:
+        key = _file_key(path)  # before the read: a file replaced during it gets a key of its own
+    except OSError:
+        key = None
     try:
         with warnings.catch_warnings():
             # e.g. a pickle protocol torch does not expect: the load below succeeds or refuses on its own
@@ -309,6 +369,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if bad is not None:
         # training never writes such weights (it stops at a non-finite loss), so the file was made elsewhere
         raise RunError(f"{path}: weights are not finite (model.{bad} holds NaN or inf)")
+    if key is not None:
+        _remember(key, ckpt)
     return ckpt
 
 

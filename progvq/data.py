@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import math
 import zipfile
 import zlib
@@ -34,6 +35,7 @@ from progvq.datasets import SHIPPED_MNIST, get_command
 from progvq.errors import DataError
 from progvq.folder import (
     IMAGE_SUFFIXES,
+    MANIFEST,
     Decoded,
     MappedImages,
     Transform,
@@ -87,8 +89,11 @@ __all__ = [
     "SHAPE_KINDS",
     "SOURCES",
     "DataConfig",
+    "data_change",
     "data_path",
+    "data_record",
     "heldout_rows",
+    "is_data_record",
     "load_array",
     "load_dataset",
     "load_image_folder",
@@ -608,6 +613,9 @@ def _read_npy(f: Any, length: int, where: str) -> np.ndarray:
             f"{where}: cannot load array (it holds Python objects, which need allow_pickle=True; "
             "progvq reads with allow_pickle=False)"
         )
+    if any(d < 0 for d in shape):
+        dims = " x ".join(str(d) for d in shape)
+        raise DataError(f"{where}: cannot load array (its header announces a negative size, {dims})")
     header = f.tell()
     announced = math.prod(shape) * dtype.itemsize
     follows = length - header
@@ -786,6 +794,7 @@ def load_dataset(
     cache_dir: Path | None = None,
     progress: bool | None = None,
     log: Callable[[str], None] = print,
+    check_run: bool = True,
 ) -> ImageData:
     """Read the configured source and split it: the last ``cfg.heldout`` images are held out.
 
@@ -800,12 +809,46 @@ def load_dataset(
     once into a memory-mapped cache there (:func:`progvq.folder.cached_folder`), whose
     training split is then read batch by batch. ``progress`` shows a bar while a folder is
     decoded (None: only on a terminal); ``log`` reports a rebuilt cache and skipped files.
+
+    When ``cache_dir`` holds a trained run and ``check_run`` is set, the data must be what the
+    run's stages were trained on (see :func:`data_record`): a data set replaced under the same
+    path is refused in one line (:func:`progvq.run.check_run_data`) rather than handed to models
+    made for another. Training passes ``check_run=False`` and checks stage by stage instead.
     """
+    if cache_dir is None or not check_run:
+        return _load_dataset(cfg, total_downsample, cache_dir=cache_dir, progress=progress, log=log)
+    # imported here: progvq.run imports this module (through progvq.config)
+    from progvq.run import check_run_data
+
+    def shape_known(shape: tuple[int, ...]) -> None:
+        # images of another shape are refused as soon as their shape is known: before a folder is
+        # decoded into the run's cache, and before a size check would name data.size instead
+        where = "" if cfg.source == "shapes" else str(data_path(cfg))
+        check_run_data(cache_dir, {"source": cfg.source, "path": where, "shape": [int(v) for v in shape]})
+
+    data = _load_dataset(cfg, total_downsample, cache_dir=cache_dir, progress=progress, log=log, on_shape=shape_known)
+    check_run_data(cache_dir, data_record(cfg, data))
+    return data
+
+
+def _load_dataset(
+    cfg: DataConfig,
+    total_downsample: int,
+    *,
+    cache_dir: Path | None,
+    progress: bool | None,
+    log: Callable[[str], None],
+    on_shape: Callable[[tuple[int, ...]], None] | None = None,
+) -> ImageData:
+    """:func:`load_dataset` without the check against a run's records; ``on_shape`` sees the images' (C, H, W)
+    as soon as it is known, and may refuse them."""
     if cfg.source != "shapes":
         _refuse_missing(cfg)
     if cfg.source == "folder":
-        return _load_folder(cfg, total_downsample, cache_dir=cache_dir, progress=progress, log=log)
+        return _load_folder(cfg, total_downsample, cache_dir=cache_dir, progress=progress, log=log, on_shape=on_shape)
     images, labels = SOURCES.entry(cfg.source).builder(cfg)
+    if on_shape is not None:
+        on_shape(tuple(int(v) for v in images.shape[1:]))
     where = "shapes" if cfg.source == "shapes" else data_path(cfg)
     if images.shape[1] != cfg.channels:
         raise DataError(f"{where}: images have {images.shape[1]} channels but data.channels is {cfg.channels}")
@@ -828,6 +871,139 @@ def load_dataset(
         canvas,
         labels_from,
     )
+
+
+# --------------------------------------------------------------------------- what a data set is
+
+#: Bytes of a data set hashed at a time when no cache digest stands for them.
+_HASH_ROWS = 1024
+
+
+def data_record(cfg: DataConfig, data: ImageData) -> dict[str, Any]:
+    """What ``data`` (loaded from ``cfg``) is, as plain strings, integers and lists a checkpoint can keep.
+
+    ``shape``: (C, H, W) of the images at their own size; ``train`` and ``heldout``: the split's
+    counts; ``images`` and ``labels``: blake2b digests of the pixels of both splits in order and
+    of the labels ("" without labels). Generated shapes are a function of their settings, so
+    those stand for their content. An image folder read through its cache in a run folder is
+    named by the digest the cache's manifest keeps and the rows of its training split, so a
+    folder of 50,000 images is never read again to name it. ``source`` and ``path`` say where
+    the data came from, for messages; they are not compared (the config is).
+    """
+    images, labels = hashlib.blake2b(digest_size=20), hashlib.blake2b(digest_size=20)
+    if cfg.source == "shapes":
+        size = cfg.size or SHAPES_DEFAULT_SIZE
+        settings = f"shapes count={cfg.count} size={size} channels={cfg.channels} seed={cfg.seed} limit={cfg.limit}"
+        images.update(settings.encode())
+        labels.update(settings.encode())
+        where = ""
+    else:
+        _feed_pixels(images, data.train)
+        _feed_pixels(images, data.heldout)
+        for part in (data.train_labels, data.heldout_labels):
+            if part is not None:
+                labels.update(memoryview(np.ascontiguousarray(part.numpy().astype("<i8"))))
+        where = str(data_path(cfg))
+    return {
+        "source": cfg.source,
+        "path": where,
+        "shape": list(data.image_shape),
+        "train": len(data.train),
+        "heldout": len(data.heldout),
+        "images": images.hexdigest(),
+        "labels": "" if data.train_labels is None and cfg.source != "shapes" else labels.hexdigest(),
+    }
+
+
+def _feed_pixels(digest: Any, images: Images) -> None:
+    """Feed the pixels of one split to ``digest``: a tensor's bytes, or for rows of a cached folder its
+    cache's digest and the rows (reading every row only when the manifest does not name the mapped file)."""
+    if isinstance(images, MappedImages):
+        cached = _cache_digest(images.array)
+        if cached is not None:
+            digest.update(f"cache {cached} rows ".encode())
+            digest.update(memoryview(np.ascontiguousarray(images.rows.astype("<i8"))))
+            return
+        for start in range(0, len(images), _HASH_ROWS):
+            digest.update(memoryview(images[start : start + _HASH_ROWS].contiguous().numpy()))
+        return
+    digest.update(memoryview(np.ascontiguousarray(images.numpy())))
+
+
+def _cache_digest(array: np.ndarray) -> str | None:
+    """The content digest that a folder cache's manifest keeps for the memory-mapped file ``array``, or None
+    (not a map, or the manifest names another file: a cache rebuilt since it was mapped)."""
+    name = getattr(array, "filename", None)
+    if not name:
+        return None
+    mapped = Path(name)
+    try:
+        manifest = json.loads((mapped.parent / MANIFEST).read_bytes())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("file") != mapped.name:
+        return None
+    digest = manifest.get("digest")
+    return digest if isinstance(digest, str) and digest else None
+
+
+def data_change(then: Any, now: Any, *, was: str = "then", is_: str = "now") -> str | None:
+    """How the data of record ``now`` differs from record ``then`` (see :func:`data_record`), in words that
+    name the data; None when they agree or either is unknown (a checkpoint written before records were
+    kept, or no record at all). ``was`` and ``is_`` name the two sides ("then" and "now").
+
+    ``now`` may be partial: ``source``, ``path`` and ``shape`` alone (the shape is known before the images
+    are read) compare the shape alone.
+    """
+    if not is_data_record(then) or not isinstance(now, dict) or not isinstance(now.get("shape"), list):
+        return None
+    place = f"data.path {now.get('path')}" if now.get("path") else f"data.source {now.get('source')}"
+    old, new = then["shape"], now["shape"]
+    if old != new:
+        what = f"{_shape_words(old, new)} images {was}, {_shape_words(new, old)} {is_}"
+    elif not is_data_record(now):
+        return None
+    elif (then["train"], then["heldout"]) != (now["train"], now["heldout"]):
+        what = (
+            f"{then['train']} training and {then['heldout']} held-out images {was}, "
+            f"{now['train']} and {now['heldout']} {is_}"
+        )
+    elif then["images"] != now["images"]:
+        what = "other images of the same size and number"
+    elif then["labels"] and now["labels"] and then["labels"] != now["labels"]:
+        what = "the same images with other labels"
+    elif then["labels"] != now["labels"]:
+        what = f"labels {was}, none {is_}" if then["labels"] else f"no labels {was}, labels {is_}"
+    else:
+        return None
+    return f"{place}: {what}"
+
+
+def is_data_record(record: Any) -> bool:
+    """Whether ``record`` is a whole data record (what :func:`data_record` makes): a checkpoint edited to hold
+    anything else there is refused by name rather than compared with the data as it is."""
+    if not isinstance(record, dict):
+        return False
+    shape = record.get("shape")
+
+    def count(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    return (
+        isinstance(shape, list)
+        and len(shape) == 3
+        and all(count(v) and v > 0 for v in shape)
+        and all(isinstance(record.get(key), str) for key in ("source", "path", "images", "labels"))
+        and all(count(record.get(key)) for key in ("train", "heldout"))
+    )
+
+
+def _shape_words(shape: list[int], other: list[int]) -> str:
+    """``HxW`` of a (C, H, W) shape, with its colour when the channels are what differs from ``other``'s."""
+    c, h, w = shape
+    if c == other[0]:
+        return f"{h}x{w}"
+    return f"{h}x{w} " + {1: "grey", 3: "colour"}.get(c, f"{c}-channel")
 
 
 def data_path(cfg: DataConfig) -> Path:
@@ -906,6 +1082,7 @@ def _load_folder(
     cache_dir: Path | None,
     progress: bool | None,
     log: Callable[[str], None],
+    on_shape: Callable[[tuple[int, ...]], None] | None = None,
 ) -> ImageData:
     """An image folder as split data (see :func:`load_dataset`)."""
     assert cfg.path is not None
@@ -914,6 +1091,8 @@ def _load_folder(
     transform = Transform(cfg.channels, cfg.size, cfg.resize, cfg.crop, cfg.seed)
     # everything that can be refused from the listing and one header is refused before any decoding
     shape = first_shape(listing, transform)
+    if on_shape is not None:
+        on_shape(shape)
     canvas = _canvas(cfg, shape, total_downsample, str(folder))
     _check_count(len(listing.entries), cfg, str(folder))
     skip = cfg.on_unreadable == "skip"
