@@ -14,6 +14,11 @@ Provenance: every checkpoint of stage k records, for each lower stage, the
 digest of the checkpoint it was trained on. When a lower stage is retrained
 its digest changes, and every stage above it becomes *stale*: trained on
 codes the hierarchy no longer produces.
+
+Every checkpoint also records what its data was (shapes, split counts, content digests; see
+:func:`progvq.data.data_record`). A data set replaced under the same path is another data set:
+training refuses to go on with it and reading commands refuse to hand it to the run's models
+(:func:`check_run_data`); a stage trained on other data than a stage below it is stale.
 """
 
 from __future__ import annotations
@@ -34,8 +39,9 @@ from torch import nn
 
 from .build import build_level, build_prior
 from .canvas import Canvas
-from .checkpoint import Found, checkpoint_path, load_latest
+from .checkpoint import Found, checkpoint_path, latest_data_record, load_latest
 from .config import CONFIG_MAX_BYTES, RECORDED_KEY, Config, config_from_dict, dump_config
+from .data import data_change
 from .errors import ConfigError, ProgvqError, RunError
 from .fileio import atomic_write, read_limited
 from .kinds import Level
@@ -105,6 +111,7 @@ class StageState:
     parents: dict[str, str] = field(default_factory=dict)  # lower stage -> digest it was trained on
     stale: str = ""  # why the stage is stale; empty when it is not
     note: str = ""  # e.g. the newest checkpoint was damaged and the previous one is in use
+    data: dict[str, Any] | None = None  # what the data was when it trained (None: not recorded)
 
     def describe(self) -> str:
         if self.state == "partial":
@@ -129,8 +136,9 @@ def mark_stale(states: list[StageState]) -> list[StageState]:
     """Set ``stale`` on every stage trained on lower checkpoints other than the current ones.
 
     ``states`` are in training order. A stage is stale when a lower stage it
-    was trained on has been retrained (other digest) or removed, or when a
-    lower stage is itself stale.
+    was trained on has been retrained (other digest) or removed, when a lower
+    stage is itself stale, or when both record their data and a lower stage's
+    is another data set (a stage folder copied in from another run).
     """
     for i, state in enumerate(states):
         if state.state == "missing":
@@ -142,12 +150,32 @@ def mark_stale(states: list[StageState]) -> list[StageState]:
                 state.stale = f"{label} it was trained on is gone"
             elif recorded != lower.digest:
                 state.stale = f"{label} was retrained after this stage was trained on it"
+            elif change := data_change(lower.data, state.data, was=f"for {label}", is_="for this one"):
+                state.stale = f"{label} was trained on other data ({change})"
             elif lower.stale:
                 state.stale = f"{label} is stale"
             else:
                 continue
             break
     return states
+
+
+def check_run_data(run_dir: str | Path, now: dict[str, Any]) -> None:
+    """Refuse (one line naming the run, the stage and the data) data whose record ``now`` is another data set
+    than the one a stage of the run in ``run_dir`` was trained on: its models were made for that one (images
+    of another size would not even pass through them). Stages that record no data (written before records
+    were kept) are taken as they are, and a folder that holds no run is not checked."""
+    run = Run(run_dir)
+    if not run.exists():
+        return
+    for name in run.config.stage_names():
+        change = data_change(run.data_record(name), now)
+        if change is not None:
+            label = "the prior" if name == "prior" else f"stage {name}"
+            raise RunError(
+                f"{run.path}: {label} was trained on other data ({change}); put that data back, "
+                "or train a run on the data as it is now"
+            )
 
 
 def run_status(run_dir: str | Path) -> list[StageState]:
@@ -222,7 +250,21 @@ class Run:
         note = f"{found.problems[0]}; using {found.path.name}" if found.fell_back else ""
         parents = {str(k): str(v) for k, v in dict(ckpt.get("parents", {})).items()}
         state = "done" if step >= steps else "partial"
-        return StageState(name, state, step, steps, str(ckpt["digest"]), parents, note=note)
+        data = ckpt["extra"].get("data")
+        return StageState(name, state, step, steps, str(ckpt["digest"]), parents, note=note, data=data)
+
+    def data_record(self, name: str) -> dict[str, Any] | None:
+        """What stage ``name``'s checkpoint in use records of its data; None when it has none or records none.
+
+        From the checkpoint already read when there is one, else from what this process loaded of the
+        unchanged file (:func:`progvq.checkpoint.latest_data_record`), so checking data read after the
+        models costs no second read of their checkpoints.
+        """
+        if name in self._found:
+            found = self._found[name]
+            record = found.checkpoint["extra"].get("data") if found is not None else None
+            return record if isinstance(record, dict) else None
+        return latest_data_record(self.checkpoint_path(name))
 
     def states(self, cfg: Config | None = None, upto: str | None = None) -> list[StageState]:
         """Every stage (up to ``upto``) in training order, with staleness marked."""

@@ -48,6 +48,7 @@ from .checkpoint import (
     unfinished_writes,
 )
 from .config import Config, TrainConfig
+from .data import data_change
 from .distributed import Context, any_rank, gather_ranks, gather_to_main, local_slice, mean_across
 from .errors import Interrupted, RunError
 from .hardware import describe, resolve_precision
@@ -140,7 +141,6 @@ class _StopRequest:
         if self.name is not None:
             raise KeyboardInterrupt  # asked twice: the user wants out now; the last checkpoint is intact
         self.name = signal.Signals(signum).name
-
 
 
 @contextmanager
@@ -236,7 +236,9 @@ class Trainer:
 
     Checkpoints go to ``stage_dir/checkpoint.pt`` every ``checkpoint_every`` steps and when
     training stops; TensorBoard events go to ``stage_dir``. ``parents`` (stage -> digest of
-    its checkpoint) and ``extra`` are stored in every checkpoint as they are. With ``ctx`` of
+    its checkpoint) and ``extra`` are stored in every checkpoint as they are; ``extra["data"]``,
+    when given, is the data's record (:func:`progvq.data.data_record`), and a checkpoint of
+    other data is not resumed. With ``ctx`` of
     several processes (torchrun) the model trains under DistributedDataParallel: each rank
     takes its slice of every global batch, gradients are averaged, and only rank 0 writes
     checkpoints, logs and images (see :mod:`progvq.distributed`).
@@ -299,6 +301,13 @@ class Trainer:
                     f"{found.path}: stage {name} was started on another version of stage {changed} "
                     "(retrained since); "
                     f"train --stage {name} --restart trains it anew on the current one"
+                )
+            # a stage goes on only on the data it started on (a checkpoint that records none: unknown, taken)
+            change = data_change(ckpt["extra"].get("data"), self.extra.get("data"))
+            if change is not None:
+                raise RunError(
+                    f"{found.path}: stage {name} was started on other data ({change}); "
+                    f"train --stage {name} --restart trains it anew on the data as it is now"
                 )
             try:
                 self.model.load_state_dict(ckpt["model"])
@@ -495,7 +504,6 @@ def fit(
     """
     trainer = Trainer(stage, config, stage_dir, parents=parents, progress=progress, log=log, extra=extra, ctx=ctx)
     if found is True:
-
         on_damaged = report_damage(stage.name, trainer.log) if trainer.ctx.main else None
         found = load_latest(trainer.ckpt_path, map_location=trainer.device, on_damaged=on_damaged)
     trainer.resume(found or None)

@@ -5,6 +5,10 @@
 Each supplies model, batches and loss; :class:`progvq.train.Trainer` trains them all.
 A :class:`Pipeline` serves them: the run folder (read once), the data (loaded once)
 and every level's codes (encoded once, then handed to the stage above).
+
+Every checkpoint records what its data was (:func:`progvq.data.data_record`, computed once per
+process); a stage trains, resumes or is reused from another run only on the data its lower
+stages and its own checkpoint were trained on.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -20,7 +25,7 @@ from torch import Tensor
 from progvq.build import build_level, build_prior
 from progvq.checkpoint import changed_parent, seed_everything
 from progvq.config import Config, show
-from progvq.data import SHAPES_DEFAULT_SIZE, ImageData, load_dataset
+from progvq.data import SHAPES_DEFAULT_SIZE, ImageData, data_change, data_record, load_dataset
 from progvq.distributed import barrier, setup
 from progvq.errors import ProgvqError, RunError
 from progvq.fileio import atomic_write
@@ -47,6 +52,7 @@ class Pipeline:
     def __init__(self, cfg: Config, run: Run, device: torch.device) -> None:
         self.cfg, self.run, self.device = cfg, run, device
         self._data: ImageData | None = None
+        self._record: dict[str, Any] | None = None
         self._levels: dict[int, Level] = {}
         self._codes: dict[int, tuple[Tensor, Tensor]] = {}
 
@@ -56,9 +62,20 @@ class Pipeline:
         if self._data is None:
             d = self.cfg.data
             check_generated_data_fits(d.source, d.count, d.channels, d.size or SHAPES_DEFAULT_SIZE)
-            # an image folder is decoded once into a memory-mapped cache in the run folder
-            self._data = load_dataset(self.cfg.data, self.cfg.total_downsample(), cache_dir=self.run.path)
+            # an image folder is decoded once into a memory-mapped cache in the run folder; the data is
+            # checked stage by stage (check_data), not against every stage at once: a restarted stage 1
+            # may train on data that the stages above it were not trained on (they go stale)
+            self._data = load_dataset(
+                self.cfg.data, self.cfg.total_downsample(), cache_dir=self.run.path, check_run=False
+            )
         return self._data
+
+    @property
+    def record(self) -> dict[str, Any]:
+        """What the data is (:func:`progvq.data.data_record`), computed once, when first asked for."""
+        if self._record is None:
+            self._record = data_record(self.cfg.data, self.data)
+        return self._record
 
     def level(self, k: int) -> Level:
         """Trained level ``k``, frozen, loaded once."""
@@ -179,6 +196,28 @@ def _lower_parents(cfg: Config, run: Run, name: str) -> dict[str, str]:
     return parents
 
 
+def check_data(cfg: Config, run: Run, name: str, pipeline: Pipeline, *, restart: bool = False) -> None:
+    """Refuse to train stage ``name`` on data other than what its lower stages (and, unless ``restart``, its
+    own checkpoint) were trained on: one line naming the stage to retrain and what differs in the data.
+
+    The data is loaded (once, by ``pipeline``) only when one of those checkpoints records its data; one
+    that records none (written before records were kept) is taken as it is.
+    """
+    names = cfg.stage_names()
+    upto = names[: names.index(name) + (0 if restart else 1)]
+    records = {stage: record for stage in upto if (record := run.data_record(stage)) is not None}
+    for stage, record in records.items():
+        change = data_change(record, pipeline.record)
+        if change is None:
+            continue
+        state = run.state(stage, cfg).describe()
+        how = "trained" if stage != name or state.startswith("done") else "started"
+        raise RunError(
+            f"{run.path}: stage {stage} ({state}) was {how} on other data ({change}); "
+            f"train --stage {stage} --restart trains it anew on the data as it is now, or use another --run-dir"
+        )
+
+
 def train_stage(
     cfg: Config,
     name: str,
@@ -210,6 +249,9 @@ def train_stage(
     found = None  # --restart: the old training is not resumed, and is moved aside only when the new one starts
     if not restart:
         found = run.found(name, on_damaged=report_damage(name, log) if ctx.main else None)
+    # before anything is built or written: the lower stages' data, and this stage's own unless restarted
+    check_data(cfg, run, name, pipeline, restart=restart)
+    if not restart:
         state = _checked_state(cfg, run, name, parents)
         if state.state == "done":
             log(f"stage {name}: already done ({state.steps} steps); train --stage {name} --restart trains it anew")
@@ -233,7 +275,8 @@ def train_stage(
         if new_config and ctx.main:
             run.write_config(cfg, stage.canvas)
 
-    extra = {**stage.canvas.to_list(), **getattr(stage, "extra", {})}  # the shapes the models take and the data's own
+    # the shapes the models take and the data's own, and what the data is
+    extra = {**stage.canvas.to_list(), **getattr(stage, "extra", {}), "data": pipeline.record}
     try:
         result = fit(
             stage,
@@ -327,13 +370,22 @@ def _stage_identity(cfg: Config, name: str) -> dict:
     return {"data": full["data"], "seed": full["seed"], "stages": {n: full["stages"][n] for n in upto}}
 
 
-def adopt(cfg: Config, run: Run, other: Run, *, log: Callable[[str], None] = print) -> list[str]:
+def adopt(
+    cfg: Config,
+    run: Run,
+    other: Run,
+    *,
+    log: Callable[[str], None] = print,
+    data: dict[str, Any] | None = None,
+) -> list[str]:
     """Copy ``other``'s finished stages whose config equals ``cfg``'s into ``run`` (in order, from stage 1).
 
     A stage is adopted when it is done and not stale there, missing here, and trained on the
     same data, seed and stages up to it; its checkpoint comes as it is, so its digest and
-    parents (its provenance) are kept. Returns the names adopted; refuses (one line naming
-    the first differing key) when not even stage 1 can be.
+    parents (its provenance) are kept. ``data`` is the record of the data as it is now
+    (:func:`progvq.data.data_record`): a stage that records another data set (other images under
+    the same path) is not adopted; one that records none is. Returns the names adopted; refuses
+    (one line naming the first differing key, or the data and what differs) when not even stage 1 can be.
     """
     if other.path.resolve() == run.path.resolve():
         raise RunError(f"--from {other.path}: that is this run's own folder")
@@ -350,6 +402,14 @@ def adopt(cfg: Config, run: Run, other: Run, *, log: Callable[[str], None] = pri
         if diff is not None:
             key, was, now = diff
             message = f"stage {name} differs ({key}: {_brief(was)} there, {_brief(now)} here)"
+            if not adopted:
+                raise RunError(f"--from {other.path}: {message}; nothing to reuse")
+            log(f"--from {other.path}: {message}: it trains here")
+            break
+        # the same config may name other data: the file or folder at data.path was replaced since
+        change = data_change(state.data, data) if data is not None else None
+        if change is not None:
+            message = f"its stage {name} was trained on other data ({change})"
             if not adopted:
                 raise RunError(f"--from {other.path}: {message}; nothing to reuse")
             log(f"--from {other.path}: {message}: it trains here")
@@ -408,11 +468,12 @@ def train_all(
     """Train every stage that is not done yet, in order, on data loaded once (after adopting ``reuse``'s stages)."""
     ctx = setup(cfg.device)
     run = run_dir if isinstance(run_dir, Run) else Run(run_dir)
+    pipeline = Pipeline(cfg, run, ctx.device)
     if reuse is not None and ctx.main:
         check_run_config(cfg, run, force=force)
-        adopt(cfg, run, Run(reuse), log=log)
+        # the data is loaded before anything is copied: a stage of other data must not be adopted
+        adopt(cfg, run, Run(reuse), log=log, data=pipeline.record)
     barrier(ctx)
-    pipeline = Pipeline(cfg, run, ctx.device)
     _preflight(cfg, pipeline)
     for name in cfg.stage_names():
         result = train_stage(cfg, name, run, force=force, progress=progress, log=log, pipeline=pipeline)
