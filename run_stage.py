@@ -28,11 +28,13 @@ import os
 import shlex
 import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 from typing import NoReturn, TextIO
 
 from progvq.errors import ProgvqError
+from progvq.fileio import check_outputs
 
 
 class _Parser(argparse.ArgumentParser):
@@ -343,6 +345,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from progvq.images import image_grid, images_array, save_grid_and_arrays
 
     out = _check_sampling(args)
+    check_outputs([out, out.with_suffix(".npz")], [], args.run_dir)
     model = Hierarchy.load(args.run_dir, allow_stale=args.allow_stale)
     _check_label(args.label, model.num_classes, args.run_dir)
     if args.guidance and not model.num_classes:
@@ -375,6 +378,7 @@ def cmd_inpaint(args: argparse.Namespace) -> int:
     from progvq.inpaint import box_mask, complete, inpainting_arrays, masked_view, parse_box, read_image, read_mask
 
     out = _check_sampling(args)
+    check_outputs([out, out.with_suffix(".npz")], [p for p in (args.image, args.mask) if p], args.run_dir)
     _positive(args.candidates, "--candidates")
     box = parse_box(args.box) if args.box is not None else None
     model = Hierarchy.load(args.run_dir, allow_stale=args.allow_stale)
@@ -491,10 +495,9 @@ def cmd_encode(args: argparse.Namespace) -> int:
     from progvq.images import npz_bytes
 
     out = _output(args.out, ".npz")
+    check_outputs([out], [*(args.images or []), *([args.npz] if args.npz else [])], args.run_dir)
     model = Hierarchy.load(args.run_dir, allow_stale=args.allow_stale)
-    images, labels = read_inputs(
-        model, files=args.images, npz=args.npz, split=args.split, cache_dir=Path(args.run_dir)
-    )
+    images, labels = read_inputs(model, files=args.images, npz=args.npz, split=args.split, cache_dir=Path(args.run_dir))
     arrays = code_arrays(model, model.encode_split(images))
     if labels is not None:
         arrays["labels"] = labels.numpy()
@@ -515,6 +518,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
     from progvq.images import image_grid, images_array, save_grid_and_arrays
 
     out = _output(args.out, ".png", " (the arrays go beside it as .npz)")
+    check_outputs([out, out.with_suffix(".npz")], [args.codes], args.run_dir)
     _positive(args.temperature, "--temperature", 0)
     _positive(args.pixel_temperature, "--pixel-temperature", 0)
     if args.nrow is not None:
@@ -543,6 +547,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     if bool(args.inputs) == bool(args.split):
         raise ProgvqError("give the images one way: INPUT files (PNG, or an npz of images) or --split heldout|train")
+    check_outputs([args.out], args.inputs, args.run_dir)
     codec = Codec(args.run_dir, allow_stale=args.allow_stale)
     images, _ = read_inputs(codec.model, files=args.inputs or None, split=args.split, cache_dir=Path(args.run_dir))
     data = codec.compress(images)
@@ -561,20 +566,22 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 def cmd_decompress(args: argparse.Namespace) -> int:
     from progvq.codec import Codec
-    from progvq.fileio import atomic_write, atomic_write_all, check_regular
+    from progvq.fileio import atomic_write, atomic_write_all
     from progvq.images import images_array, npz_bytes, png_bytes
 
     path, out = Path(args.file), Path(args.out)
-    check_regular(path, "progvq compressed")
     if out.suffix.lower() != ".npz" and out.exists() and not out.is_dir():
         raise ProgvqError(f"--out {out}: not a folder (give OUT.npz or a folder)")
+    check_outputs([out], [path], args.run_dir)
     codec = Codec(args.run_dir, allow_stale=args.allow_stale)
-    done = codec.decompress(path.read_bytes(), where=str(path))
+    done = codec.decompress(codec.read_file(path), where=str(path))
+    pngs = [out / f"{i:05d}.png" for i in range(len(done.images))]
+    check_outputs([out] if out.suffix.lower() == ".npz" else pngs, [path], args.run_dir)
     if out.suffix.lower() == ".npz":
         labels = {"labels": done.labels.numpy()} if done.labels is not None else {}
         atomic_write(out, npz_bytes(images=images_array(done.images), **labels))
     else:  # every PNG or none
-        atomic_write_all({out / f"{i:05d}.png": png_bytes(image) for i, image in enumerate(done.images)})
+        atomic_write_all({png: png_bytes(image) for png, image in zip(pngs, done.images, strict=True)})
     print(f"wrote {out} ({len(done.images)} images, exact)")
     return 0
 
@@ -629,9 +636,31 @@ def _one_line_warnings(
     print(f"progvq: warning: {message}", file=sys.stderr if file is None else file)
 
 
+_CONTROL = {i: f"\\x{i:02x}" for i in (*range(32), 127)} | {ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"}
+
+
+def _terminate_cleanly() -> dict[int, object]:
+    """Turn SIGTERM and SIGHUP into :class:`~progvq.errors.Terminated` (raised where the program is), so
+    temporary files are removed on the way out; returns the handlers to put back. Training catches
+    SIGTERM itself for the length of a stage (it finishes the step and writes a checkpoint)."""
+    from progvq.errors import Terminated
+
+    def stop(signum: int, frame: object) -> None:
+        raise Terminated(signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}  # handlers can only be set from the main thread
+    return {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+
+
+def _one_line(message: str) -> str:
+    """``message`` with every control character (a newline in a file's name) written as an escape."""
+    return message.translate(_CONTROL)
+
+
 def main(argv: list[str] | None = None) -> int:
     from progvq.distributed import teardown
-    from progvq.errors import Interrupted
+    from progvq.errors import Interrupted, Terminated
 
     argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
@@ -642,10 +671,15 @@ def main(argv: list[str] | None = None) -> int:
 
     def say(message: str) -> None:
         if speak:
-            print(message, file=sys.stderr)
+            # a file name may hold a newline or another control character: the message stays one line
+            print(_one_line(message), file=sys.stderr)
 
+    handlers = _terminate_cleanly()
     try:
         return COMMANDS[args.command](args)
+    except Terminated as stop:
+        say(f"progvq: stopped by {stop.signal_name}; no output was left half-written; to start again: {again}")
+        return 128 + stop.signum
     except ProgvqError as err:
         say(f"progvq: error: {err}")
         return 2
@@ -658,11 +692,17 @@ def main(argv: list[str] | None = None) -> int:
         say(f"progvq: {stop}; to resume, run the same command again: {again}")
         return 128 + int(getattr(signal, stop.signal_name, signal.SIGTERM))
     except KeyboardInterrupt:
-        # checkpoints are atomic, so the last one written is intact; a download keeps its .part file
-        where = "the download" if args.command == "data" else "from the last checkpoint"
-        say(f"progvq: interrupted; to resume {where}, run the same command again: {again}")
+        # checkpoints are atomic, so the last one written is intact; a download keeps its .part file;
+        # every other output is written whole or not at all
+        if args.command in ("train", "data"):
+            where = "the download" if args.command == "data" else "from the last checkpoint"
+            say(f"progvq: interrupted; to resume {where}, run the same command again: {again}")
+        else:
+            say(f"progvq: interrupted; no output was left half-written; to start again: {again}")
         return 130
     finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
         teardown()
 
 

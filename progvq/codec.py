@@ -57,13 +57,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .data import _read_npy as read_npy
 from .data import load_array, load_dataset
 from .errors import ProgvqError
 from .fileio import check_regular
 from .hierarchy import Hierarchy
 from .inpaint import read_image
+from .memory import check_fits
 from .pixelcnn import CodeStep
 from .run import Run
+from .untrusted import Dict, Int, List, Map, Str, UntrustedError, parse_json
 
 MAGIC = b"\x89PVQ\r\n\x1a\n"  # like PNG's: a non-ASCII byte, and line ends that text-mode copies mangle
 VERSION = 1
@@ -77,6 +80,19 @@ WEIGHT_BITS = 30
 BATCH = 1000
 
 _PREFIX = struct.Struct("<8sHI")  # magic, version, header length
+#: the JSON header's most bytes (a few hundred in practice: the run's digests, the shape, counts)
+_HEADER_LIMIT = 1 << 16
+#: what a header holds; a file whose header is not of this shape is refused before any value is used
+HEADER_SCHEMA = Dict(
+    {
+        "run": Map(Str(16, r"[0-9]+|prior"), Str(128, r"[0-9a-f]+"), max_len=64),
+        "shape": List(Int(1, 1 << 16), 3, 3),
+        "canvas": List(Int(1, 1 << 16), 3, 3),
+        "count": Int(1, 1 << 31),
+        "batch": Int(1, 1 << 20),
+        "classes": Int(0, 1 << 16),
+    }
+)
 _U32 = struct.Struct("<I")
 # the coder's model: constriction quantises our integer frequencies (exact float64 integers) to its own
 # precision the same way in encoder and decoder; perfect=False is its fast, recommended construction
@@ -327,41 +343,97 @@ class Codec:
                 labels.append(coded_labels.cpu())
         return Decompressed(torch.cat(out), torch.cat(labels) if labels else None)
 
-    def _parse(self, data: bytes, where: str) -> tuple[dict[str, Any], list[int], list[np.ndarray]]:
-        """Check and split a file: (header, image checksums, each batch's words)."""
-        if len(data) < _PREFIX.size + _U32.size or not data.startswith(MAGIC):
+    def read_file(self, path: str | Path) -> bytes:
+        """The bytes of the compressed file ``path``, read only once its prefix and header are checked.
+
+        The magic, the version, the header (a bounded JSON document of a fixed schema: see
+        :data:`HEADER_SCHEMA`), the run's identity and the image size are checked on the first bytes;
+        then the file's real size is compared with the sizes the header allows (every image's
+        checksum, every stream's length word, at most one 32-bit word per coded symbol), and with
+        memory, before the rest is read. A file of other bytes, a lying header or a huge file is
+        refused (:class:`CodecError`) in one line without reading it whole.
+        """
+        where = str(path)
+        size = check_regular(path, "progvq compressed")
+        try:
+            with open(path, "rb") as f:
+                head = f.read(_PREFIX.size + _HEADER_LIMIT)
+                # the run and the image size are checked after the file's checksum (in _parse), so a
+                # damaged header is called damaged; here the header only bounds what is read
+                header, header_len = self._header(head, size, where, identity=False)
+                n, batch_size = header["count"], header["batch"]
+                streams = math.ceil(n / batch_size)
+                least = _PREFIX.size + header_len + 4 * n + 4 * streams + 4
+                most = least + 4 * sum(self._max_words(min(batch_size, n - s)) for s in range(0, n, batch_size))
+                if size < least:
+                    raise CodecError(f"{where}: damaged (shorter than its header says)")
+                if size > most:
+                    raise CodecError(f"{where}: damaged ({size:,} bytes; {n} images of this run take at most {most:,})")
+                check_fits(2 * size, f"{where}: decompressing {size:,} bytes")
+                f.seek(0)
+                data = f.read(most + 1)  # a file that grew since its size was read is still bounded
+        except OSError as err:
+            raise CodecError(f"{where}: cannot read ({err.strerror or err})") from None
+        if len(data) != size:
+            raise CodecError(f"{where}: changed while it was read ({size:,} bytes, then {len(data):,})")
+        return data
+
+    def _max_words(self, images: int) -> int:
+        """The most 32-bit words a stream of ``images`` images can take: every symbol costs at most
+        PRECISION (24) bits, so one word per coded symbol (pixels, codes of every level, the class)
+        and a few for the coder's flush bound it."""
+        symbols = (
+            math.prod(self.model.canvas.padded)
+            + 1
+            + sum(h * w for h, w in (self.model.grid_shape(k) for k in range(1, self.model.num_levels + 1)))
+        )
+        return images * symbols + 8
+
+    def _header(self, data: bytes, size: int, where: str, *, identity: bool = True) -> tuple[dict[str, Any], int]:
+        """The checked header of a file of ``size`` bytes whose first bytes are ``data``, and its length;
+        with ``identity``, also refuse another run's file or another image size."""
+        if len(data) < _PREFIX.size or not data.startswith(MAGIC):
             raise CodecError(f"{where}: not a progvq compressed file" + (" (empty)" if not data else ""))
         _, version, header_len = _PREFIX.unpack_from(data)
         if version != VERSION:
             raise CodecError(f"{where}: format version {version}; this progvq reads version {VERSION}")
+        if header_len > _HEADER_LIMIT or _PREFIX.size + header_len + 4 > size:
+            raise CodecError(f"{where}: damaged (a header of {header_len:,} bytes announced)")
+        if len(data) < _PREFIX.size + header_len:
+            raise CodecError(f"{where}: damaged (shorter than its header says)")
+        try:
+            header = parse_json(data[_PREFIX.size : _PREFIX.size + header_len], HEADER_SCHEMA, max_bytes=_HEADER_LIMIT)
+        except UntrustedError as err:
+            raise CodecError(f"{where}: damaged or not a progvq file (unreadable header: {err})") from None
+        if not identity:
+            return header, header_len
+        self._check_identity(header["run"], where)
+        if header["shape"] != list(self.image_shape):
+            raise CodecError(
+                f"{where}: holds {'x'.join(map(str, header['shape']))} images; this run's are "
+                f"{'x'.join(map(str, self.image_shape))}"
+            )
+        return header, header_len
+
+    def _parse(self, data: bytes, where: str) -> tuple[dict[str, Any], list[int], list[np.ndarray]]:
+        """Check and split a file: (header, image checksums, each batch's words)."""
+        self._header(data, len(data), where, identity=False)  # ours, of this version, a header of bounded size
         body, (crc,) = data[:-4], _U32.unpack_from(data, len(data) - 4)
         if zlib.crc32(body) != crc:
             raise CodecError(f"{where}: damaged or truncated (its checksum does not match its contents)")
-        try:
-            header = json.loads(body[_PREFIX.size : _PREFIX.size + header_len].decode())
-            n, batch_size = int(header["count"]), int(header["batch"])
-            run, shape = dict(header["run"]), [int(v) for v in header["shape"]]
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-            raise CodecError(f"{where}: unreadable header") from None
-        self._check_identity(run, where)
-        if shape != list(self.image_shape):
-            raise CodecError(
-                f"{where}: holds {'x'.join(map(str, shape))} images; this run's are "
-                f"{'x'.join(map(str, self.image_shape))}"
-            )
-        if n < 1 or batch_size < 1:
-            raise CodecError(f"{where}: unreadable header (count {n}, batch {batch_size})")
+        header, header_len = self._header(data, len(data), where)
+        n, batch_size = header["count"], header["batch"]
         pos = _PREFIX.size + header_len
         if pos + 4 * n > len(body):
             raise CodecError(f"{where}: damaged (shorter than its header says)")
         checksums = list(np.frombuffer(body, dtype="<u4", count=n, offset=pos).tolist())
         pos += 4 * n
         streams = []
-        for _ in range(math.ceil(n / batch_size)):
+        for start in range(0, n, batch_size):
             if pos + 4 > len(body):
                 raise CodecError(f"{where}: damaged (shorter than its header says)")
             (count,) = _U32.unpack_from(body, pos)
-            if pos + 4 + 4 * count > len(body):
+            if pos + 4 + 4 * count > len(body) or count > self._max_words(min(batch_size, n - start)):
                 raise CodecError(f"{where}: damaged (shorter than its header says)")
             streams.append(np.frombuffer(body, dtype="<u4", count=count, offset=pos + 4).astype(np.uint32))
             pos += 4 + 4 * count
@@ -453,20 +525,33 @@ def read_codes(model: Hierarchy, path: str | Path, level: int | None = None) -> 
     """
     path = Path(path)
     check_regular(path, "codes")
+    expected = [f"level{k}" for k in range(1, model.num_levels + 1)] + ["labels"]
     try:
-        with np.load(path, allow_pickle=False) as loaded:
-            if not isinstance(loaded, np.lib.npyio.NpzFile):
+        with open(path, "rb") as f:
+            if f.read(2) != b"PK":
                 raise CodecError(f"{path}: not an npz of codes (`progvq encode` writes one)")
-            have = sorted(int(key[5:]) for key in loaded.files if key.startswith("level") and key[5:].isdigit())
-            if not have:
-                raise CodecError(f"{path}: no codes (arrays level1, level2, ...; `progvq encode` writes them)")
-            level = have[-1] if level is None else level
-            if level not in have:
-                raise CodecError(f"{path}: no codes of level {level} (it has levels {', '.join(map(str, have))})")
-            array = loaded[f"level{level}"]
-    except CodecError:
+            f.seek(0)
+            with zipfile.ZipFile(f) as zf:
+                members = {info.filename.removesuffix(".npy"): info for info in zf.infolist()}
+                unknown = sorted(name for name in members if name not in expected)
+                if unknown:
+                    shown = json.dumps(unknown[0])  # a name may hold a newline: the message stays one line
+                    raise CodecError(
+                        f"{path}: holds an array {shown}; a codes file of this run holds {', '.join(expected)}"
+                    )
+                have = sorted(int(name[5:]) for name in members if name.startswith("level"))
+                if not have:
+                    raise CodecError(f"{path}: no codes (arrays level1, level2, ...; `progvq encode` writes them)")
+                level = have[-1] if level is None else level
+                if level not in have:
+                    raise CodecError(f"{path}: no codes of level {level} (it has levels {', '.join(map(str, have))})")
+                info = members[f"level{level}"]
+                with zf.open(info) as member:
+                    # the header's announced size is checked against the member's length and memory first
+                    array = read_npy(member, info.file_size, f"{path}[level{level}]")
+    except ProgvqError:
         raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
         raise CodecError(f"{path}: cannot read codes ({' '.join(str(err).split()) or type(err).__name__})") from None
     if not 1 <= level <= model.num_levels:
         raise CodecError(f"{path}: codes of level {level}, but the run has levels 1..{model.num_levels}")

@@ -4,6 +4,8 @@ The command line turns every :class:`ProgvqError` into one line on stderr and
 exit status 2; anything else is a bug and keeps its traceback.
 """
 
+import signal
+
 
 class ProgvqError(Exception):
     """Base class for user-facing errors (bad config, bad data, bad run dir)."""
@@ -33,3 +35,17 @@ class Interrupted(Exception):
         self.step = step
         self.steps = steps
         self.path = path
+
+
+class Terminated(BaseException):
+    """A command other than training was stopped by SIGTERM or SIGHUP.
+
+    Raised from the signal handler so that every ``finally`` runs: temporary files are removed
+    and no output is left half-written. A BaseException, as KeyboardInterrupt is: no
+    ``except Exception`` may swallow it.
+    """
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        self.signal_name = signal.Signals(signum).name
+        super().__init__(self.signal_name)

@@ -8,11 +8,16 @@ report a full disk in their own ways (``torch.save``'s zip writer turns ENOSPC i
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import io
 import os
+import signal
 import stat
 import tempfile
-from collections.abc import Callable, Mapping
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import BinaryIO
 
@@ -69,20 +74,39 @@ def atomic_write_all(
         if path.is_dir():
             raise IsADirectoryError(21, "is a directory, not a file", str(path))
         contents.append((path, write if isinstance(write, bytes) else serialise(write)))
+    made: list[str] = []  # every temporary file, named as soon as it exists (a signal may come at any point)
     done: list[tuple[str, Path]] = []  # (temporary, path) written and fsynced
+    # folders this call makes for the files, deepest first: removed again (when empty) if it fails
+    new_dirs = sorted(
+        {p for path, _ in contents for p in (path.parent, *path.parent.parents) if not p.exists()},
+        key=lambda p: len(p.parts),
+        reverse=True,
+    )
+    renamed = False
     try:
         for path, data in contents:
-            done.append((_write_temporary(path, data), path))
-        for tmp, path in done:
-            try:
-                if path in keep and path.exists():
-                    os.replace(path, keep[path])
-                os.replace(tmp, path)
-            except OSError as err:
-                raise _named(err, path, tmp) from err
+            done.append((_write_temporary(path, data, made), path))
+        # several files are one unit for concurrent writers too: a second command writing the same
+        # names renames its files after or before all of ours, never between them
+        with (
+            _writers_lock([path.parent for path, _ in contents]) if len(contents) > 1 else contextlib.nullcontext(),
+            _signals_deferred(),
+        ):
+            for tmp, path in done:
+                try:
+                    if path in keep and path.exists():
+                        os.replace(path, keep[path])
+                    os.replace(tmp, path)
+                    renamed = True
+                except OSError as err:
+                    raise _named(err, path, tmp) from err
     finally:
-        for tmp, _ in done:
+        for tmp in made:
             Path(tmp).unlink(missing_ok=True)  # a no-op for those renamed
+        if not renamed:
+            for folder in new_dirs:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # only when empty: never anything that holds files
     for parent in {path.parent for path, _ in contents}:
         # make the renames themselves durable
         dir_fd = os.open(parent, os.O_RDONLY)
@@ -92,13 +116,105 @@ def atomic_write_all(
             os.close(dir_fd)
 
 
-def _write_temporary(path: Path, data: bytes) -> str:
-    """``data`` in a new temporary file beside ``path``, fsynced; returns its name."""
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT, SIGTERM and SIGHUP back while files are renamed into place, so a signal cannot land
+    between two renames of one unit (a new PNG beside the old arrays); it is raised again just after.
+
+    Python runs signal handlers in the main thread only, so swapping the handlers for one that notes
+    the signal is enough (a thread's signal mask would not be: the kernel hands a process's signal to
+    any thread that does not block it). From another thread the renames go ahead as they are.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum)) for sig in held}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for sig in caught[:1]:
+            signal.raise_signal(sig)  # now, to the handler that was there before
+
+
+@contextlib.contextmanager
+def _writers_lock(folders: Iterable[Path]) -> Iterator[None]:
+    """Hold an exclusive lock per folder (in a fixed order, so two holders cannot deadlock) while files
+    are renamed into them.
+
+    The lock files live in the system's temporary folder, named by a digest of each folder's
+    resolved path, so nothing is added to the user's folders. A run folder's own ``flock`` (the
+    training lock) is another file and never waits on these. Where no lock file can be made the
+    renames go ahead unlocked: a lock is a courtesy between concurrent commands, not a reason to fail.
+    """
+    base = Path(tempfile.gettempdir()) / f"progvq-locks-{os.getuid()}"
+    fds: list[int] = []
+    try:
+        try:
+            base.mkdir(mode=0o700, exist_ok=True)
+        except OSError:
+            yield
+            return
+        for folder in sorted({str(Path(f).resolve()) for f in folders}):
+            name = hashlib.blake2b(folder.encode(), digest_size=12).hexdigest() + ".lock"
+            try:
+                fd = os.open(base / name, os.O_RDWR | os.O_CREAT, 0o600)
+            except OSError:
+                continue
+            fds.append(fd)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        for fd in fds:
+            os.close(fd)  # releases its lock
+
+
+def check_outputs(outputs: Iterable[str | Path], inputs: Iterable[str | Path], run_dir: str | Path | None) -> None:
+    """Refuse (:class:`ProgvqError`, naming both) an output that would replace a file the command reads or
+    a file of its run folder, before any work is done.
+
+    An output names an input when the two resolve to one path or are one file under two names (a
+    symbolic or a hard link): a rename over it would destroy the input. The run's files are its
+    config, its stage folders (``stage-K``, ``prior``), its data cache and its hidden files (the lock, temporary files);
+    anything else in the run folder (a grid of samples) may be written.
+    """
+    existing = []
+    for name in inputs:
+        path = Path(name)
+        with contextlib.suppress(OSError):
+            existing.append((path, os.stat(path)))
+    run = Path(run_dir).resolve() if run_dir is not None else None
+    for name in outputs:
+        out = Path(name)
+        try:
+            info = os.stat(out)
+        except OSError:
+            info = None
+        for path, seen in existing:
+            same = info is not None and (info.st_dev, info.st_ino) == (seen.st_dev, seen.st_ino)
+            if same or out.resolve() == path.resolve():
+                raise ProgvqError(f"{out}: is {path}, which this command reads; write the output elsewhere")
+        if run is not None:
+            resolved = out.resolve()
+            if resolved != run and resolved.is_relative_to(run):
+                top = resolved.relative_to(run).parts[0]
+                if top in ("config.yaml", "prior", "data-cache") or top.startswith(("stage-", ".")):
+                    raise ProgvqError(f"{out}: inside {run_dir}'s own files ({top}); write the output elsewhere")
+
+
+def _write_temporary(path: Path, data: bytes, made: list[str] | None = None) -> str:
+    """``data`` in a new temporary file beside ``path``, fsynced; returns its name, which also goes into
+    ``made`` the moment the file exists (so a caller interrupted at any point can remove it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as err:
         raise _named(err, path, None) from err
+    if made is not None:
+        made.append(tmp)
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
         with os.fdopen(fd, "wb") as f:
