@@ -12,12 +12,23 @@ to ``data.size`` x ``data.size``: at the centre, or at a random place that is fi
 from ``data.seed`` and the image's path. A random crop therefore never changes between epochs
 or runs: the cache holds one crop per image, and a resumed run sees exactly the pixels it saw.
 
+A listing is bounded: folders nest at most :data:`MAX_DEPTH` levels below a class folder (or the
+folder itself), a folder that contains itself (a symbolic link back up) is refused rather than
+walked forever, and at most :data:`MAX_ENTRIES` files and folders are looked at in all.
+
 The cache (``RUN/data-cache``) is one raw file of uint8 images (N, C, H, W) read through a memory
 map, and a manifest that names the files (path, size, modification time), the transform, the
 classes and the cache file's length and digest. It is reused while the folder is unchanged and
-rebuilt when anything in the manifest differs or the cache file is damaged. Every write goes to a
-temporary file first; the manifest is replaced last, so an interrupted or failed build leaves the
-previous cache whole.
+rebuilt when anything in the manifest differs or the cache file is damaged. The manifest is read
+as a stranger's document (:mod:`progvq.untrusted`): one that fails its schema is damaged, and the
+cache is built again. Every write goes to a temporary file first; the manifest is replaced last,
+so an interrupted or failed build leaves the previous cache whole.
+
+Sizes are checked before the work: what one image becomes (and the resize before the crop) against
+memory, the whole cache against the free space of its disk, and an in-memory decode against memory.
+
+A file name may hold any character but ``/``: in messages, a name with a control character (a
+newline, a tab) is written with backslash escapes (:func:`shown`), so an error stays one line.
 """
 
 from __future__ import annotations
@@ -27,6 +38,8 @@ import hashlib
 import json
 import mmap
 import os
+import re
+import shutil
 import stat
 import struct
 import tempfile
@@ -43,8 +56,10 @@ from torch import Tensor
 from tqdm import tqdm
 
 from progvq.canvas import Canvas
-from progvq.errors import DataError
+from progvq.errors import DataError, ProgvqError
 from progvq.fileio import atomic_write as _atomic_write
+from progvq.memory import check_fits, human
+from progvq.untrusted import ANY, Dict, Int, List, Str, UntrustedError, parse_json
 
 #: File name suffixes (compared lower-cased) that are read as images.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -55,12 +70,26 @@ ON_UNREADABLE = ("refuse", "skip")
 #: Folder of the cache inside the run folder, and its manifest.
 CACHE_DIR = "data-cache"
 MANIFEST = "manifest.json"
-#: The cached files, one a line: path, size, mtime (ns), class (-1: none), tab-separated.
+#: The cached files, one a line: path, size, mtime (ns), class (-1: none), tab-separated, UTF-8.
+#: In the path a backslash is written ``\\``, a tab ``\t``, a newline ``\n``, a carriage return ``\r``,
+#: any other control or line-breaking character ``\xNN`` or ``\uNNNN`` (as are the undecodable bytes
+#: of a name that is not UTF-8, which Python holds as lone surrogates): so each file is one line
+#: whatever its name, and :func:`read_files_table` reads the paths back exactly.
 FILES = "files.tsv"
 #: Bumped whenever the cache's layout or the decoding changes, so older caches are rebuilt.
 CACHE_VERSION = 1
 #: Bytes hashed per read when a cache file's digest is computed or checked.
 _BLOCK = 1 << 24
+#: Levels of folders read below a class folder (or below the folder itself when it has no classes).
+MAX_DEPTH = 64
+#: Files and folders a listing looks at, in all: past it the folder is refused (a listing of
+#: 10 million entries already takes minutes and a gigabyte of memory).
+MAX_ENTRIES = 10_000_000
+#: Largest manifest read back: a manifest is small unless it lists hundreds of thousands of skipped files.
+MANIFEST_MAX_BYTES = 64 << 20
+#: What one image may take (its resize and crop) before memory is asked: reading the machine's free
+#: memory costs a file read, and an image this small fits anywhere progvq runs.
+_ALWAYS_FITS = 64 << 20
 
 # What Pillow raises on corrupt or hostile input, beyond OSError (which covers
 # UnidentifiedImageError and "image file is truncated"): some plugins signal bad
@@ -80,7 +109,62 @@ PIL_ERRORS = (
 
 def reason(exc: BaseException) -> str:
     """A library exception's message squeezed onto one line (DataError is one line)."""
-    return " ".join(str(exc).split()) or type(exc).__name__
+    return shown(" ".join(str(exc).split()) or type(exc).__name__)
+
+
+# --------------------------------------------------------------------------- names on one line
+
+#: Characters written escaped: control characters, Unicode's line and paragraph separators (which
+#: ``str.splitlines`` breaks at) and lone surrogates (the undecodable bytes of a name that is not UTF-8).
+_SPECIAL = r"\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff"
+_NEEDS_ESCAPE = re.compile(f"[{_SPECIAL}]")
+_ESCAPED = re.compile(rf"[\\{_SPECIAL}]")
+_SHORT_ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
+_UNESCAPE = re.compile(r"\\(?:([\\tnr])|x([0-9a-f]{2})|u([0-9a-f]{4}))")
+
+
+def _escape_char(match: re.Match[str]) -> str:
+    ch = match.group()
+    if ch in _SHORT_ESCAPES:
+        return _SHORT_ESCAPES[ch]
+    code = ord(ch)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def escape_name(text: str) -> str:
+    """``text`` with backslashes and special characters (see :data:`FILES`) written as backslash escapes."""
+    return _ESCAPED.sub(_escape_char, text)
+
+
+def unescape_name(text: str) -> str:
+    """The name :func:`escape_name` wrote as ``text``; raises ValueError for a stray backslash."""
+    out: list[str] = []
+    at = 0
+    while (slash := text.find("\\", at)) >= 0:
+        match = _UNESCAPE.match(text, slash)
+        if match is None:
+            raise ValueError(f"a backslash not followed by an escape at character {slash}")
+        out.append(text[at:slash])
+        short, byte, wide = match.groups()
+        if short is not None:
+            out.append({"t": "\t", "n": "\n", "r": "\r"}.get(short, short))
+        else:
+            out.append(chr(int(byte or wide, 16)))
+        at = match.end()
+    out.append(text[at:])
+    return "".join(out)
+
+
+def shown(path: Path | str) -> str:
+    """``path`` for a message: as it is, or escaped (:func:`escape_name`) when it holds a character that would
+    break the line or the terminal's encoding (a newline in a file's name would make an error two lines)."""
+    text = str(path)
+    return escape_name(text) if _NEEDS_ESCAPE.search(text) else text
+
+
+def _utf8(text: str) -> bytes:
+    """``text`` as the bytes it came from: a name that is not UTF-8 hashes as its own bytes, not as an error."""
+    return text.encode("utf-8", "surrogateescape")
 
 
 # --------------------------------------------------------------------------- listing
@@ -120,36 +204,115 @@ def _is_image(name: str) -> bool:
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
 
 
-def _walk_images(top: Path, rel: str, label: int = -1) -> Iterator[Entry]:
-    """Image files under ``top`` (recursively, dot-names skipped), as entries of class ``label``.
+@dataclass
+class _Budget:
+    """The files and folders one listing of ``folder`` has looked at, counted against :data:`MAX_ENTRIES`."""
 
-    Each is made an :class:`Entry` at once, keeping none of the scandir and stat objects: a
-    folder of a million files would hold hundreds of megabytes of them.
+    folder: Path
+    seen: int = 0
+
+    def scan(self, path: str) -> list[os.DirEntry[str]]:
+        """The entries of the folder ``path`` sorted by name, each counted as it is read: a folder of a
+        billion entries is refused after :data:`MAX_ENTRIES`, not held in memory first."""
+        items: list[os.DirEntry[str]] = []
+        try:
+            with os.scandir(path) as it:
+                for item in it:
+                    self.seen += 1
+                    if self.seen > MAX_ENTRIES:
+                        raise DataError(
+                            f"{shown(self.folder)}: more than {MAX_ENTRIES:,} files and folders in it (counted "
+                            f"up to {shown(path)}); progvq lists at most {MAX_ENTRIES:,}: "
+                            "point data.path at a smaller folder"
+                        )
+                    items.append(item)
+        except OSError as exc:
+            raise DataError(f"{shown(path)}: cannot list image folder ({exc.strerror or reason(exc)})") from None
+        items.sort(key=lambda e: e.name)
+        return items
+
+
+@dataclass
+class _Open:
+    """A folder being walked: its path, its path relative to the listed folder, its (st_dev, st_ino),
+    its sorted entries and the index of the next one to look at."""
+
+    path: str
+    rel: str
+    key: tuple[int, int]
+    items: list[os.DirEntry[str]]
+    next: int = 0
+
+
+def _folder_key(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
+
+
+def _walk_images(
+    top: str, rel: str, label: int, budget: _Budget, outer: dict[tuple[int, int], str], key: tuple[int, int]
+) -> Iterator[Entry]:
+    """Image files under the folder ``top`` (``key``: its (st_dev, st_ino)), dot-names skipped, as entries
+    of class ``label``, in the order of a depth-first walk over sorted names.
+
+    A loop over a stack of open folders rather than recursion: a tree thousands of folders deep is
+    refused at :data:`MAX_DEPTH` levels in one line, not in a RecursionError. ``outer`` names the
+    folders ``top`` lies in (the listed folder): a folder that is one of the folders it lies in (a
+    symbolic link back up) is a loop and is refused, where following it would never end. The same
+    folder reached twice on separate paths (two links to it) is no loop and is read under both.
+
+    Each file is made an :class:`Entry` at once, keeping none of the stat objects: a folder of a
+    million files would hold hundreds of megabytes of them.
     """
-    try:
-        with os.scandir(top) as it:
-            items = sorted(it, key=lambda e: e.name)
-    except OSError as exc:
-        raise DataError(f"{top}: cannot list image folder ({exc.strerror or reason(exc)})") from None
-    for item in items:
+    on_path = dict(outer)
+    if key in on_path:
+        raise DataError(_loop(top, on_path[key]))
+    stack = [_Open(top, rel, key, budget.scan(top))]
+    on_path[key] = top
+    while stack:
+        here = stack[-1]
+        if here.next == len(here.items):
+            stack.pop()
+            del on_path[here.key]
+            continue
+        item = here.items[here.next]
+        here.next += 1
         if item.name.startswith("."):
             continue
-        path = f"{rel}/{item.name}" if rel else item.name
+        path = f"{here.rel}/{item.name}" if here.rel else item.name
         try:
             if item.is_dir():
-                yield from _walk_images(Path(item.path), path, label)
+                found = _folder_key(item.stat())
+                if found in on_path:
+                    raise DataError(_loop(item.path, on_path[found]))
+                if len(stack) > MAX_DEPTH:
+                    raise DataError(
+                        f"{shown(item.path)}: folders nested more than {MAX_DEPTH} levels below {shown(top)}; "
+                        f"progvq reads at most {MAX_DEPTH} levels of folders in a class folder"
+                    )
+                stack.append(_Open(item.path, path, found, budget.scan(item.path)))
+                on_path[found] = item.path
             elif _is_image(item.name) and item.is_file():
                 st = item.stat()
                 yield Entry(path, st.st_size, st.st_mtime_ns, label)
         except OSError as exc:
-            raise DataError(f"{item.path}: cannot read ({exc.strerror or reason(exc)})") from None
+            raise DataError(f"{shown(item.path)}: cannot read ({exc.strerror or reason(exc)})") from None
+
+
+def _loop(path: str, outer: str) -> str:
+    """The refusal of a folder ``path`` that is the folder ``outer`` it lies in."""
+    return (
+        f"{shown(path)}: a folder loop: it is {shown(outer)}, a folder it lies in (a symbolic link back up?); "
+        "remove the link or point data.path below it"
+    )
 
 
 def list_folder(folder: Path, *, classes: bool = True) -> Listing:
     """The image files of ``folder``: directly inside it, or (``classes``) in class folders below it.
 
     Raises :class:`DataError` for a missing folder, a folder with no images, or a folder
-    with images both directly inside and in class folders (which of them would be what?).
+    with images both directly inside and in class folders (which of them would be what?);
+    and for a tree deeper than :data:`MAX_DEPTH`, with a folder loop, or of more than
+    :data:`MAX_ENTRIES` files and folders.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -157,24 +320,33 @@ def list_folder(folder: Path, *, classes: bool = True) -> Listing:
             what = "not a folder (data.path of source folder names a folder of images)"
         else:
             what = "image folder not found"
-        raise DataError(f"{folder}: {what}")
+        raise DataError(f"{shown(folder)}: {what}")
+    budget = _Budget(folder)
     try:
-        with os.scandir(folder) as it:
-            items = sorted(it, key=lambda e: e.name)
-        top = [Entry(e.name, st.st_size, st.st_mtime_ns) for e in items if _is_image(e.name) and e.is_file()
-               for st in (e.stat(),)]
-        subdirs = [e for e in items if not e.name.startswith(".") and e.is_dir()]
+        key = _folder_key(folder.stat())
+        items = budget.scan(str(folder))
+        top = [
+            Entry(e.name, st.st_size, st.st_mtime_ns)
+            for e in items
+            if _is_image(e.name) and e.is_file()
+            for st in (e.stat(),)
+        ]
+        subdirs = [(e, _folder_key(e.stat())) for e in items if not e.name.startswith(".") and e.is_dir()]
     except OSError as exc:
-        raise DataError(f"{folder}: cannot list image folder ({exc.strerror or reason(exc)})") from None
+        raise DataError(f"{shown(folder)}: cannot list image folder ({exc.strerror or reason(exc)})") from None
     found: list[tuple[str, list[Entry]]] = []
     if classes:
-        found = [(sub.name, list(_walk_images(Path(sub.path), sub.name, k))) for k, sub in enumerate(subdirs)]
+        outer = {key: str(folder)}
+        found = [
+            (sub.name, list(_walk_images(sub.path, sub.name, k, budget, outer, sub_key)))
+            for k, (sub, sub_key) in enumerate(subdirs)
+        ]
         if not any(files for _, files in found):
             found = []  # no class folders: a flat folder (its sub-folders hold no images)
     if top and found:
         raise DataError(
-            f"{folder}: images both directly inside ({top[0].rel}) and in class folders "
-            f"({next(name for name, files in found if files)}/); "
+            f"{shown(folder)}: images both directly inside ({shown(top[0].rel)}) and in class folders "
+            f"({shown(next(name for name, files in found if files))}/); "
             "keep every image in a class folder, or none"
         )
     if found:
@@ -184,7 +356,7 @@ def list_folder(folder: Path, *, classes: bool = True) -> Listing:
     if not top:
         where = " or in class folders" if classes else ""
         # the suffixes once read and still read; WebP came later
-        raise DataError(f"{folder}: no image files (.png, .jpg, .jpeg) or .webp files in it{where}")
+        raise DataError(f"{shown(folder)}: no image files (.png, .jpg, .jpeg) or .webp files in it{where}")
     return Listing(folder, top)
 
 
@@ -221,8 +393,43 @@ class Transform:
             return h, w
         return height, width
 
+    def check_memory(self, width: int, height: int, where: str) -> None:
+        """Refuse, in one line naming ``where`` and data.size, a (width, height) image whose resize and
+        crop would take more memory than there is: checked on the header's size, before the decode."""
+        pixel = 1 if self.channels == 1 else 4  # Pillow keeps RGB images at 4 bytes a pixel
+        h, w = self.output_size(width, height)
+        need = self.channels * h * w
+        steps = f"an image of {self.channels}x{h}x{w}"
+        if self.resize == "shorter-side":
+            assert self.size is not None
+            rw, rh = _shorter_side(width, height, self.size)
+            need += rw * rh * pixel
+            steps = f"resizing a {width}x{height} image to {rw}x{rh} (data.size {self.size}) for {steps}"
+        elif self.crop != "none":
+            steps = f"{steps} (data.size {self.size})"
+        if need <= _ALWAYS_FITS:
+            return
+        try:
+            check_fits(need, f"{where}: {steps}")
+        except ProgvqError as err:
+            raise DataError(str(err)) from None
+
     def apply(self, img: Image.Image, path: Path, rel: str) -> np.ndarray:
-        """A decoded Pillow image -> uint8 (C, H, W). ``rel`` places a random crop."""
+        """A Pillow image, opened but not yet decoded -> uint8 (C, H, W). ``rel`` places a random crop.
+
+        What the resize and crop would make is checked on the header's size before the decode: an
+        image too small for the crop, or one whose resize would not fit in memory, is refused first.
+        """
+        width, height = img.size
+        # a resize to the shorter side makes both sides at least data.size; without one the file must be
+        if self.crop != "none" and self.resize == "none":
+            assert self.size is not None
+            if width < self.size or height < self.size:
+                raise DataError(
+                    f"{shown(path)}: image is {width}x{height}, smaller than the {self.size}x{self.size} crop "
+                    "(data.size; data.resize: shorter-side scales images up to it)"
+                )
+        self.check_memory(width, height, shown(path))
         img = img.convert("L" if self.channels == 1 else "RGB")  # a full decode: truncated data fails here
         if self.resize == "shorter-side":
             assert self.size is not None
@@ -232,11 +439,6 @@ class Transform:
         if self.crop != "none":
             assert self.size is not None
             w, h = img.size
-            if w < self.size or h < self.size:
-                raise DataError(
-                    f"{path}: image is {w}x{h}, smaller than the {self.size}x{self.size} crop "
-                    "(data.size; data.resize: shorter-side scales images up to it)"
-                )
             if self.crop == "centre":
                 left, top = (w - self.size) // 2, (h - self.size) // 2
             else:
@@ -260,7 +462,7 @@ def _crop_offset(seed: int, rel: str, spread_x: int, spread_y: int) -> tuple[int
     A hash rather than a generator drawn in file order: adding or removing another file
     leaves every other image's crop where it was.
     """
-    digest = hashlib.blake2b(f"{seed}\0{rel}".encode(), digest_size=16).digest()
+    digest = hashlib.blake2b(_utf8(f"{seed}\0{rel}"), digest_size=16).digest()
     return int.from_bytes(digest[:8], "big") % spread_x, int.from_bytes(digest[8:], "big") % spread_y
 
 
@@ -270,7 +472,7 @@ def probe(path: Path) -> tuple[int, int]:
         with Image.open(path) as img:
             return img.size
     except PIL_ERRORS as exc:
-        raise DataError(f"{path}: cannot read image ({type(exc).__name__}: {reason(exc)})") from None
+        raise DataError(f"{shown(path)}: cannot read image ({type(exc).__name__}: {reason(exc)})") from None
 
 
 class Unreadable(DataError):
@@ -286,7 +488,7 @@ def decode(folder: Path, entry: Entry, transform: Transform) -> np.ndarray:
     except DataError:
         raise
     except PIL_ERRORS as exc:
-        raise Unreadable(f"{path}: cannot read image ({type(exc).__name__}: {reason(exc)})") from None
+        raise Unreadable(f"{shown(path)}: cannot read image ({type(exc).__name__}: {reason(exc)})") from None
 
 
 # --------------------------------------------------------------------------- decoding many
@@ -330,11 +532,12 @@ def _decode_all(
         except Unreadable as err:
             if not skip:
                 raise
-            skipped.append(f"{entry.rel}: {str(err).removeprefix(f'{path}: ')}")
+            skipped.append(f"{entry.rel}: {str(err).removeprefix(f'{shown(path)}: ')}")
             continue
         if image.shape != shape:
             raise DataError(
-                f"{path}: image size {image.shape[2]}x{image.shape[1]} differs from {listing.entries[0].rel}'s "
+                f"{shown(path)}: image size {image.shape[2]}x{image.shape[1]} differs from "
+                f"{shown(listing.entries[0].rel)}'s "
                 f"{shape[2]}x{shape[1]} (width x height); data.crop with data.size brings images to one size"
             )
         write(image)
@@ -349,17 +552,40 @@ def _check_unchanged(folder: Path, path: Path, entry: Entry) -> None:
         st = None
     if st is None or (st.st_size, st.st_mtime_ns) != (entry.size, entry.mtime_ns):
         raise DataError(
-            f"{folder}: changed while its images were read ({entry.rel} was "
+            f"{shown(folder)}: changed while its images were read ({shown(entry.rel)} was "
             f"{'removed' if st is None else 'rewritten'}); run the command again once the folder is still"
         )
 
 
 def first_shape(listing: Listing, transform: Transform) -> tuple[int, int, int]:
-    """(C, H, W) the first image becomes, from its header alone (what every image must become)."""
+    """(C, H, W) the first image becomes, from its header alone (what every image must become).
+
+    Refuses (one line naming the file and data.size) when that image, the resize before its crop,
+    or (data.size without a crop) the padded canvas would take more memory than there is: before
+    any image is decoded or resized.
+    """
+    path = listing.folder / listing.entries[0].rel
     if transform.crop != "none":
         assert transform.size is not None
+        try:
+            width, height = probe(path)
+        except DataError:
+            # unreadable: its decode refuses or skips it; a resize makes both sides at least data.size
+            width = height = transform.size
+        transform.check_memory(width, height, shown(path))
         return transform.channels, transform.size, transform.size
-    width, height = probe(listing.folder / listing.entries[0].rel)
+    width, height = probe(path)
+    transform.check_memory(width, height, shown(path))
+    if transform.size is not None:
+        # data.size without a crop pads each image to size x size for the models, which read it as float32
+        c, size = transform.channels, transform.size
+        try:
+            check_fits(
+                4 * c * size * size,
+                f"data.size: {size}: one image of {shown(listing.folder)} padded to {c}x{size}x{size} (float32)",
+            )
+        except ProgvqError as err:
+            raise DataError(str(err)) from None
     return (transform.channels, *transform.output_size(width, height))
 
 
@@ -371,9 +597,18 @@ def decode_in_memory(
     progress: bool | None = None,
     check: Callable[[Decoded], None] | None = None,
 ) -> Decoded:
-    """Every image of ``listing`` decoded into memory: uint8 (N, C, H, W), seen by ``check`` (which may refuse)."""
+    """Every image of ``listing`` decoded into memory: uint8 (N, C, H, W), seen by ``check`` (which may refuse).
+
+    The array's size is checked against memory before it is allocated or any image decoded.
+    """
     shape = first_shape(listing, transform)
-    images = np.empty((len(listing.entries), *shape), dtype=np.uint8)
+    count = len(listing.entries)
+    c, h, w = shape
+    try:
+        check_fits(count * c * h * w, f"{shown(listing.folder)}: {count} images of {c}x{h}x{w} decoded in memory")
+    except ProgvqError as err:
+        raise DataError(str(err)) from None
+    images = np.empty((count, *shape), dtype=np.uint8)
     n = 0
 
     def write(image: np.ndarray) -> None:
@@ -382,7 +617,7 @@ def decode_in_memory(
         n += 1
 
     kept, skipped = _decode_all(
-        listing, transform, shape, write, skip=skip, progress=progress, desc=f"reading {listing.folder}"
+        listing, transform, shape, write, skip=skip, progress=progress, desc=f"reading {shown(listing.folder)}"
     )
     decoded = Decoded(images[:n], kept, listing.classes, skipped)
     if check is not None:
@@ -422,37 +657,95 @@ def _digest_file(path: Path, length: int) -> str:
     return h.hexdigest()
 
 
-def _read_manifest(path: Path) -> dict[str, Any] | None:
-    """The manifest as a mapping, or None when it is missing, unreadable or not one."""
-    try:
-        if not stat.S_ISREG(path.stat().st_mode) or path.stat().st_size > (1 << 30):
-            return None
-        data = json.loads(path.read_bytes())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+#: The manifest's schema. ``source`` is compared whole with the record of the folder as it is, so
+#: any value (within the nesting bound) will do: one that differs only means a rebuild.
+_MANIFEST_SCHEMA = Dict(
+    required={
+        "source": ANY,
+        # the name _cache_name gives: no folder, no "..", nothing but the one file it names
+        "file": Str(max_len=64, pattern=r"images-[0-9a-f]{16}\.u8"),
+        "shape": List(Int(0, 2**31 - 1), max_len=4, min_len=4),
+        "bytes": Int(0, 2**62),
+        "digest": Str(max_len=40, pattern=r"[0-9a-f]{40}"),
+    },
+    optional={
+        "skipped": List(Str(max_len=1 << 16), max_len=MAX_ENTRIES),
+        "skipped_files": List(Str(max_len=1 << 16), max_len=MAX_ENTRIES),
+    },
+)
 
 
-def _cache_problem(cache: Path, manifest: dict[str, Any]) -> str | None:
-    """Why the cache file a (matching) manifest names cannot be used; None when it is whole."""
+def _read_manifest(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """The manifest at ``path`` checked against its schema, or (None, why it cannot be used); (None, None)
+    when there is none.
+
+    Opened without blocking and read only when a regular file, at most :data:`MANIFEST_MAX_BYTES`:
+    a named pipe or ``/dev/zero`` put in its place is damage, not a hang.
+    """
     try:
-        name, shape, length, digest = (manifest[k] for k in ("file", "shape", "bytes", "digest"))
-        shape = tuple(int(v) for v in shape)
-        ok = isinstance(name, str) and "/" not in name and len(shape) == 4 and int(np.prod(shape)) == int(length)
-    except (KeyError, TypeError, ValueError):
-        return "its manifest is incomplete"
-    if not ok:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None, None
+    except OSError as exc:
+        return None, f"{MANIFEST} cannot be opened ({exc.strerror or reason(exc)})"
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None, f"{MANIFEST} is not a regular file"
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(MANIFEST_MAX_BYTES + 1)
+    except OSError as exc:
+        return None, f"{MANIFEST} cannot be read ({exc.strerror or reason(exc)})"
+    finally:
+        os.close(fd)
+    try:
+        return parse_json(data, _MANIFEST_SCHEMA, max_bytes=MANIFEST_MAX_BYTES), None
+    except UntrustedError as err:
+        return None, f"{MANIFEST}: {err}"
+
+
+def load_manifest(cache: Path) -> dict[str, Any] | None:
+    """The manifest of the data cache folder ``cache`` checked against its schema, or None when there is
+    none or it cannot be used (for readers besides :func:`cached_folder`, such as a record of the data)."""
+    manifest, _ = _read_manifest(Path(cache) / MANIFEST)
+    return manifest
+
+
+def _cache_problem(cache: Path, manifest: dict[str, Any], listing: Listing, shape: tuple[int, int, int]) -> str | None:
+    """Why the cache file a (matching, schema-checked) manifest names cannot be used; None when it is whole.
+
+    Beyond the schema the values must agree with each other and with the folder: the images the
+    folder's files make (``shape``: what the first one becomes), less the skipped files, each of
+    which is one of the folder's.
+    """
+    name, dims, length, digest = (manifest[k] for k in ("file", "shape", "bytes", "digest"))
+    gone = manifest.get("skipped_files", [])
+    skipped = manifest.get("skipped", [])
+    rels = {e.rel for e in listing.entries}
+    if len(set(gone)) != len(gone) or not rels.issuperset(gone) or len(skipped) != len(gone):
+        return "its manifest's skipped files are not the folder's"
+    if dims != [len(listing.entries) - len(gone), *shape]:
+        return f"its manifest's shape {dims} is not that of the folder's images"
+    if int(np.prod(dims, dtype=object)) != length:
         return "its manifest is inconsistent"
     path = cache / name
     try:
-        size = path.stat().st_size
+        st = path.stat()
     except OSError:
         return f"{name} is missing"
-    if size != length:
-        return f"{name} is {size} bytes, its manifest says {length}"
+    if not stat.S_ISREG(st.st_mode):
+        return f"{name} is not a regular file"
+    if st.st_size != length:
+        return f"{name} is {st.st_size} bytes, its manifest says {length}"
     if length and _digest_file(path, length) != digest:
         return f"{name} does not match its digest"
     return None
+
+
+def _cache_name(source: dict[str, Any]) -> str:
+    """The cache file's name: a function of the source record, so a rebuild of another source never
+    overwrites the file a running reader maps."""
+    key = hashlib.blake2b(json.dumps(source, sort_keys=True).encode(), digest_size=8).hexdigest()
+    return f"images-{key}.u8"
 
 
 @dataclass
@@ -470,7 +763,9 @@ class _Made:
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise DataError(f"{path}: cannot make the data cache folder ({exc.strerror or reason(exc)})") from None
+            raise DataError(
+                f"{shown(path)}: cannot make the data cache folder ({exc.strerror or reason(exc)})"
+            ) from None
         self.dirs = missing  # deepest first
 
     def undo(self) -> None:
@@ -504,27 +799,28 @@ def cached_folder(
     source = _source_record(listing, transform)
     made = _Made()
     if cache.exists() and not cache.is_dir():
-        raise DataError(f"{cache}: not a folder (progvq keeps its data cache there); move it away")
+        raise DataError(f"{shown(cache)}: not a folder (progvq keeps its data cache there); move it away")
     made.mkdir(cache)
     try:
         lock = os.open(cache, os.O_RDONLY)
     except OSError as exc:
         made.undo()
-        raise DataError(f"{cache}: cannot open the data cache folder ({exc.strerror or reason(exc)})") from None
+        raise DataError(f"{shown(cache)}: cannot open the data cache folder ({exc.strerror or reason(exc)})") from None
     try:
         # one builder at a time (several ranks of one run, two commands); the kernel drops the lock if we die
         fcntl.flock(lock, fcntl.LOCK_EX)
-        manifest = _read_manifest(cache / MANIFEST)
-        if manifest is not None and manifest.get("source") == source:
-            problem = _cache_problem(cache, manifest)
+        manifest, problem = _read_manifest(cache / MANIFEST)
+        if manifest is not None and manifest["source"] == source:
+            problem = _cache_problem(cache, manifest, listing, first_shape(listing, transform))
             if problem is None:
                 decoded = _open(cache, manifest, listing, log)
                 if check is not None:
                     check(decoded)
                 return decoded
-            log(f"{cache}: data cache damaged ({problem}); building it again")
+        if problem is not None:
+            log(f"{shown(cache)}: data cache damaged ({problem}); building it again")
         elif manifest is not None:
-            log(f"{cache}: {_what_changed(manifest.get('source'), source)}; building the data cache again")
+            log(f"{shown(cache)}: {_what_changed(manifest['source'], source)}; building the data cache again")
         return _build(cache, listing, transform, source, skip=skip, progress=progress, log=log, check=check)
     except BaseException:
         made.undo()
@@ -534,10 +830,14 @@ def cached_folder(
 
 
 def _what_changed(old: Any, new: dict[str, Any]) -> str:
+    """What differs between a manifest's ``source`` (any JSON value) and the folder's, in a few words:
+    never the old value itself, which may be anything (a log line stays one short line)."""
     if not isinstance(old, dict):
         return "the manifest is from another version"
-    if old.get("count") != new["count"]:
-        return f"the folder holds {new['count']} images, the cache {old.get('count')}"
+    count = old.get("count")
+    if count != new["count"]:
+        then = count if type(count) is int else "another number"
+        return f"the folder holds {new['count']} images, the cache {then}"
     for key in ("version", "folder", "transform", "classes"):
         if old.get(key) != new[key]:
             return f"the {key} differs from the cache's"
@@ -545,16 +845,20 @@ def _what_changed(old: Any, new: dict[str, Any]) -> str:
 
 
 def _open(cache: Path, manifest: dict[str, Any], listing: Listing, log: Callable[[str], None]) -> Decoded:
-    shape = tuple(int(v) for v in manifest["shape"])
+    """The cache a manifest checked by :func:`_cache_problem` names, mapped."""
+    shape = tuple(manifest["shape"])
     images = _map(cache / manifest["file"], shape)
-    skipped = [str(v) for v in manifest.get("skipped", [])]
-    gone = {str(v) for v in manifest.get("skipped_files", [])}
+    skipped = list(manifest.get("skipped", []))
+    gone = set(manifest.get("skipped_files", []))
     entries = [e for e in listing.entries if e.rel not in gone] if gone else listing.entries
-    if len(entries) != shape[0]:
-        raise DataError(f"{cache / MANIFEST}: lists {len(entries)} images for a cache of {shape[0]}")
     if skipped:
-        log(f"{listing.folder}: {len(skipped)} unreadable files skipped (first: {skipped[0]})")
+        log(skipped_line(listing.folder, skipped))
     return Decoded(images, entries, listing.classes, skipped)
+
+
+def skipped_line(folder: Path, skipped: list[str]) -> str:
+    """The log line of skipped files: their count and the first (its name escaped, so one line)."""
+    return f"{shown(folder)}: {len(skipped)} unreadable files skipped (first: {shown(skipped[0])})"
 
 
 def _build(
@@ -568,10 +872,23 @@ def _build(
     log: Callable[[str], None],
     check: Callable[[Decoded], None] | None,
 ) -> Decoded:
+    """Decode ``listing`` into a new cache file in ``cache``, then write its files table and manifest.
+
+    Everything that can be refused without decoding is refused first, leaving nothing behind: a
+    folder where a file of the cache goes, an image (or its resize) too large for memory, a cache
+    too large for the free space of its disk.
+    """
+    name = _cache_name(source)
+    for part in (name, FILES, MANIFEST):
+        try:
+            in_the_way = stat.S_ISDIR((cache / part).lstat().st_mode)
+        except OSError:
+            in_the_way = False  # nothing there (or nothing readable): the write says what is wrong
+        if in_the_way:
+            raise DataError(f"{shown(cache / part)}: a folder where progvq writes its data cache; move it away")
     shape = first_shape(listing, transform)
     per_image = int(np.prod(shape))
-    key = hashlib.blake2b(json.dumps(source, sort_keys=True).encode(), digest_size=8).hexdigest()
-    name = f"images-{key}.u8"
+    _check_disk(cache, len(listing.entries), shape, transform)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=cache)
     tmp = Path(tmp_name)
     h = hashlib.blake2b(digest_size=20)
@@ -587,7 +904,7 @@ def _build(
                 f.write(data)
 
             kept, skipped = _decode_all(
-                listing, transform, shape, write, skip=skip, progress=progress, desc=f"caching {listing.folder}"
+                listing, transform, shape, write, skip=skip, progress=progress, desc=f"caching {shown(listing.folder)}"
             )
             f.flush()
             os.fsync(f.fileno())
@@ -596,44 +913,47 @@ def _build(
             again = again[: len(listing.entries)]
         if [e.record() for e in again] != [e.record() for e in listing.entries]:
             raise DataError(
-                f"{listing.folder}: changed while its images were read (files added, removed or rewritten); "
+                f"{shown(listing.folder)}: changed while its images were read (files added, removed or rewritten); "
                 "run the command again once the folder is still"
             )
         if check is not None:
             check(Decoded(_map(tmp, (len(kept), *shape)), kept, listing.classes, skipped))
+        full = (len(kept), *shape)
+        manifest = {
+            "source": source,
+            "file": name,
+            "shape": list(full),
+            "bytes": len(kept) * per_image,
+            "digest": h.hexdigest(),
+            "skipped": skipped,
+        }
+        if skipped:
+            kept_rels = {e.rel for e in kept}
+            manifest["skipped_files"] = [e.rel for e in listing.entries if e.rel not in kept_rels]
+        text = json.dumps(manifest, indent=1).encode()
+        if len(text) > MANIFEST_MAX_BYTES:
+            # a manifest the next read would refuse as damaged: every command would build the cache again
+            raise DataError(
+                f"{shown(listing.folder)}: {len(skipped)} unreadable files skipped, more than the data cache's "
+                f"manifest can list in {human(MANIFEST_MAX_BYTES)}; remove them from the folder"
+            )
         os.replace(tmp, cache / name)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise DataError(f"{cache / name}: cannot write the data cache ({exc.strerror or reason(exc)})") from None
+        raise DataError(f"{shown(cache / name)}: cannot write the data cache ({exc.strerror or reason(exc)})") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    full = (len(kept), *shape)
-    manifest = {
-        "source": source,
-        "file": name,
-        "shape": list(full),
-        "bytes": len(kept) * per_image,
-        "digest": h.hexdigest(),
-        "skipped": skipped,
-    }
+    # the files one per line, for people (the manifest holds their digest); then the manifest itself
+    table = files_table(listing.entries)
+    for part, write_part in ((FILES, lambda f: f.write(table)), (MANIFEST, lambda f: f.write(text))):
+        try:
+            _atomic_write(cache / part, write_part)
+        except OSError as exc:
+            raise DataError(f"{shown(cache / part)}: cannot write ({exc.strerror or reason(exc)})") from None
+    _remove_old(cache, name)
     if skipped:
-        kept_rels = {e.rel for e in kept}
-        manifest["skipped_files"] = [e.rel for e in listing.entries if e.rel not in kept_rels]
-    try:
-        # the files one per line, for people (the manifest holds their digest); then the manifest itself
-        table = "".join(f"{e.rel}\t{e.size}\t{e.mtime_ns}\t{e.label}\n" for e in listing.entries).encode()
-        _atomic_write(cache / FILES, lambda f: f.write(table))
-        _atomic_json(cache / MANIFEST, manifest)
-    except OSError as exc:
-        raise DataError(f"{cache / MANIFEST}: cannot write ({exc.strerror or reason(exc)})") from None
-    # the manifest now names the new file: earlier caches and leftovers of interrupted builds go
-    for old in cache.iterdir():
-        is_old = old.name.startswith("images-") and old.name.endswith(".u8") and old.name != name
-        if is_old or (old.name.startswith(".images-") and old.name.endswith(".tmp")):
-            old.unlink(missing_ok=True)
-    if skipped:
-        log(f"{listing.folder}: {len(skipped)} unreadable files skipped (first: {skipped[0]})")
+        log(skipped_line(listing.folder, skipped))
     images = _map(cache / name, full)
     return Decoded(images, kept, listing.classes, skipped)
 
@@ -645,9 +965,61 @@ def _map(path: Path, shape: tuple[int, ...]) -> np.ndarray:
     return np.memmap(path, dtype=np.uint8, mode="r", shape=shape)
 
 
-def _atomic_json(path: Path, data: dict[str, Any]) -> None:
-    text = json.dumps(data, indent=1).encode()
-    _atomic_write(path, lambda f: f.write(text))
+def _check_disk(cache: Path, count: int, shape: tuple[int, int, int], transform: Transform) -> None:
+    """Refuse a cache of ``count`` images of ``shape`` that the free space of ``cache``'s disk cannot hold,
+    before anything is written (the old cache, if any, stays until the new one is whole)."""
+    need = count * int(np.prod(shape, dtype=object))
+    try:
+        free = shutil.disk_usage(cache).free
+    except OSError:
+        return  # a file system that does not say: the write itself fails, and says why
+    if need > free:
+        c, h, w = shape
+        size = f" (data.size {transform.size})" if transform.size is not None else ""
+        raise DataError(
+            f"{shown(cache)}: a data cache of {count} images of {c}x{h}x{w}{size} would take {human(need)}, "
+            f"more than the {human(free)} free on its disk"
+        )
+
+
+def _remove_old(cache: Path, name: str) -> None:
+    """Remove earlier cache files and leftovers of interrupted builds from ``cache``, now that the manifest
+    names ``name``. Only regular files of those names go; anything else (a folder someone left under such a
+    name) stays, and a file that cannot be removed is left for the next build: the new cache is whole."""
+    try:
+        names = [entry.name for entry in os.scandir(cache) if entry.is_file(follow_symlinks=False)]
+    except OSError:
+        return
+    for old in names:
+        is_old = old.startswith("images-") and old.endswith(".u8") and old != name
+        if is_old or (old.startswith(".images-") and old.endswith(".tmp")):
+            try:
+                (cache / old).unlink()
+            except OSError:
+                pass
+
+
+def files_table(entries: list[Entry]) -> bytes:
+    """``files.tsv`` of ``entries``: one line a file, its path escaped (see :data:`FILES`)."""
+    return "".join(f"{escape_name(e.rel)}\t{e.size}\t{e.mtime_ns}\t{e.label}\n" for e in entries).encode()
+
+
+def read_files_table(path: Path) -> list[Entry]:
+    """The entries a ``files.tsv`` written by :func:`files_table` lists; raises ValueError naming the line
+    of one that is not four tab-separated fields, a path with a stray backslash or a non-integer number."""
+    entries = []
+    lines = Path(path).read_bytes().decode("utf-8").split("\n")
+    if lines[-1] == "":
+        lines.pop()  # the newline that ends the last line
+    for number, line in enumerate(lines, 1):
+        fields = line.split("\t")
+        if len(fields) != 4:
+            raise ValueError(f"{path}: line {number} has {len(fields)} fields, not 4")
+        try:
+            entries.append(Entry(unescape_name(fields[0]), int(fields[1]), int(fields[2]), int(fields[3])))
+        except ValueError as err:
+            raise ValueError(f"{path}: line {number}: {err}") from None
+    return entries
 
 
 # --------------------------------------------------------------------------- lazy images
