@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import json
 import math
 import zipfile
 import zlib
@@ -35,7 +34,6 @@ from progvq.datasets import SHIPPED_MNIST, get_command
 from progvq.errors import DataError
 from progvq.folder import (
     IMAGE_SUFFIXES,
-    MANIFEST,
     Decoded,
     MappedImages,
     Transform,
@@ -43,7 +41,10 @@ from progvq.folder import (
     decode_in_memory,
     first_shape,
     list_folder,
+    load_manifest,
     release,
+    shown,
+    skipped_line,
 )
 from progvq.folder import reason as _reason
 from progvq.memory import physical_bytes as _memory  # a name tests can stand in for
@@ -937,14 +938,11 @@ def _cache_digest(array: np.ndarray) -> str | None:
     if not name:
         return None
     mapped = Path(name)
-    try:
-        manifest = json.loads((mapped.parent / MANIFEST).read_bytes())
-    except (OSError, ValueError):
+    # read as cached_folder reads it: checked against its schema, so whatever stands there now is a value or None
+    manifest = load_manifest(mapped.parent)
+    if manifest is None or manifest["file"] != mapped.name:
         return None
-    if not isinstance(manifest, dict) or manifest.get("file") != mapped.name:
-        return None
-    digest = manifest.get("digest")
-    return digest if isinstance(digest, str) and digest else None
+    return manifest["digest"]
 
 
 def data_change(then: Any, now: Any, *, was: str = "then", is_: str = "now") -> str | None:
@@ -1070,7 +1068,8 @@ def heldout_rows(paths: list[str], heldout: int, seed: int) -> np.ndarray:
     function of the seed and the paths alone, and adding or removing one file moves at most
     one image between the splits.
     """
-    keys = [hashlib.blake2b(f"{seed}\0{p}".encode(), digest_size=8).digest() for p in paths]
+    # a path that is not UTF-8 (undecodable bytes held as lone surrogates) hashes as its own bytes
+    keys = [hashlib.blake2b(f"{seed}\0{p}".encode("utf-8", "surrogateescape"), digest_size=8).digest() for p in paths]
     order = sorted(range(len(paths)), key=lambda i: (keys[i], paths[i]))
     return np.sort(np.array(order[:heldout], dtype=np.int64))
 
@@ -1093,19 +1092,19 @@ def _load_folder(
     shape = first_shape(listing, transform)
     if on_shape is not None:
         on_shape(shape)
-    canvas = _canvas(cfg, shape, total_downsample, str(folder))
-    _check_count(len(listing.entries), cfg, str(folder))
+    where = shown(folder)  # a newline in the folder's name would make a refusal two lines
+    canvas = _canvas(cfg, shape, total_downsample, where)
+    _check_count(len(listing.entries), cfg, where)
     skip = cfg.on_unreadable == "skip"
 
     def enough(decoded: Decoded) -> None:
         # before a new cache is committed: a refused data set leaves no cache behind
-        where = f"{folder} (after skipping {len(decoded.skipped)} unreadable files)"
-        _check_count(len(decoded.entries), cfg, where)
+        _check_count(len(decoded.entries), cfg, f"{where} (after skipping {len(decoded.skipped)} unreadable files)")
 
     if cache_dir is None:
         decoded = decode_in_memory(listing, transform, skip=skip, progress=progress, check=enough)
         if decoded.skipped:
-            log(f"{folder}: {len(decoded.skipped)} unreadable files skipped (first: {decoded.skipped[0]})")
+            log(skipped_line(folder, decoded.skipped))
     else:
         decoded = cached_folder(
             listing, transform, Path(cache_dir), skip=skip, progress=progress, log=log, check=enough
