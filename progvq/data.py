@@ -15,8 +15,10 @@ into a clean one-line report while anything else is treated as a bug.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
+import json
 import math
 import zipfile
 import zlib
@@ -91,6 +93,7 @@ __all__ = [
     "SOURCES",
     "DataConfig",
     "data_change",
+    "data_config_digest",
     "data_path",
     "data_record",
     "heldout_rows",
@@ -104,6 +107,7 @@ __all__ = [
     "on_canvas",
     "pad_to",
     "read_idx",
+    "stage_record",
     "write_shapes_folder",
 ]
 
@@ -885,11 +889,13 @@ def data_record(cfg: DataConfig, data: ImageData) -> dict[str, Any]:
 
     ``shape``: (C, H, W) of the images at their own size; ``train`` and ``heldout``: the split's
     counts; ``images`` and ``labels``: blake2b digests of the pixels of both splits in order and
-    of the labels ("" without labels). Generated shapes are a function of their settings, so
-    those stand for their content. An image folder read through its cache in a run folder is
-    named by the digest the cache's manifest keeps and the rows of its training split, so a
-    folder of 50,000 images is never read again to name it. ``source`` and ``path`` say where
-    the data came from, for messages; they are not compared (the config is).
+    of the labels ("" without labels); ``config``: a digest of the ``data`` section they were read
+    with. Generated shapes are a function of their settings, so those stand for their content. An
+    image folder read through its cache in a run folder is named by the digest the cache's
+    manifest keeps and the rows of its training split, so a folder of 50,000 images is never read
+    again to name it. ``source`` and ``path`` say where the data came from, for messages.
+
+    A stage that does not train on labels keeps its record without ``labels`` (:func:`stage_record`).
     """
     images, labels = hashlib.blake2b(digest_size=20), hashlib.blake2b(digest_size=20)
     if cfg.source == "shapes":
@@ -908,12 +914,26 @@ def data_record(cfg: DataConfig, data: ImageData) -> dict[str, Any]:
     return {
         "source": cfg.source,
         "path": where,
+        "config": data_config_digest(cfg),
         "shape": list(data.image_shape),
         "train": len(data.train),
         "heldout": len(data.heldout),
         "images": images.hexdigest(),
         "labels": "" if data.train_labels is None and cfg.source != "shapes" else labels.hexdigest(),
     }
+
+
+def data_config_digest(cfg: DataConfig) -> str:
+    """A digest of the ``data`` section: two records of equal digests were read from the same place in the
+    same way, so only a file or folder replaced there can make their content differ."""
+    text = json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str)
+    return hashlib.blake2b(text.encode(), digest_size=10).hexdigest()
+
+
+def stage_record(record: dict[str, Any], uses_labels: bool) -> dict[str, Any]:
+    """``record`` as a stage keeps it: without ``labels`` for a stage that never reads them (every level; a
+    prior that is not class-conditional), so other labels are other data only for a stage trained on them."""
+    return dict(record) if uses_labels else {k: v for k, v in record.items() if k != "labels"}
 
 
 def _feed_pixels(digest: Any, images: Images) -> None:
@@ -950,6 +970,12 @@ def data_change(then: Any, now: Any, *, was: str = "then", is_: str = "now") -> 
     name the data; None when they agree or either is unknown (a checkpoint written before records were
     kept, or no record at all). ``was`` and ``is_`` name the two sides ("then" and "now").
 
+    The image shape always counts: models made for one shape cannot take another. The rest (split
+    counts, pixels, labels) counts when both were read with the same ``data`` section: then only a
+    file or folder replaced under the same path can make them differ. A ``data`` section changed on
+    purpose (``--force`` adopts it) is the config's business, compared where configs are. Labels
+    count only when both records keep them (see :func:`stage_record`).
+
     ``now`` may be partial: ``source``, ``path`` and ``shape`` alone (the shape is known before the images
     are read) compare the shape alone.
     """
@@ -959,7 +985,7 @@ def data_change(then: Any, now: Any, *, was: str = "then", is_: str = "now") -> 
     old, new = then["shape"], now["shape"]
     if old != new:
         what = f"{_shape_words(old, new)} images {was}, {_shape_words(new, old)} {is_}"
-    elif not is_data_record(now):
+    elif not is_data_record(now) or ("config" in then and "config" in now and then["config"] != now["config"]):
         return None
     elif (then["train"], then["heldout"]) != (now["train"], now["heldout"]):
         what = (
@@ -968,12 +994,12 @@ def data_change(then: Any, now: Any, *, was: str = "then", is_: str = "now") -> 
         )
     elif then["images"] != now["images"]:
         what = "other images of the same size and number"
-    elif then["labels"] and now["labels"] and then["labels"] != now["labels"]:
-        what = "the same images with other labels"
-    elif then["labels"] != now["labels"]:
-        what = f"labels {was}, none {is_}" if then["labels"] else f"no labels {was}, labels {is_}"
-    else:
+    elif "labels" not in then or "labels" not in now or then["labels"] == now["labels"]:
         return None
+    elif then["labels"] and now["labels"]:
+        what = "the same images with other labels"
+    else:
+        what = f"labels {was}, none {is_}" if then["labels"] else f"no labels {was}, labels {is_}"
     return f"{place}: {what}"
 
 
@@ -991,7 +1017,8 @@ def is_data_record(record: Any) -> bool:
         isinstance(shape, list)
         and len(shape) == 3
         and all(count(v) and v > 0 for v in shape)
-        and all(isinstance(record.get(key), str) for key in ("source", "path", "images", "labels"))
+        and all(isinstance(record.get(key), str) for key in ("source", "path", "images"))
+        and all(isinstance(record.get(key, ""), str) for key in ("labels", "config"))  # kept by some records only
         and all(count(record.get(key)) for key in ("train", "heldout"))
     )
 
