@@ -25,7 +25,7 @@ from torch import Tensor
 from progvq.build import build_level, build_prior
 from progvq.checkpoint import changed_parent, seed_everything
 from progvq.config import Config, show
-from progvq.data import SHAPES_DEFAULT_SIZE, ImageData, data_change, data_record, load_dataset
+from progvq.data import SHAPES_DEFAULT_SIZE, ImageData, data_change, data_record, load_dataset, stage_record
 from progvq.distributed import barrier, setup
 from progvq.errors import ProgvqError, RunError
 from progvq.fileio import atomic_write
@@ -200,6 +200,9 @@ def check_data(cfg: Config, run: Run, name: str, pipeline: Pipeline, *, restart:
     """Refuse to train stage ``name`` on data other than what its lower stages (and, unless ``restart``, its
     own checkpoint) were trained on: one line naming the stage to retrain and what differs in the data.
 
+    What counts is what :func:`progvq.data.data_change` compares: the image shape always, and the
+    content when the stage was read with the same ``data`` section as now (a file or folder replaced
+    under the same path); a ``data`` section changed on purpose and adopted with ``--force`` trains on.
     The data is loaded (once, by ``pipeline``) only when one of those checkpoints records its data; one
     that records none (written before records were kept) is taken as it is.
     """
@@ -212,8 +215,9 @@ def check_data(cfg: Config, run: Run, name: str, pipeline: Pipeline, *, restart:
             continue
         state = run.state(stage, cfg).describe()
         how = "trained" if stage != name or state.startswith("done") else "started"
+        label = "the prior" if stage == "prior" else f"stage {stage}"
         raise RunError(
-            f"{run.path}: stage {stage} ({state}) was {how} on other data ({change}); "
+            f"{run.path}: {label} ({state}) was {how} on other data ({change}); "
             f"train --stage {stage} --restart trains it anew on the data as it is now, or use another --run-dir"
         )
 
@@ -275,8 +279,9 @@ def train_stage(
         if new_config and ctx.main:
             run.write_config(cfg, stage.canvas)
 
-    # the shapes the models take and the data's own, and what the data is
-    extra = {**stage.canvas.to_list(), **getattr(stage, "extra", {}), "data": pipeline.record}
+    # the shapes the models take and the data's own, and what the data is (its labels for a stage trained on them)
+    record = stage_record(pipeline.record, name == "prior" and cfg.prior.class_conditional)
+    extra = {**stage.canvas.to_list(), **getattr(stage, "extra", {}), "data": record}
     try:
         result = fit(
             stage,
