@@ -593,8 +593,24 @@ def cmd_data(args: argparse.Namespace) -> int:
         print("\n".join(datasets.describe()))
         return 0
     if args.data_command == "shapes":
-        from progvq.data import write_shapes_folder
+        import shutil
 
+        from progvq.data import write_shapes_folder
+        from progvq.memory import check_fits, human
+
+        _positive(args.count, "--count")
+        _positive(args.size, "--size", 8)
+        raw = args.count * args.channels * args.size**2
+        side = f"{args.channels}x{args.size}x{args.size}"
+        what = f"--count {args.count} --size {args.size}: {args.count} images of {side}"
+        check_fits(2 * raw, what)  # generated in memory, as uint8 images and one batch of floats
+        place = next(p for p in (Path(args.out).absolute(), *Path(args.out).absolute().parents) if p.exists())
+        free = shutil.disk_usage(place).free
+        if raw + 1024 * args.count > free:  # a PNG holds at most about its raw pixels and a header
+            raise ProgvqError(
+                f"{what} may take up to {human(raw + 1024 * args.count)}, more than the "
+                f"{human(free)} free on the disk of {place}"
+            )
         write_shapes_folder(Path(args.out), args.count, size=args.size, channels=args.channels, seed=args.seed)
         print(f"wrote {args.count} {args.size}x{args.size} images to {args.out}")
         return 0

@@ -20,6 +20,7 @@ import gzip
 import hashlib
 import json
 import math
+import os
 import zipfile
 import zlib
 from collections.abc import Callable
@@ -1201,18 +1202,41 @@ def write_shapes_folder(
     Files are ``folder/K-CLASS/NNNNNN.png`` (``0-ellipse``, ..., ``8-triangle+triangle``), or another
     ``suffix`` (``.jpg``, ``.webp``); a PNG holds the generated pixels exactly.
     """
+    import shutil
+    import tempfile
+
     from PIL import Image
 
     folder = Path(folder)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        what = "is not a folder" if not folder.is_dir() else "is a folder that already holds files"
+        raise DataError(f"{folder}: {what}; give a new folder (nothing in it is replaced)")
     images, labels = make_labelled_shapes(n, size=size, channels=channels, seed=seed)
     # "K-name": sorted, the folders are in the order of SHAPE_CLASSES, so class K is SHAPE_CLASSES[K] here too
     names = [f"{k}-{name}" for k, name in enumerate(SHAPE_CLASSES)]
-    for name in names:
-        (folder / name).mkdir(parents=True, exist_ok=True)
-    width = len(str(max(n - 1, 0)))
-    for i, (image, label) in enumerate(zip(images.numpy(), labels.tolist(), strict=True)):
-        pixels = image[0] if channels == 1 else image.transpose(1, 2, 0)
-        Image.fromarray(pixels).save(folder / names[label] / f"{i:0{width}d}{suffix}")
+    # written in a temporary folder beside it and renamed into place: a failure or a signal leaves nothing
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        for name in names:
+            (work / name).mkdir()
+        width = len(str(max(n - 1, 0)))
+        for i, (image, label) in enumerate(zip(images.numpy(), labels.tolist(), strict=True)):
+            pixels = image[0] if channels == 1 else image.transpose(1, 2, 0)
+            Image.fromarray(pixels).save(work / names[label] / f"{i:0{width}d}{suffix}")
+        work.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; as readable as any folder
+        if folder.exists():
+            folder.rmdir()  # empty (checked above): the rename needs it gone
+        work.rename(folder)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 if __name__ == "__main__":

@@ -307,6 +307,16 @@ def missing_named(name: str) -> Callable[[Ctx], list[str]]:
     return trains(lambda ctx: ["compress", str(ctx.run()), str(ctx.tmp / name), "--out", str(ctx.tmp / "o.pvq")])
 
 
+def _retrained(ctx: Ctx) -> list[str]:
+    """A file compressed with the run, whose prior was retrained since (its checkpoint's digest changed)."""
+    from .test_hostile import rewrite
+
+    path = ctx.write("p.pvq", _packed(ctx))
+    run = ctx.run()
+    rewrite(run / "prior" / "checkpoint.pt", lambda ckpt: ckpt["model"]["embed.weight"].add_(0.01))
+    return ["decompress", str(run), str(path), "--out", str(ctx.tmp / "out.npz")]
+
+
 def _stream_too_long(ctx: Ctx) -> list[str]:
     """A file whose first stream announces more words than the whole file holds (checksum recomputed)."""
     start, header, rest = _split(_packed(ctx))
@@ -484,6 +494,18 @@ CASES: list[Case] = [
     Case("outputs", "encode-into-prior", into_run("encode", "prior/codes.npz"), ("prior", "own files")),
     Case("outputs", "decode-into-stage-2", into_run("decode", "stage-2/x.png"), ("stage-2", "own files")),
     Case("outputs", "sample-hidden-run-file", into_run("sample", ".x.png"), (".x.png", "own files")),
+    # ---- other verbs: data shapes sized and placed before any work, a file of a run retrained since
+    Case("verbs", "shapes-count-huge", lambda ctx: ["data", "shapes", str(ctx.tmp / "s"), "--count", str(10**14)],
+         ("--count 100000000000000", "more than the")),
+    Case("verbs", "shapes-size-huge", lambda ctx: ["data", "shapes", str(ctx.tmp / "s"), "--size", str(10**6)],
+         ("--size 1000000", "more than the")),
+    Case("verbs", "shapes-count-zero", lambda ctx: ["data", "shapes", str(ctx.tmp / "s"), "--count", "0"],
+         ("--count: must be >= 1",)),
+    Case("verbs", "shapes-into-a-full-folder", lambda ctx: ["data", "shapes", str(ctx.write("d/keep.txt", "x").parent),
+                                                            "--count", "9"], ("d: is a folder that already holds",)),
+    Case("verbs", "shapes-onto-a-file", lambda ctx: ["data", "shapes", str(ctx.write("f.png", "x")), "--count", "9"],
+         ("f.png: is not a folder",)),
+    Case("verbs", "pvq-of-a-retrained-run", trains(lambda ctx: _retrained(ctx)), ("p.pvq", "made with another run")),
     # ---- names with newlines, tabs and escapes keep the message on one line
     Case("lines", "decompress-newline", named("a\nb.pvq", "decompress"), ("a\\nb.pvq", "not a progvq")),
     Case("lines", "decode-tab-newline", named("c\t\n.npz", "decode"), ("c\\t\\n.npz",)),
@@ -503,7 +525,7 @@ def _params() -> list[Any]:
 def test_table_is_big_unique_and_covers_every_kind() -> None:
     ids = [f"{c.kind}-{c.name}" for c in CASES]
     assert len(ids) == len(set(ids)) and len(ids) >= 60
-    assert {c.kind for c in CASES} == {"header", "reads", "arrays", "outputs", "lines"}
+    assert {c.kind for c in CASES} == {"header", "reads", "arrays", "outputs", "verbs", "lines"}
 
 
 @pytest.mark.parametrize("case", _params())
