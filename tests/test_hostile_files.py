@@ -584,6 +584,7 @@ def _signal_while_writing(monkeypatch: pytest.MonkeyPatch, sig: int, *, after_re
 
 
 def _signal_commands(run: Path, tmp: Path) -> dict[str, list[str]]:
+    tmp.mkdir(exist_ok=True)
     png = _png(tmp / "a.png")
     codes = tmp / "c.npz"
     codes.write_bytes(npz_of(good_codes()))
@@ -697,3 +698,55 @@ def test_two_writers_of_one_output_leave_a_matching_pair(tmp_path: Path) -> None
         assert int(png.flat[0]) == int(loaded["images"].flat[0])
     assert mismatches == 0, f"{mismatches} of {checks} looks saw one writer's PNG beside the other's arrays"
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+# --------------------------------------------------------------------------- files that change or vanish mid-command
+
+
+@pytest.mark.trains
+def test_a_compressed_file_that_grows_while_read_is_refused(
+    tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The size is read first, the bytes after: a file that grew between the two is refused, not half-used."""
+    import progvq.codec
+
+    path = tmp_path / "p.pvq"
+    path.write_bytes(Codec(tiny_run).compress(torch.from_numpy(images16(2))[:, None]))
+    real = progvq.codec.check_regular
+
+    def grows(name: Any, what: str, limit: int | None = None) -> int:
+        size = real(name, what, limit)
+        with open(name, "ab") as f:
+            f.write(b"\0" * 8)  # another writer appends after the size was taken
+        return size
+
+    monkeypatch.setattr(progvq.codec, "check_regular", grows)
+    assert main(["decompress", str(tiny_run), str(path), "--out", str(tmp_path / "o.npz")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "p.pvq: changed while it was read" in err, err
+    assert not (tmp_path / "o.npz").exists()
+
+
+@pytest.mark.trains
+@pytest.mark.parametrize("command", ["sample", "decompress-pngs"])
+def test_an_output_folder_that_vanishes_mid_write_is_one_line(
+    command: str, tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    argv = _signal_commands(tiny_run, tmp_path / "in")
+    folder = tmp_path / "gone"
+    folder.mkdir()
+    args = argv[command][:-1] + [str(folder / ("out.png" if command == "sample" else "pngs"))]
+    real_write = progvq.fileio._write_temporary
+
+    def vanish(path: Path, data: bytes, made: list[str] | None = None) -> str:
+        tmp = real_write(path, data, made)
+        shutil.rmtree(folder, ignore_errors=True)  # someone removes the output folder
+        return tmp
+
+    monkeypatch.setattr(progvq.fileio, "_write_temporary", vanish)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("progvq: error: ") and "gone" in err, err
+    assert "Traceback" not in err and ".tmp" not in err
