@@ -138,7 +138,8 @@ def mark_stale(states: list[StageState]) -> list[StageState]:
     ``states`` are in training order. A stage is stale when a lower stage it
     was trained on has been retrained (other digest) or removed, when a lower
     stage is itself stale, or when both record their data and a lower stage's
-    is another data set (a stage folder copied in from another run).
+    is another data set as :func:`progvq.data.data_change` tells it (a stage
+    folder copied in from a run on other data).
     """
     for i, state in enumerate(states):
         if state.state == "missing":
