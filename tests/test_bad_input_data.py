@@ -347,17 +347,18 @@ CASES: list[Case] = [
     ),
     # ---- labels a trained class-conditional prior never saw
     Case(
+        # the labels file changed under the same path: other data, refused before any class is read
         "labels", "eval-label-beyond-the-prior", labels_beyond_prior("eval"),
-        (f"data/{LABELS}: label 200 is outside the 9 classes (0..8) the run's prior was trained on",),
+        ("the prior was trained on other data (data.path data: the same images with other labels)",),
     ),
     Case(
         "labels", "eval-label-just-past-the-prior", labels_beyond_prior("eval", label=9),
-        (f"data/{LABELS}: label 9 is outside the 9 classes (0..8)",),
+        ("the prior was trained on other data", "other labels"),
     ),
     Case(
-        # a new class makes a prior of another shape, which the checkpoint being resumed does not fit
+        # a new class means other labels: the partial prior was started on other data
         "labels", "resume-prior-with-a-new-class", labels_beyond_prior("train", "prior-3"),
-        ("prior-3/prior/checkpoint.pt: does not fit this stage's model",),
+        ("prior-3: the prior (partial (step 3 of 6)) was started on other data", "other labels"),
     ),
     # ---- image folders and their cache
     Case(
