@@ -389,14 +389,20 @@ def inpaint_batch(
 _MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA")
 
 
-def _open(path: Path, what: str) -> np.ndarray:
-    """A PNG/JPEG file as uint8 (H, W, 3), alpha dropped; InpaintError names the file on any problem."""
+def _open(path: Path, what: str, size: tuple[int, int], other: str) -> np.ndarray:
+    """A PNG/JPEG file of ``size`` (width, height) as uint8 (H, W, 3), alpha dropped; InpaintError names the
+    file on any problem. The size is read from the file's header and checked before any pixel is decoded
+    (a 10,000 x 10,000 file is refused without taking 300 MB); ``other`` says what the size must match."""
     if not path.is_file():
         raise InpaintError(f"{path}: {what} not found" if not path.exists() else f"{path}: not a file")
     try:
         with Image.open(path) as img:
             if img.mode not in _MODES:
                 raise InpaintError(f"{path}: {what} in Pillow mode {img.mode!r}, expected 8-bit grey or RGB")
+            if img.size != size:
+                raise InpaintError(
+                    f"{path}: {what} is {img.size[0]}x{img.size[1]} (width x height), {other} {size[0]}x{size[1]}"
+                )
             return np.asarray(img.convert("RGB"), dtype=np.uint8)
     except InpaintError:
         raise
@@ -413,11 +419,7 @@ def read_image(path: str | Path, shape: tuple[int, int, int]) -> Tensor:
     """
     path = Path(path)
     c, h, w = shape
-    rgb = _open(path, "image")
-    if rgb.shape[:2] != (h, w):
-        raise InpaintError(
-            f"{path}: image is {rgb.shape[1]}x{rgb.shape[0]} (width x height), the run's images are {w}x{h}"
-        )
+    rgb = _open(path, "image", (w, h), "the run's images are")
     if c == 1:
         if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])):
             raise InpaintError(f"{path}: a colour image, but the run's images are grey (1 channel)")
@@ -428,11 +430,7 @@ def read_image(path: str | Path, shape: tuple[int, int, int]) -> Tensor:
 def read_mask(path: str | Path, height: int, width: int) -> Tensor:
     """A mask file as (H, W) bool: white (255) pixels are missing, black (0) ones known; nothing else."""
     path = Path(path)
-    rgb = _open(path, "mask")
-    if rgb.shape[:2] != (height, width):
-        raise InpaintError(
-            f"{path}: mask is {rgb.shape[1]}x{rgb.shape[0]} (width x height), the image is {width}x{height}"
-        )
+    rgb = _open(path, "mask", (width, height), "the image is")
     bad = ~((rgb == 0).all(axis=2) | (rgb == 255).all(axis=2))
     if bad.any():
         y, x = (int(v) for v in np.argwhere(bad)[0])

@@ -307,6 +307,13 @@ def missing_named(name: str) -> Callable[[Ctx], list[str]]:
     return trains(lambda ctx: ["compress", str(ctx.run()), str(ctx.tmp / name), "--out", str(ctx.tmp / "o.pvq")])
 
 
+def _big_png(ctx: Ctx) -> Path:
+    """A 6000 x 6000 grey PNG (36 million pixels, a few kB on disk): its size is in its header."""
+    path = ctx.tmp / "big.png"
+    Image.new("L", (6000, 6000)).save(path)
+    return path
+
+
 def _retrained(ctx: Ctx) -> list[str]:
     """A file compressed with the run, whose prior was retrained since (its checkpoint's digest changed)."""
     from .test_hostile import rewrite
@@ -380,6 +387,18 @@ CASES: list[Case] = [
     Case("reads", "sparse-100-gib-not-ours", sparse_pvq(False), ("huge.pvq", "not a progvq compressed file")),
     Case("reads", "sparse-100-gib-with-header", sparse_pvq(True), ("huge.pvq", "damaged", "at most")),
     Case("reads", "stream-longer-than-the-file", trains(_stream_too_long), ("s.pvq", "damaged")),
+    Case("reads", "compress-png-36-megapixels", trains(lambda ctx: ["compress", str(ctx.run()), str(_big_png(ctx)),
+                                                                    "--out", str(ctx.tmp / "o.pvq")]),
+         ("big.png: image is 6000x6000", "the run's images are 16x16")),
+    Case("reads", "inpaint-image-36-megapixels", trains(lambda ctx: ["inpaint", str(ctx.run()), "--image",
+                                                                     str(_big_png(ctx)), "--box", "1,1,4,4",
+                                                                     "--out", str(ctx.tmp / "o.png")]),
+         ("big.png: image is 6000x6000",)),
+    Case("reads", "inpaint-mask-36-megapixels", trains(lambda ctx: ["inpaint", str(ctx.run()), "--image",
+                                                                    str(_png(ctx.tmp / "a.png")), "--mask",
+                                                                    str(_big_png(ctx)),
+                                                                    "--out", str(ctx.tmp / "o.png")]),
+         ("big.png: mask is 6000x6000", "the image is 16x16")),
     # ---- arrays checked against their real length and memory before anything is allocated
     Case(
         "arrays",
