@@ -408,12 +408,12 @@ def cmd_inpaint(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from progvq.data import load_dataset
     from progvq.hardware import describe
     from progvq.hierarchy import Hierarchy
+    from progvq.run import load_run_data
 
     model = Hierarchy.load(args.run_dir, allow_stale=args.allow_stale)
-    data = load_dataset(model.config.data, model.config.total_downsample(), cache_dir=Path(args.run_dir))
+    data = load_run_data(args.run_dir, model.config)
     if model.num_classes:
         data.check_classes(model.num_classes)
     images = data.heldout if args.split == "heldout" else data.train

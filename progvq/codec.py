@@ -65,7 +65,7 @@ from .hierarchy import Hierarchy
 from .inpaint import read_image
 from .memory import check_fits
 from .pixelcnn import CodeStep
-from .run import Run
+from .run import Run, load_run_data
 from .untrusted import Dict, Int, List, Map, Str, UntrustedError, parse_json
 
 MAGIC = b"\x89PVQ\r\n\x1a\n"  # like PNG's: a non-ASCII byte, and line ends that text-mode copies mangle
@@ -482,7 +482,11 @@ def read_inputs(
         raise CodecError("give the images one way: image files, --npz FILE or --split heldout|train")
     shape = model.image_shape
     if split:
-        data = load_dataset(model.config.data, total_downsample=model.config.total_downsample(), cache_dir=cache_dir)
+        data = (
+            load_run_data(cache_dir, model.config)
+            if cache_dir is not None
+            else load_dataset(model.config.data, total_downsample=model.config.total_downsample())
+        )
         images, labels = (data.heldout, data.heldout_labels) if split == "heldout" else (data.train, data.train_labels)
         return images, labels
     parts = []

@@ -800,7 +800,7 @@ def load_dataset(
     cache_dir: Path | None = None,
     progress: bool | None = None,
     log: Callable[[str], None] = print,
-    check_run: bool = True,
+    check: Callable[[dict[str, Any]], None] | None = None,
 ) -> ImageData:
     """Read the configured source and split it: the last ``cfg.heldout`` images are held out.
 
@@ -816,24 +816,22 @@ def load_dataset(
     training split is then read batch by batch. ``progress`` shows a bar while a folder is
     decoded (None: only on a terminal); ``log`` reports a rebuilt cache and skipped files.
 
-    When ``cache_dir`` holds a trained run and ``check_run`` is set, the data must be what the
-    run's stages were trained on (see :func:`data_record`): a data set replaced under the same
-    path is refused in one line (:func:`progvq.run.check_run_data`) rather than handed to models
-    made for another. Training passes ``check_run=False`` and checks stage by stage instead.
+    ``check`` sees the data's record (see :func:`data_record`), first with the image shape alone as
+    soon as it is known, then whole, and may refuse it: :func:`progvq.run.load_run_data` passes the
+    run's check, so a data set replaced under the same path is refused in one line rather than
+    handed to models made for another (training checks stage by stage instead).
     """
-    if cache_dir is None or not check_run:
+    if check is None:
         return _load_dataset(cfg, total_downsample, cache_dir=cache_dir, progress=progress, log=log)
-    # imported here: progvq.run imports this module (through progvq.config)
-    from progvq.run import check_run_data
 
     def shape_known(shape: tuple[int, ...]) -> None:
         # images of another shape are refused as soon as their shape is known: before a folder is
         # decoded into the run's cache, and before a size check would name data.size instead
         where = "" if cfg.source == "shapes" else str(data_path(cfg))
-        check_run_data(cache_dir, {"source": cfg.source, "path": where, "shape": [int(v) for v in shape]})
+        check({"source": cfg.source, "path": where, "shape": [int(v) for v in shape]})
 
     data = _load_dataset(cfg, total_downsample, cache_dir=cache_dir, progress=progress, log=log, on_shape=shape_known)
-    check_run_data(cache_dir, data_record(cfg, data))
+    check(data_record(cfg, data))
     return data
 
 

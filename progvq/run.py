@@ -41,7 +41,7 @@ from .build import build_level, build_prior
 from .canvas import Canvas
 from .checkpoint import Found, checkpoint_path, latest_data_record, load_latest
 from .config import CONFIG_MAX_BYTES, RECORDED_KEY, Config, config_from_dict, dump_config
-from .data import data_change
+from .data import ImageData, data_change, load_dataset
 from .errors import ConfigError, ProgvqError, RunError
 from .fileio import atomic_write, read_limited
 from .kinds import Level
@@ -177,6 +177,14 @@ def check_run_data(run_dir: str | Path, now: dict[str, Any]) -> None:
                 f"{run.path}: {label} was trained on other data ({change}); put that data back, "
                 "or train a run on the data as it is now"
             )
+
+
+def load_run_data(run_dir: str | Path, cfg: Config) -> ImageData:
+    """The data of the run in ``run_dir`` (config ``cfg``), its folder cache kept there, refused in one line
+    when it is another data set than its stages were trained on (:func:`check_run_data`)."""
+    return load_dataset(
+        cfg.data, cfg.total_downsample(), cache_dir=Path(run_dir), check=lambda record: check_run_data(run_dir, record)
+    )
 
 
 def run_status(run_dir: str | Path) -> list[StageState]:

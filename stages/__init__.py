@@ -65,9 +65,7 @@ class Pipeline:
             # an image folder is decoded once into a memory-mapped cache in the run folder; the data is
             # checked stage by stage (check_data), not against every stage at once: a restarted stage 1
             # may train on data that the stages above it were not trained on (they go stale)
-            self._data = load_dataset(
-                self.cfg.data, self.cfg.total_downsample(), cache_dir=self.run.path, check_run=False
-            )
+            self._data = load_dataset(self.cfg.data, self.cfg.total_downsample(), cache_dir=self.run.path)
         return self._data
 
     @property
