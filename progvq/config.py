@@ -350,7 +350,22 @@ def _build_kind(registry: Registry, raw: Any, where: str, default: str | None = 
         raise ConfigError(f"{_join(where, 'kind')}: missing (one of {', '.join(registry.kinds())})")
     if not isinstance(kind, str) or kind not in registry:
         raise ConfigError(f"{_join(where, 'kind')}: must be one of {', '.join(registry.kinds())}, got {show(kind)}")
-    return _build(registry.entry(kind).config, raw, where)
+    cls = registry.entry(kind).config
+    own = _field_names(cls)
+    for key in raw:
+        # a key of another kind of the same section (a decoder option of another decoder): say which takes it
+        takers = [k for k in registry.kinds() if k != kind and key in _field_names(registry.entry(k).config)]
+        if isinstance(key, str) and key not in own and takers:
+            raise ConfigError(
+                f"{_join(where, key)}: unknown key (known: {', '.join(sorted(own)) or 'none'}); "
+                f"only kind {' or '.join(takers)} takes it, not {kind}"
+            )
+    return _build(cls, raw, where)
+
+
+def _field_names(cls: type) -> set[str]:
+    """The keys a kind's config dataclass takes (none for a class that is not a dataclass)."""
+    return {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
 
 
 def _build_prior(raw: Any, where: str) -> PriorConfig:
@@ -539,6 +554,8 @@ def _validate(cfg: Config) -> None:
             what = "level 1 decodes pixels" if pixels else f"level {name} decodes the codes of level {int(name) - 1}"
             _check(False, f"{where}.decoder.kind", kind, f"{need} ({what})")
         _validate_kind(level.decoder, f"{where}.decoder")
+        if getattr(level.decoder, "class_conditional", False):
+            _validate_class_conditional(cfg, f"{where}.decoder.class_conditional")
         _validate_weights(level, name, where)
         if kind == "pixelcnn":
             # the decoder's point estimate (reconstructions, samples at pixel temperature 0) learns from it alone
@@ -570,6 +587,24 @@ def _validate(cfg: Config) -> None:
         )
     if side is not None:
         check_decoder_coverage(cfg, side, side)
+
+
+def _validate_class_conditional(cfg: Config, key: str) -> None:
+    """A code decoder given the class (``key``): labelled data, and a class-conditional prior, whose p(z_L | y)
+    the bound marginalises over the classes together with the decoder's (and which codes the class first)."""
+    source = cfg.data.source
+    _check(
+        source in LABELLED_SOURCES,
+        key,
+        True,
+        f"false for data source {source!r}, which has no labels (sources with labels: {', '.join(LABELLED_SOURCES)})",
+    )
+    _check(
+        cfg.prior.class_conditional,
+        key,
+        True,
+        "false unless the prior is class-conditional too (stages.prior.class_conditional: true)",
+    )
 
 
 #: Keys of the prior's network at the top of its section, before sections were kind-tagged.

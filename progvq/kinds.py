@@ -31,23 +31,34 @@ from .pixelcnn import GatedPixelCNN, PixelCNNConfig
 from .quantize import VQConfig
 from .registry import Registry
 
+
+def _autoregressive(
+    d: AutoregressiveConfig, t: Trunk, q: MakeQuantizer, dim: int, below: int, classes: int
+) -> AutoregressiveCodeLevel:
+    """An autoregressive code level; ``classes`` (> 0) only when its config asks for the class."""
+    if d.class_conditional and classes < 1:
+        raise ValueError("a class-conditional decoder needs the number of classes (> 0)")
+    return AutoregressiveCodeLevel(t, q, below, dim, d.pixelcnn, classes if d.class_conditional else 0)
+
+
 QUANTIZERS = Registry("quantizer")
 QUANTIZERS.add("vq", VQConfig, VQConfig.build)
 QUANTIZERS.add("fsq", FSQConfig, FSQConfig.build)
 
-# a decoder builder: (its config, trunk, make_quantizer, code dim, channels of the images, codes of the level below)
+# a decoder builder: (its config, trunk, make_quantizer, code dim, channels of the images, codes of the level
+# below, classes of the data: what a class-conditional decoder is conditioned on, 0 when there are none)
 DECODERS = Registry("decoder")
-DECODERS.add("logistic", LogisticConfig, lambda d, t, q, dim, channels, below: PixelLevel(t, q, channels, dim))
-DECODERS.add("factorised", FactorisedConfig, lambda d, t, q, dim, channels, below: CodeLevel(t, q, below, dim))
+DECODERS.add("logistic", LogisticConfig, lambda d, t, q, dim, channels, below, classes: PixelLevel(t, q, channels, dim))
+DECODERS.add("factorised", FactorisedConfig, lambda d, t, q, dim, channels, below, classes: CodeLevel(t, q, below, dim))
 DECODERS.add(
     "pixelcnn",
     PixelCNNDecoderConfig,
-    lambda d, t, q, dim, channels, below: AutoregressivePixelLevel(t, q, channels, dim, d),
+    lambda d, t, q, dim, channels, below, classes: AutoregressivePixelLevel(t, q, channels, dim, d),
 )
 DECODERS.add(
     "autoregressive",
     AutoregressiveConfig,
-    lambda d, t, q, dim, channels, below: AutoregressiveCodeLevel(t, q, below, dim, d.pixelcnn),
+    lambda d, t, q, dim, channels, below, classes: _autoregressive(d, t, q, dim, below, classes),
 )
 #: decoder kinds that model pixels (level 1); every other kind models the codes of the level below
 PIXEL_DECODERS = ("logistic", "pixelcnn")

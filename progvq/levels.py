@@ -19,7 +19,10 @@ same upsampling trunk as the factorised decoder, which here ends in a map of
 conditioning features on the level k-1 grid instead of logits. Trained by
 teacher forcing, its cross-entropy is an exact log-likelihood, so the bound of
 :meth:`progvq.hierarchy.Hierarchy.nll` holds unchanged; it samples with the
-PixelCNN's cached sampler.
+PixelCNN's cached sampler. With ``class_conditional: true`` its PixelCNN also takes
+the image's class y (a learned bias per class in every gated block), so D_k is
+D_k(z_(k-1) | z_k, y), as VQ-VAE-2 conditions its lower PixelCNN on the class; the
+hierarchy then marginalises the class jointly with the prior's.
 
 Both share one interface, which the training stages and :mod:`progvq.hierarchy`
 rely on:
@@ -31,6 +34,10 @@ rely on:
   also take ``known=(codes, mask)`` to keep given level k-1 codes (inpainting)
 - ``coding_walk(codes, step, target)``: D_k as an entropy coder's model, in its decode
   order (:data:`~progvq.pixelcnn.CodeStep`); :mod:`progvq.codec` needs nothing else of a level
+
+Code levels also have ``num_classes`` (0 unless the decoder takes the class), and their
+``forward``, ``logits``, ``log_likelihood``, ``decode`` and ``coding_walk`` take ``label``
+(B,) int64: required by a class-conditional decoder, ignored by the others.
 """
 
 from __future__ import annotations
@@ -91,6 +98,9 @@ class AutoregressiveConfig:
     k-1 codes in raster order, conditioned on z_k upsampled to their grid."""
 
     pixelcnn: PixelCNNConfig = field(default_factory=PixelCNNConfig)
+    # D_k(z_(k-1) | z_k, y): the PixelCNN also takes the image's class (labelled data, with a
+    # class-conditional prior, so the bound can marginalise the class over prior and decoders at once)
+    class_conditional: bool = False
 
     def problems(self) -> list[tuple[str, Any, str]]:
         return [(f"pixelcnn.{key}", value, need) for key, value, need in self.pixelcnn.problems()]
@@ -338,9 +348,14 @@ class AutoregressivePixelLevel(PixelLevel):
 
 
 class CodeLevel(nn.Module):
-    """Level k >= 2: codes of level k-1 (B, h, w) <-> codes (B, h/f, w/f); factorised decoder."""
+    """Level k >= 2: codes of level k-1 (B, h, w) <-> codes (B, h/f, w/f); factorised decoder.
+
+    ``label`` (B,) int64, taken by every method that runs the decoder, is ignored here: only a
+    class-conditional decoder (:class:`AutoregressiveCodeLevel` with ``num_classes`` > 0) reads it.
+    """
 
     autoregressive = False
+    num_classes = 0  # classes the decoder is conditioned on; 0: none
 
     def __init__(self, trunk: Trunk, make_quantizer: MakeQuantizer, codes_below: int, dim: int) -> None:
         super().__init__()
@@ -359,7 +374,7 @@ class CodeLevel(nn.Module):
     def _embed(self, below: Tensor) -> Tensor:
         return rearrange(self.embed(below), "b h w c -> b c h w")  # (B, h, w) -> (B, hidden, h, w)
 
-    def logits(self, codes: Tensor, below: Tensor | None = None) -> Tensor:
+    def logits(self, codes: Tensor, below: Tensor | None = None, label: Tensor | None = None) -> Tensor:
         """Codes (B, h', w') -> logits (B, K_(k-1), h, w) over the level below.
 
         ``below`` (B, h, w) is unused here: the positions are independent given ``codes``
@@ -367,14 +382,14 @@ class CodeLevel(nn.Module):
         """
         return _full(self.decoder(self.quantizer.lookup(codes)))
 
-    def forward(self, below: Tensor) -> LevelOutput:
-        """below: level k-1 codes (B, h, w) int64."""
+    def forward(self, below: Tensor, label: Tensor | None = None) -> LevelOutput:
+        """below: level k-1 codes (B, h, w) int64; label: (B,) int64 classes (class-conditional decoders)."""
         quant = self.quantizer(self.encoder(self._embed(below)))
-        logits = self._train_logits(quant.quantized, below)
+        logits = self._train_logits(quant.quantized, below, label)
         nll = -code_log_prob(logits, below).flatten(1).sum(1)
         return LevelOutput(quant, nll, below[0].numel(), logits.argmax(1))
 
-    def _train_logits(self, vectors: Tensor, below: Tensor) -> Tensor:
+    def _train_logits(self, vectors: Tensor, below: Tensor, label: Tensor | None = None) -> Tensor:
         """Straight-through z_k vectors (B, code_dim, h', w') -> logits (B, K_(k-1), h, w)."""
         return _full(self.decoder(vectors))
 
@@ -383,9 +398,9 @@ class CodeLevel(nn.Module):
         """Level k-1 codes (B, h, w) -> level k codes (B, h/f, w/f)."""
         return self.quantizer.nearest(self.encoder(self._embed(below)))
 
-    def log_likelihood(self, below: Tensor, codes: Tensor) -> Tensor:
-        """(B,) nats of the level k-1 codes (B, h, w) given level k codes (B, h', w')."""
-        logits = self.logits(codes, below)
+    def log_likelihood(self, below: Tensor, codes: Tensor, label: Tensor | None = None) -> Tensor:
+        """(B,) nats of the level k-1 codes (B, h, w) given level k codes (B, h', w') (and the class ``label`` (B,))."""
+        logits = self.logits(codes, below, label)
         return code_log_prob(logits, below).flatten(1).sum(1)
 
     @torch.no_grad()
@@ -395,6 +410,8 @@ class CodeLevel(nn.Module):
         temperature: float = 1.0,
         generator: torch.Generator | None = None,
         known: tuple[Tensor, Tensor] | None = None,
+        label: Tensor | None = None,
+        guidance: float = 0.0,
     ) -> Tensor:
         """Level k codes (B, h', w') -> level k-1 codes (B, h, w).
 
@@ -402,7 +419,8 @@ class CodeLevel(nn.Module):
         temperature 0 takes the most likely code. ``known`` = (codes (B, h, w)
         int64, mask (B, h, w) bool) keeps the given codes where the mask is True.
         A code is drawn at every position either way, so the generator advances
-        the same whatever is known.
+        the same whatever is known. ``label`` and ``guidance`` concern a
+        class-conditional decoder only.
         """
         logits = self.logits(codes)
         b, _, h, w = logits.shape
@@ -413,7 +431,9 @@ class CodeLevel(nn.Module):
         return torch.where(mask, given, drawn)
 
     @torch.no_grad()
-    def coding_walk(self, codes: Tensor, step: CodeStep, target: Tensor | None = None) -> Tensor:
+    def coding_walk(
+        self, codes: Tensor, step: CodeStep, target: Tensor | None = None, label: Tensor | None = None
+    ) -> Tensor:
         """D_k for an entropy coder: level k codes (B, h', w') -> level k-1 codes (B, h, w) int64, in one step.
 
         The positions are independent given ``codes``: one step of logits (B h w, K_(k-1)), in
@@ -426,11 +446,14 @@ class CodeLevel(nn.Module):
 
 
 class AutoregressiveCodeLevel(CodeLevel):
-    """Level k >= 2 with D_k a gated PixelCNN over the level k-1 codes, conditioned on z_k.
+    """Level k >= 2 with D_k a gated PixelCNN over the level k-1 codes, conditioned on z_k (and the class).
 
     p(z_(k-1) | z_k) = prod_ij p(z_(k-1)[i, j] | z_(k-1) before (i, j) in raster order, z_k).
     The conditioning map (B, channels, h, w) comes from the factorised decoder's trunk
     (z_k vectors upsampled to the level k-1 grid) and enters every gated block as a bias.
+    With ``num_classes`` > 0 the image's class y (B,) enters every gated block too, as a learned
+    bias per class (:class:`~progvq.pixelcnn.GatedPixelCNN`'s ``num_classes``): the factors are
+    p(z_(k-1)[i, j] | before, z_k, y), and every method that runs the decoder needs ``label``.
     """
 
     autoregressive = True
@@ -442,29 +465,56 @@ class AutoregressiveCodeLevel(CodeLevel):
         codes_below: int,
         dim: int,
         pixelcnn: PixelCNNConfig,
+        num_classes: int = 0,
     ) -> None:
         self._pixelcnn_config = pixelcnn  # read by _decoder_trunk, which the base class calls
+        self._num_classes = num_classes
         super().__init__(trunk, make_quantizer, codes_below, dim)
+        self.num_classes = num_classes
 
     def _decoder_trunk(self, trunk: Trunk, codes_below: int, dim: int) -> nn.Module:
         p = self._pixelcnn_config
         # the PixelCNN is built here so the module order (and state-dict order) is fixed
-        self.pixelcnn = GatedPixelCNN.from_config(p, codes_below, cond_channels=p.channels)
+        self.pixelcnn = GatedPixelCNN.from_config(
+            p, codes_below, cond_channels=p.channels, num_classes=self._num_classes
+        )
         return Decoder(dim, trunk.hidden, p.channels, trunk.downsample, trunk.res_blocks, head_kernel=1)
+
+    def _label(self, label: Tensor | None) -> Tensor | None:
+        """The class labels (B,) the PixelCNN takes: ``label`` for a class-conditional decoder, else None."""
+        return label if self.num_classes else None
 
     def condition(self, codes: Tensor) -> Tensor:
         """Level k codes (B, h', w') -> conditioning map (B, channels, h, w) on the level k-1 grid."""
         return self.decoder(self.quantizer.lookup(codes))
 
-    def logits(self, codes: Tensor, below: Tensor | None = None) -> Tensor:
-        """Teacher-forced logits (B, K_(k-1), h, w): position (i, j) given ``below`` (B, h, w) before it
-        and ``codes``."""
+    def logits(self, codes: Tensor, below: Tensor | None = None, label: Tensor | None = None) -> Tensor:
+        """Teacher-forced logits (B, K_(k-1), h, w): position (i, j) given ``below`` (B, h, w) before it,
+        ``codes`` and, for a class-conditional decoder, ``label`` (B,)."""
         if below is None:
             raise ValueError("an autoregressive decoder's logits need the level k-1 codes (teacher forcing)")
-        return _full(self.pixelcnn(below, self.condition(codes)))
+        return _full(self.pixelcnn(below, self.condition(codes), self._label(label)))
 
-    def _train_logits(self, vectors: Tensor, below: Tensor) -> Tensor:
-        return _full(self.pixelcnn(below, self.decoder(vectors)))
+    def _train_logits(self, vectors: Tensor, below: Tensor, label: Tensor | None = None) -> Tensor:
+        return _full(self.pixelcnn(below, self.decoder(vectors), self._label(label)))
+
+    def log_likelihood_per_class(self, below: Tensor, codes: Tensor) -> Tensor:
+        """(B, num_classes) nats: log D_k(z_(k-1) | z_k, y) of level k-1 codes (B, h, w) given level k codes
+        (B, h', w') under every class y (a class-conditional decoder only).
+
+        One teacher-forced pass per class, each on the batch (memory as one labelled pass); the
+        conditioning map is computed once.
+        """
+        if not self.num_classes:
+            raise ValueError("log_likelihood_per_class needs a class-conditional decoder")
+        cond = self.condition(codes)
+        per_class = [
+            code_log_prob(_full(self.pixelcnn(below, cond, torch.full_like(below[:, 0, 0], y))), below)
+            .flatten(1)
+            .sum(1)
+            for y in range(self.num_classes)
+        ]
+        return torch.stack(per_class, dim=1)
 
     @torch.no_grad()
     def decode(
@@ -473,25 +523,43 @@ class AutoregressiveCodeLevel(CodeLevel):
         temperature: float = 1.0,
         generator: torch.Generator | None = None,
         known: tuple[Tensor, Tensor] | None = None,
+        label: Tensor | None = None,
+        guidance: float = 0.0,
     ) -> Tensor:
         """Level k codes (B, h', w') -> level k-1 codes (B, h, w), one position at a time.
 
         The PixelCNN's cached sampler (:meth:`GatedPixelCNN.sample`) at ``temperature``
         (0: the most likely code given the codes drawn before); ``known`` as in
         :meth:`CodeLevel.decode`, and the free codes are conditioned on the known
-        ones before them in raster order.
+        ones before them in raster order. A class-conditional decoder draws given ``label``
+        (B,), with class ``guidance`` w >= 0 as the prior's (p(code | y)^(1+w) / p(code)^w);
+        the others ignore both.
         """
         cond = _full(self.condition(codes))  # the sampler runs in the weights' precision
         b, _, h, w = cond.shape
-        return self.pixelcnn.sample(b, h, w, temperature=temperature, generator=generator, cond=cond, known=known)
+        label = self._label(label)
+        return self.pixelcnn.sample(
+            b,
+            h,
+            w,
+            temperature=temperature,
+            generator=generator,
+            cond=cond,
+            label=label,
+            known=known,
+            guidance=guidance if label is not None else 0.0,
+        )
 
     @torch.no_grad()
-    def coding_walk(self, codes: Tensor, step: CodeStep, target: Tensor | None = None) -> Tensor:
+    def coding_walk(
+        self, codes: Tensor, step: CodeStep, target: Tensor | None = None, label: Tensor | None = None
+    ) -> Tensor:
         """D_k for an entropy coder: level k codes (B, h', w') -> level k-1 codes (B, h, w), one position per step
-        in raster order (logits (B, K_(k-1)) given the codes before it: :meth:`GatedPixelCNN.walk`)."""
+        in raster order (logits (B, K_(k-1)) given the codes before it: :meth:`GatedPixelCNN.walk`), given the
+        class ``label`` (B,) for a class-conditional decoder (the class the prior's walk coded first)."""
         cond = _full(self.condition(codes))
         b, _, h, w = cond.shape
-        return self.pixelcnn.walk(b, h, w, step, target, cond=cond)
+        return self.pixelcnn.walk(b, h, w, step, target, cond=cond, label=self._label(label))
 
 
 Level = PixelLevel | CodeLevel

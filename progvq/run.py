@@ -37,7 +37,7 @@ import torch
 import yaml
 from torch import nn
 
-from .build import build_level, build_prior
+from .build import build_level, build_prior, is_class_conditional
 from .canvas import Canvas
 from .checkpoint import Found, checkpoint_path, latest_data_record, load_latest
 from .config import CONFIG_MAX_BYTES, RECORDED_KEY, Config, config_from_dict, dump_config
@@ -366,7 +366,8 @@ class Run:
         name = str(k)
         cfg = self.stage_config(name)
         below = cfg.level(k - 1).codes if k > 1 else 0
-        model = build_level(cfg.level(k), cfg.data.channels, below)
+        classes = level_classes(self.finished(name), cfg, k, self.checkpoint_path(name))
+        model = build_level(cfg.level(k), cfg.data.channels, below, classes)
         self._restore(model, name, device)
         return model
 
@@ -437,6 +438,20 @@ def prior_classes(ckpt: dict[str, Any], cfg: Config, path: Path) -> int:
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise RunError(f"{path}: a class-conditional prior whose checkpoint records no class count (extra.num_classes)")
     return int(weight.shape[0])
+
+
+def level_classes(ckpt: dict[str, Any], cfg: Config, k: int, path: Path) -> int:
+    """How many classes level ``k``'s decoder was trained with (0: it takes no class), as its checkpoint's
+    ``extra.num_classes`` records it; checkpoints written before decoders could take the class record
+    nothing, and their decoders take none."""
+    if not is_class_conditional(cfg.level(k)):
+        return 0
+    recorded = ckpt.get("extra", {}).get("num_classes")
+    if not isinstance(recorded, int) or isinstance(recorded, bool) or recorded < 1:
+        raise RunError(
+            f"{path}: a class-conditional decoder whose checkpoint records no class count (extra.num_classes)"
+        )
+    return recorded
 
 
 def _lock_holder(path: Path) -> str:
