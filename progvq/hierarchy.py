@@ -11,10 +11,19 @@ A class-conditional prior (``stages.prior.class_conditional``) models
 p(z_L | y) for a class y of ``num_classes``; sampling takes the class, and the
 likelihood bound uses the marginal p(z_L) = mean_y p(z_L | y) (uniform over
 the classes), so its figures compare with an unconditional prior's.
+
+A code decoder may take the class too (``stages.K.decoder.class_conditional``, with a
+class-conditional prior): D_K(z_(K-1) | z_K, y). Given the classes, each such level's bits are
+given y and the total bounds -log p(x | y). Without them the class is marginalised jointly,
+-log mean_y [p(z_L | y) prod_K D_K(z_(K-1) | z_K, y)] over the class-conditional levels K,
+never level by level (a product of per-level marginals is no likelihood of one class); the
+figure of each level is then its share in decode order (:meth:`Hierarchy.nll`). Sampling and
+decoding hand every image's class to those levels, with the prior's class guidance.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +54,14 @@ class Hierarchy(nn.Module):
 
     def __init__(self, config: Config, levels: list[Level], prior: Prior | None, canvas: Canvas) -> None:
         super().__init__()
+        if prior is not None:
+            for k, level in enumerate(levels, start=1):
+                classes = getattr(level, "num_classes", 0)
+                if classes and classes != prior.num_classes:
+                    raise RunError(
+                        f"level {k}'s decoder takes {classes} classes, but the prior has {prior.num_classes}: "
+                        "they were trained on other labels"
+                    )
         self.config = config
         self.levels = nn.ModuleList(levels)
         self.prior = prior
@@ -125,6 +142,31 @@ class Hierarchy(nn.Module):
         return labels
 
     @property
+    def conditional_levels(self) -> list[int]:
+        """The levels k >= 2 whose decoder takes the image's class (``decoder.class_conditional``)."""
+        return [k for k in range(2, self.num_levels + 1) if getattr(self.levels[k - 1], "num_classes", 0)]
+
+    def _level_labels(self, k: int, labels: int | Tensor | None, n: int) -> Tensor | None:
+        """The classes (n,) int64 that level ``k``'s decoder takes, or None for a decoder without classes;
+        refuses (:class:`RunError`) a class-conditional level given no labels or labels it cannot take."""
+        classes = getattr(self.levels[k - 1], "num_classes", 0)
+        if not classes:
+            return None
+        if labels is None:
+            raise RunError(
+                f"level {k}'s decoder is class-conditional (stages.{k}.decoder.class_conditional): "
+                "decoding through it needs each image's class (labels)"
+            )
+        given = torch.as_tensor(labels, dtype=torch.long, device=self.device)
+        given = given.expand(n).clone() if given.dim() == 0 else given
+        if given.shape != (n,):
+            raise RunError(f"labels must be one class or {n} classes, got shape {tuple(given.shape)}")
+        if given.numel() and (given.min() < 0 or given.max() >= classes):
+            bad = int(given[(given < 0) | (given >= classes)][0])
+            raise RunError(f"label {bad} is out of range: level {k}'s decoder has classes 0..{classes - 1}")
+        return given
+
+    @property
     def device(self) -> torch.device:
         return next(self.levels[0].parameters()).device
 
@@ -163,6 +205,8 @@ class Hierarchy(nn.Module):
         generator: torch.Generator | None = None,
         known: Known | None = None,
         all_levels: bool = False,
+        labels: int | Tensor | None = None,
+        guidance: float = 0.0,
     ) -> Tensor | tuple[Tensor, list[Tensor]]:
         """Codes of level ``level`` (B, h, w) -> uint8 images (B, C, H, W) of the data's own size.
 
@@ -172,20 +216,61 @@ class Hierarchy(nn.Module):
         level k to (codes (B, h_k, w_k) int64, mask (B, h_k, w_k) bool): where the mask is
         True the given codes are kept, and the rest of the level is drawn given them
         (inpainting). With ``all_levels`` the codes of levels 1..level come back too.
+        ``labels`` (one class, or (B,) int64) are the images' classes, which every class-conditional
+        decoder it passes through needs (:class:`RunError` without them); those decoders draw with
+        class ``guidance`` w >= 0, as the prior (0: from D_k(z_(k-1) | z_k, y) itself).
         """
         known = known or {}
         z = codes.to(self.device)
         drawn = [z]
         for k in range(level, 1, -1):
-            z = self.levels[k - 1].decode(z, code_temperature, generator, known=known.get(k - 1))
+            y = self._level_labels(k, labels, len(z))
+            z = self.levels[k - 1].decode(
+                z, code_temperature, generator, known=known.get(k - 1), label=y, guidance=guidance
+            )
             drawn.insert(0, z)
         images = self.canvas.crop(self.levels[0].decode(z, pixel_temperature, generator))
         return (images, drawn) if all_levels else images
 
     @torch.no_grad()
-    def reconstruct(self, images: Tensor, level: int = 1) -> Tensor:
-        """Encode to level ``level`` and decode back to pixels (most likely codes)."""
-        return self.decode(self.encode(images)[level - 1], level)
+    def reconstruct(self, images: Tensor, level: int = 1, labels: Tensor | None = None) -> Tensor:
+        """Encode to level ``level`` and decode back to pixels (most likely codes).
+
+        Class-conditional decoders below ``level`` take ``labels`` (B,), or without them the class
+        :meth:`infer_labels` finds likeliest given the image's codes.
+        """
+        codes = self.encode(images)
+        if labels is None and any(k <= level for k in self.conditional_levels):
+            labels = self.infer_labels(codes)
+        return self.decode(codes[level - 1], level, labels=labels)
+
+    @torch.no_grad()
+    def class_log_probs(self, codes: list[Tensor]) -> Tensor:
+        """(B, classes) nats, float64: log p(z_L | y) + sum over the class-conditional levels K of
+        log D_K(z_(K-1) | z_K, y), for the codes [z_1 (B, h1, w1), ..., z_L] of B images and every class y.
+
+        The part of log p(x, y) that depends on y: every other term of the bound does not.
+        """
+        if self.prior is None or not self.num_classes:
+            raise RunError("the classes' likelihoods need a class-conditional prior")
+        codes = [z.to(self.device) for z in codes]
+        z_top = codes[-1]
+        per_class = torch.stack(
+            [
+                self.prior.log_prob(z_top, torch.full((len(z_top),), y, dtype=torch.long, device=self.device))
+                for y in range(self.num_classes)
+            ],
+            dim=1,
+        ).double()  # float64: the marginal subtracts nearly equal sums of many terms
+        for k in self.conditional_levels:
+            per_class = per_class + self.levels[k - 1].log_likelihood_per_class(codes[k - 2], codes[k - 1]).double()
+        return per_class
+
+    @torch.no_grad()
+    def infer_labels(self, codes: list[Tensor]) -> Tensor:
+        """The likeliest class (B,) int64 of B images given their codes [z_1, ..., z_L] (uniform p(y)):
+        the argmax of :meth:`class_log_probs`."""
+        return self.class_log_probs(codes).argmax(1)
 
     @torch.no_grad()
     def sample(
@@ -209,7 +294,9 @@ class Hierarchy(nn.Module):
         cycles through the classes (see :meth:`labels_for`). ``known`` keeps given
         codes at any level, as in :meth:`decode` (the top level's too). ``guidance`` (None: the
         run's ``sample.guidance``) sharpens a class-conditional prior towards the class
-        (:meth:`progvq.pixelcnn.GatedPixelCNN.sample`); an unconditional prior takes 0 only.
+        (:meth:`progvq.pixelcnn.GatedPixelCNN.sample`), and every class-conditional code decoder
+        likewise; an unconditional prior takes 0 only. Class-conditional decoders are given each
+        image's class, the one the prior drew it for.
         """
         if self.prior is None:
             raise RunError("this hierarchy has no trained prior; train stage prior first")
@@ -251,6 +338,7 @@ class Hierarchy(nn.Module):
             known=known.get(self.num_levels),
             guidance=guidance,
         )
+        # class-conditional decoders are given each image's class too, with the prior's guidance
         return self.decode(
             top,
             self.num_levels,
@@ -258,6 +346,8 @@ class Hierarchy(nn.Module):
             pixel_temperature=pixel_temperature,
             generator=gen,
             known=known,
+            labels=labels,
+            guidance=guidance,
         )
 
     # ------------------------------------------------------------------ likelihood
@@ -276,19 +366,59 @@ class Hierarchy(nn.Module):
 
         A class-conditional prior gives -log p(z_L | y) for ``labels`` (B,)
         (a bound on -log p(x | y)) or, without labels, the marginal
-        -log mean_y p(z_L | y) (a bound on -log p(x)).
+        -log mean_y p(z_L | y) (a bound on -log p(x)). Class-conditional code decoders
+        are given ``labels`` too. Without labels the class is marginalised over the prior and
+        those decoders at once: the total is -log mean_y [p(z_L | y) prod_K D_K(z_(K-1) | z_K, y)]
+        plus the other levels' bits, split in decode order by the chain rule (the prior's part
+        is its marginal as above; level K's is -log sum_y p(y | the codes above it)
+        D_K(z_(K-1) | z_K, y)), so the parts add up to the joint marginal.
         """
         if self.prior is None:
             raise RunError("the likelihood bound needs the prior; train stage prior first")
         x = to_unit(self.canvas.pad(images.to(self.device)))
         codes = self.encode(images) if codes is None else [z.to(self.device) for z in codes]
+        labels = None if labels is None else labels.to(self.device)
         dims = self.canvas.dims
-        out: dict[str, Tensor] = {"0": -self.levels[0].log_likelihood(x, codes[0])}
-        for k in range(1, self.num_levels):
-            out[str(k)] = -self.levels[k].log_likelihood(codes[k - 1], codes[k])
-        out[str(self.num_levels)] = -self.prior.log_prob(codes[-1], labels)
-        out = {key: value / (dims * LN2) for key, value in out.items()}
+        top = self.num_levels
+        conditional = self.conditional_levels
+        # nats by key: "0" the pixels, str(k) the codes z_k (under D_(k+1), or under the prior for k = L)
+        nats: dict[str, Tensor] = {"0": -self.levels[0].log_likelihood(x, codes[0])}
+        for k in range(2, top + 1):
+            if labels is not None or k not in conditional:
+                y = labels if k in conditional else None
+                nats[str(k - 1)] = -self.levels[k - 1].log_likelihood(codes[k - 2], codes[k - 1], y)
+        if labels is not None or not conditional:
+            nats[str(top)] = -self.prior.log_prob(codes[-1], labels)
+        else:
+            nats.update(self._joint_marginal(codes))
+        out = {str(k): nats[str(k)] / (dims * LN2) for k in range(top + 1)}
         out["total"] = sum(out.values())  # type: ignore[assignment]
+        return out
+
+    def _joint_marginal(self, codes: list[Tensor]) -> dict[str, Tensor]:
+        """Nats (B,) float64 of the top codes and of each class-conditional level's codes, the class
+        marginalised jointly (uniform p(y)) and split by the chain rule in decode order (see :meth:`nll`).
+
+        ``running`` is log p(the codes decoded so far | y) per class (B, classes); each level's part is
+        the growth of its log-mean over the classes, so the parts sum to
+        -log mean_y [p(z_L | y) prod_K D_K(z_(K-1) | z_K, y)].
+        """
+        assert self.prior is not None
+        z_top = codes[-1]
+        running = torch.stack(
+            [
+                self.prior.log_prob(z_top, torch.full((len(z_top),), y, dtype=torch.long, device=self.device))
+                for y in range(self.num_classes)
+            ],
+            dim=1,
+        ).double()  # float64: the parts subtract nearly equal sums of many terms
+        before = torch.logsumexp(running, dim=1)
+        out = {str(self.num_levels): -(before - math.log(self.num_classes))}
+        for k in sorted(self.conditional_levels, reverse=True):  # decode order: z_(L-1) first
+            running = running + self.levels[k - 1].log_likelihood_per_class(codes[k - 2], codes[k - 1]).double()
+            now = torch.logsumexp(running, dim=1)
+            out[str(k - 1)] = -(now - before)
+            before = now
         return out
 
     @torch.no_grad()
@@ -299,15 +429,29 @@ class Hierarchy(nn.Module):
         PSNR of images reconstructed through level k; ``prior``: bits per code
         of the top codes (see :func:`prior_metrics`; ``labels`` (N,) add the
         class-conditional figure); ``bits_per_dim``: the likelihood bound split
-        by level (marginal over the classes for a class-conditional prior).
+        by level (marginal over the classes for a class-conditional prior, jointly with the
+        class-conditional decoders: :meth:`nll` without labels). A class-conditional decoder's
+        level figures are given ``labels`` (without them: its own marginal over the classes), and
+        reconstructions through it decode with them (without them: the classes :meth:`infer_labels` finds).
         """
         images = images.to(self.device)
         codes = self.encode_split(images, batch_size)
+        conditional = self.conditional_levels
+        decode_labels = labels
+        if conditional and labels is None:
+            per_batch = zip(*(batches(z, batch_size) for z in codes), strict=True)
+            decode_labels = torch.cat([self.infer_labels(list(zs)) for zs in per_batch])
         report: dict[str, Any] = {"levels": {}}
         for k in range(1, self.num_levels + 1):
             inputs = images if k == 1 else codes[k - 2]
-            figures = level_metrics(self.levels[k - 1], inputs, batch_size, canvas=self.canvas)
-            recon = torch.cat([self.decode(z, k) for z in batches(codes[k - 1], batch_size)])
+            given = labels if k in conditional else None
+            figures = level_metrics(self.levels[k - 1], inputs, batch_size, canvas=self.canvas, labels=given)
+            recon = torch.cat(
+                [
+                    self.decode(z, k, labels=None if decode_labels is None else decode_labels[i : i + batch_size])
+                    for i, z in zip(range(0, len(codes[k - 1]), batch_size), batches(codes[k - 1], batch_size))
+                ]
+            )
             figures["psnr_through"] = psnr(images, recon)
             report["levels"][str(k)] = figures
         if self.prior is not None:
@@ -317,11 +461,17 @@ class Hierarchy(nn.Module):
 
     @torch.no_grad()
     def mean_bits(
-        self, images: Tensor, batch_size: int = 500, codes: list[Tensor] | None = None
+        self,
+        images: Tensor,
+        batch_size: int = 500,
+        codes: list[Tensor] | None = None,
+        labels: Tensor | None = None,
     ) -> dict[str, float]:
         """The bound of :meth:`nll` averaged over uint8 images (N, C, H, W), in batches: bits per dim
-        of the data's own pixels by level and in total. ``codes``: their encoder codes, if known."""
+        of the data's own pixels by level and in total. ``codes``: their encoder codes, if known;
+        ``labels`` (N,): their classes, for the bound given the class (None: marginal over the classes)."""
         codes = codes if codes is not None else self.encode_split(images.to(self.device), batch_size)
-        batched = zip(batches(images, batch_size), *(batches(z, batch_size) for z in codes), strict=True)
-        parts = [self.nll(b, list(zs)) for b, *zs in batched]
+        starts = range(0, len(images), batch_size)
+        batched = zip(starts, batches(images, batch_size), *(batches(z, batch_size) for z in codes), strict=True)
+        parts = [self.nll(b, list(zs), None if labels is None else labels[i : i + batch_size]) for i, b, *zs in batched]
         return {key: float(torch.cat([p[key] for p in parts]).mean()) for key in parts[0]}

@@ -24,7 +24,8 @@ method (after the conditional hierarchical VAE of the inpainting seeds):
 4. **Levels below.** For k = L..2 the unknown z_(k-1) codes are drawn from
    D_k(z_k), the known ones kept: a factorised decoder draws every position
    independently, an autoregressive one with its sampler given the known codes
-   before each position.
+   before each position (and a class-conditional one given the class the top
+   level was drawn for).
 5. **Pixels.** D_1(z_1)'s mean, with every known pixel pasted back, so the
    output equals the input wherever the mask is False.
 
@@ -279,8 +280,15 @@ def _complete(
         k: (known_codes[k - 1].repeat_interleave(n, 0), (~missing[k - 1]).repeat_interleave(n, 0))
         for k in range(1, model.num_levels)
     }
+    # a class-conditional decoder completes its level given the completion's class, the prior's
     pixels, codes = model.decode(
-        top, model.num_levels, code_temperature=opt.code_temperature, generator=gen, known=known, all_levels=True
+        top,
+        model.num_levels,
+        code_temperature=opt.code_temperature,
+        generator=gen,
+        known=known,
+        all_levels=True,
+        labels=labels,
     )
     out = torch.where(masks.repeat_interleave(n, 0)[:, None], pixels, images.repeat_interleave(n, 0))
     return Completion(out, codes, missing, labels)

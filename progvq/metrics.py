@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .canvas import Canvas
-from .levels import Level, PixelLevel
+from .levels import CodeLevel, Level, PixelLevel
 from .nets import to_unit
 from .protocols import Prior
 from .quantize import code_usage
@@ -45,6 +45,7 @@ def level_metrics(
     batch_size: int = 500,
     *,
     canvas: Canvas | None = None,
+    labels: Tensor | None = None,
 ) -> dict[str, float]:
     """Held-out figures of one level.
 
@@ -56,12 +57,17 @@ def level_metrics(
     autoregressive decoder, given the true codes before it) and
     ``bits_per_code``. Both: ``codes_used`` (count), ``usage`` (fraction of
     the codebook) and ``perplexity`` of the level's codes on this split.
+
+    A class-conditional decoder (``level.num_classes`` > 0) is given the classes ``labels`` (N,)
+    int64; without them its ``bits_per_code`` is the level's own marginal over the classes,
+    -log mean_y D_k(z_(k-1) | z_k, y) (uniform p(y)), and ``accuracy`` that of the most likely code
+    under the classes' mean of the per-position distributions.
     """
     was_training = level.training
     level.eval()
     nll, hits, sq_err, total, all_codes = 0.0, 0, 0.0, 0, []
     device = next(level.parameters()).device
-    for batch in batches(inputs, batch_size):
+    for start, batch in zip(range(0, len(inputs), batch_size), batches(inputs, batch_size), strict=True):
         batch = batch.to(device)
         if isinstance(level, PixelLevel):
             place = canvas or Canvas.unpadded(tuple(batch.shape[1:]))  # type: ignore[arg-type]
@@ -69,9 +75,14 @@ def level_metrics(
             codes = level.encode(x)
             nll -= level.log_likelihood(x, codes).sum().item()
             sq_err += (place.crop(level.decode(codes)).float() - batch.float()).pow(2).sum().item()
+        elif level.num_classes and labels is None:
+            codes = level.encode(batch)
+            nll -= _marginal_log_likelihood(level, batch, codes).sum().item()
+            hits += (_mixture_log_probs(level, batch, codes).argmax(1) == batch).sum().item()
         else:
             codes = level.encode(batch)
-            logits = level.logits(codes, batch)  # an autoregressive decoder's are teacher-forced
+            y = None if labels is None else labels[start : start + len(batch)].to(device)
+            logits = level.logits(codes, batch, y)  # an autoregressive decoder's are teacher-forced
             nll += F.cross_entropy(logits, batch, reduction="sum").item()
             hits += (logits.argmax(1) == batch).sum().item()
         total += batch[0].numel() * len(batch)  # the original pixels (or codes) of the batch
@@ -89,6 +100,22 @@ def level_metrics(
     out["usage"] = used / level.quantizer.num_codes
     out["perplexity"] = float(perplexity)
     return out
+
+
+def _marginal_log_likelihood(level: CodeLevel, below: Tensor, codes: Tensor) -> Tensor:
+    """(B,) nats of level k-1 codes (B, h, w) under a class-conditional decoder's marginal over its classes."""
+    per_class = level.log_likelihood_per_class(below, codes).double()  # (B, classes)
+    return torch.logsumexp(per_class, dim=1) - math.log(level.num_classes)
+
+
+def _mixture_log_probs(level: CodeLevel, below: Tensor, codes: Tensor) -> Tensor:
+    """(B, K_(k-1), h, w): log of the classes' mean of a class-conditional decoder's teacher-forced
+    per-position distributions (for a code accuracy without the class)."""
+    per_class = [
+        F.log_softmax(level.logits(codes, below, torch.full_like(below[:, 0, 0], y)).double(), dim=1)
+        for y in range(level.num_classes)
+    ]
+    return torch.logsumexp(torch.stack(per_class), dim=0) - math.log(level.num_classes)
 
 
 @torch.no_grad()
