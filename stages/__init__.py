@@ -38,7 +38,7 @@ from progvq.train import FitResult, Stage, fit, report_damage
 
 from .codes import CodeStage
 from .pixels import PixelStage
-from .prior import PriorStage, require_labels
+from .prior import PriorStage, require_labels, uses_labels
 
 
 class Pipeline:
@@ -150,7 +150,11 @@ def check_stage_fits(cfg: Config, name: str, device: torch.device) -> None:
         return
     k = int(name)
     codes_below = cfg.level(k - 1).codes if k > 1 else 0
-    check_model_fits(lambda: build_level(cfg.level(k), cfg.data.channels, codes_below), f"stages.{name}", device)
+    # the classes are not known before the data is read; a class-conditional decoder's table of biases per
+    # class is a few numbers per class, nothing beside the rest of the model, so one class stands for them
+    check_model_fits(
+        lambda: build_level(cfg.level(k), cfg.data.channels, codes_below, 1), f"stages.{name}", device
+    )
 
 
 def check_run_config(cfg: Config, run: Run, *, force: bool = False) -> bool:
@@ -278,7 +282,7 @@ def train_stage(
             run.write_config(cfg, stage.canvas)
 
     # the shapes the models take and the data's own, and what the data is (its labels for a stage trained on them)
-    record = stage_record(pipeline.record, name == "prior" and cfg.prior.class_conditional)
+    record = stage_record(pipeline.record, uses_labels(cfg, name))
     extra = {**stage.canvas.to_list(), **getattr(stage, "extra", {}), "data": record}
     try:
         result = fit(
@@ -453,7 +457,8 @@ def _copy_stage(other: Run, run: Run, name: str) -> None:
 
 def _preflight(cfg: Config, pipeline: Pipeline) -> None:
     """What ``train --all`` can refuse before its first step rather than after hours of the stages below:
-    a model too large for memory, data that cannot be read, a class-conditional prior on data without labels."""
+    a model too large for memory, data that cannot be read, a class-conditional prior or decoder on data
+    without labels."""
     for name in cfg.stage_names():
         check_stage_fits(cfg, name, pipeline.device)
     require_labels(cfg, pipeline.data)  # loads the data (once, for every stage): a missing file is refused now

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from progvq.build import build_prior
+from progvq.build import build_prior, is_class_conditional
 from progvq.config import Config
 from progvq.errors import DataError
 from progvq.hierarchy import Hierarchy
@@ -34,7 +34,7 @@ class PriorStage:
         self.heldout_labels: Tensor | None = None
         num_classes = 0
         if cfg.prior.class_conditional:
-            require_labels(cfg, data)
+            require_labels(cfg, data, ["stages.prior.class_conditional"])
             num_classes = data.num_classes
             self.train_labels, self.heldout_labels = data.train_labels.to(device), data.heldout_labels
         self.model = build_prior(cfg, num_classes).to(device)
@@ -75,9 +75,29 @@ class PriorStage:
         return {"samples": image_grid(samples, nrow=nrow)}
 
 
-def require_labels(cfg: Config, data: ImageData) -> None:
-    """Refuse a class-conditional prior on data without labels (checked before any stage trains)."""
-    if cfg.prior.class_conditional and (data.train_labels is None or data.heldout_labels is None):
+def label_keys(cfg: Config) -> list[str]:
+    """The config keys that make a stage read the data's labels: a class-conditional prior's and every
+    class-conditional code decoder's."""
+    keys = [
+        f"stages.{k}.decoder.class_conditional"
+        for k in range(2, cfg.num_levels + 1)
+        if is_class_conditional(cfg.level(k))
+    ]
+    return keys + (["stages.prior.class_conditional"] if cfg.prior.class_conditional else [])
+
+
+def uses_labels(cfg: Config, name: str) -> bool:
+    """Whether stage ``name`` trains on the data's labels (its checkpoint's data record then keeps them)."""
+    if name == "prior":
+        return cfg.prior.class_conditional
+    return name != "1" and is_class_conditional(cfg.level(int(name)))
+
+
+def require_labels(cfg: Config, data: ImageData, keys: list[str] | None = None) -> None:
+    """Refuse a stage given the class (``keys``: those of :func:`label_keys`, by default all of them) on data
+    without labels (checked before any stage trains)."""
+    keys = label_keys(cfg) if keys is None else keys
+    if keys and (data.train_labels is None or data.heldout_labels is None):
         # the config allows only labelled sources; an idx folder may still lack its labels file, and an
         # image folder its class folders
         where = (
@@ -85,4 +105,4 @@ def require_labels(cfg: Config, data: ImageData) -> None:
             if cfg.data.source == "folder"
             else f"no labels ({cfg.data.prefix}-labels-idx1-ubyte[.gz]) beside the images"
         )
-        raise DataError(f"{cfg.data.path}: {where}, but stages.prior.class_conditional is true")
+        raise DataError(f"{cfg.data.path}: {where}, but {keys[0]} is true")
