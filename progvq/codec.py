@@ -3,9 +3,10 @@
 The encoders are deterministic, so -log2 p(z_L) - sum_k log2 D_k(z_(k-1) | z_k) - log2 D_1(x | z_1)
 is the length of a code that can be written: a range coder (``constriction``) writes the top
 codes under the prior (a class-conditional prior codes a class first), each level's codes under
-its decoder given the level above, and the pixels under the level-1 decoder given z_1. The codec
-knows no model kind: every level and the prior walk their own decode order and hand each step's
-logits to the coder (the ``coding_walk`` methods, :data:`~progvq.pixelcnn.CodeStep`).
+its decoder given the level above (and that class, for a class-conditional decoder), and the
+pixels under the level-1 decoder given z_1. The codec knows no model kind: every level and the
+prior walk their own decode order and hand each step's logits to the coder (the ``coding_walk``
+methods, :data:`~progvq.pixelcnn.CodeStep`).
 
 **Exactness.** The decoder must see the very probabilities the encoder saw, bit for bit:
 
@@ -224,9 +225,15 @@ def walk(
     """
     top = model.num_levels
     h, w = model.grid_shape(top)
-    z, labels = model.prior.coding_walk(step, n, h, w, None if codes is None else codes[-1])
+    best = None
+    if codes is not None and model.conditional_levels:
+        # the class under which the prior's and the class-conditional decoders' codes are likeliest together:
+        # the shortest file, at most log2(classes) bits above the joint marginal bound
+        best = model.infer_labels(codes)
+    z, labels = model.prior.coding_walk(step, n, h, w, None if codes is None else codes[-1], best)
     for k in range(top, 1, -1):
-        z = model.levels[k - 1].coding_walk(z, step, None if codes is None else codes[k - 2])
+        # a class-conditional decoder codes its level given the class the prior's walk coded first
+        z = model.levels[k - 1].coding_walk(z, step, None if codes is None else codes[k - 2], labels)
     return model.levels[0].coding_walk(z, step, padded), labels
 
 
@@ -570,3 +577,27 @@ def read_codes(model: Hierarchy, path: str | Path, level: int | None = None) -> 
     if array.min() < 0 or array.max() >= count:
         raise CodecError(f"{path}[level{level}]: codes out of range 0..{count - 1}")
     return torch.from_numpy(array.astype(np.int64)), level
+
+
+def read_code_labels(path: str | Path, count: int, classes: int) -> Tensor | None:
+    """A codes file's ``labels``, (count,) int64 in 0..classes-1, or None when it holds none (codes of
+    image files rather than of a labelled split). Refuses (:class:`CodecError`) labels of another count,
+    not integers, or outside the classes, naming the file."""
+    path = Path(path)
+    check_regular(path, "codes")
+    try:
+        with open(path, "rb") as f, zipfile.ZipFile(f) as zf:
+            info = next((i for i in zf.infolist() if i.filename.removesuffix(".npy") == "labels"), None)
+            if info is None:
+                return None
+            with zf.open(info) as member:
+                array = read_npy(member, info.file_size, f"{path}[labels]")
+    except ProgvqError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+        raise CodecError(f"{path}: cannot read labels ({' '.join(str(err).split()) or type(err).__name__})") from None
+    if array.shape != (count,) or not np.issubdtype(array.dtype, np.integer):
+        raise CodecError(f"{path}[labels]: expected {count} integer classes, got {array.dtype} {tuple(array.shape)}")
+    if count and (array.min() < 0 or array.max() >= classes):
+        raise CodecError(f"{path}[labels]: classes out of range 0..{classes - 1}")
+    return torch.from_numpy(array.astype(np.int64))

@@ -575,19 +575,26 @@ class GatedPixelCNN(nn.Module):
 
     @torch.no_grad()
     def coding_walk(
-        self, step: CodeStep, n: int, height: int, width: int, target: Tensor | None = None
+        self,
+        step: CodeStep,
+        n: int,
+        height: int,
+        width: int,
+        target: Tensor | None = None,
+        label: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """The prior as an entropy coder's model: (top codes (n, height, width) int64, labels (n,) or None).
 
-        A class-conditional prior first codes a class, uniform over its classes; encoding, it takes the
+        A class-conditional prior first codes a class, uniform over its classes; encoding, it takes
+        ``label`` (n,) when given (a caller that codes more under the class chooses it), else the
         class under which ``target``'s codes are likeliest, which makes the shortest code (at most
         log2(classes) bits above the marginal -log2 p(codes), and close to it when one class explains
         the codes). Then every position in raster order (:meth:`walk`).
         """
         labels = None
         if self.num_classes:
-            best = None
-            if target is not None:
+            best = label if target is not None else None
+            if target is not None and best is None:
                 per_class = [
                     self.log_prob(target, torch.full((n,), y, dtype=torch.long, device=target.device))
                     for y in range(self.num_classes)

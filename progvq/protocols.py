@@ -48,8 +48,15 @@ class Prior(Protocol):
         w > 0 (class-conditional only) draws from p(code | y)^(1+w) / p(code)^w."""
 
     def coding_walk(
-        self, step: CodeStep, n: int, height: int, width: int, target: Tensor | None = None
+        self,
+        step: CodeStep,
+        n: int,
+        height: int,
+        width: int,
+        target: Tensor | None = None,
+        label: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """The prior as an entropy coder's model: every symbol it codes (a class first, when it has classes,
         then each top code in its order) goes through ``step``; returns (codes (n, height, width) int64,
-        labels (n,) or None). ``target`` holds the codes to encode; None decodes them."""
+        labels (n,) or None). ``target`` holds the codes to encode, ``label`` (n,) the class to code with
+        them (None: the prior's own choice); None decodes them."""
