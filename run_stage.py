@@ -7,7 +7,7 @@
     progvq eval RUN_DIR [--json]
     progvq status RUN_DIR
     progvq encode RUN_DIR (--images FILES... | --npz FILE | --split heldout) --out CODES.npz
-    progvq decode RUN_DIR CODES.npz --out FILE.png [--level K] [--temperature T]
+    progvq decode RUN_DIR CODES.npz --out FILE.png [--level K] [--temperature T] [--label K]
     progvq compress RUN_DIR (FILES... | --split heldout) --out FILE.pvq
     progvq decompress RUN_DIR FILE.pvq --out OUT.npz|DIR
     progvq data get NAME [DIR] [--mirror URL]  download mnist, fashion-mnist or cifar10, checked
@@ -31,10 +31,15 @@ import sys
 import threading
 import warnings
 from pathlib import Path
-from typing import NoReturn, TextIO
+from typing import TYPE_CHECKING, NoReturn, TextIO
 
 from progvq.errors import ProgvqError
 from progvq.fileio import check_outputs
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from progvq.hierarchy import Hierarchy
 
 
 class _Parser(argparse.ArgumentParser):
@@ -205,6 +210,12 @@ def _parser() -> argparse.ArgumentParser:
         "--pixel-temperature", type=float, default=0.0, help="pixel decoder; 0 (default) shows its point estimate"
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--label",
+        type=int,
+        default=None,
+        help="class of every image, for class-conditional decoders (default: the file's labels)",
+    )
     p.add_argument("--out", required=True, help="PNG grid; the images also go to the same name with .npz")
     p.add_argument("--nrow", type=int, default=None, help="images per row of the grid")
     _stale_option(p)
@@ -527,18 +538,52 @@ def cmd_decode(args: argparse.Namespace) -> int:
         raise ProgvqError(f"--seed: must be in [0, 2**63), got {args.seed}")
     model = Hierarchy.load(args.run_dir, allow_stale=args.allow_stale)
     codes, level = read_codes(model, args.codes, args.level)
+    labels = _decode_labels(model, args, level, len(codes))
     gen = torch.Generator().manual_seed(args.seed)
     images = torch.cat(
         [
             model.decode(
-                z, level, code_temperature=args.temperature, pixel_temperature=args.pixel_temperature, generator=gen
+                z,
+                level,
+                code_temperature=args.temperature,
+                pixel_temperature=args.pixel_temperature,
+                generator=gen,
+                labels=None if labels is None else labels[start : start + 500],
             )
-            for z in codes.split(500)
+            for start, z in zip(range(0, len(codes), 500), codes.split(500), strict=True)
         ]
     )
     npz = save_grid_and_arrays(image_grid(images, nrow=args.nrow), out, images=images_array(images))
     print(f"wrote {out} and {npz} ({len(images)} images from level {level})")
     return 0
+
+
+def _decode_labels(model: Hierarchy, args: argparse.Namespace, level: int, count: int) -> Tensor | None:
+    """The classes (count,) int64 that ``decode`` hands the class-conditional decoders below ``level``: ``--label``
+    for every image, else the codes file's ``labels``; None when no decoder it runs takes the class. Refuses a
+    class-conditional decoder given neither, and ``--label`` where no decoder takes it, in one line."""
+    import torch
+
+    from progvq.codec import read_code_labels
+
+    needs = [k for k in model.conditional_levels if k <= level]
+    if not needs:
+        if args.label is not None:
+            raise ProgvqError(
+                f"--label {args.label}: no decoder below level {level} of {args.run_dir} is class-conditional"
+            )
+        return None
+    classes = model.levels[needs[0] - 1].num_classes
+    if args.label is not None:
+        _check_label(args.label, classes, args.run_dir)
+        return torch.full((count,), args.label, dtype=torch.long)
+    labels = read_code_labels(args.codes, count, classes)
+    if labels is None:
+        raise ProgvqError(
+            f"{args.codes}: no labels, and level {needs[-1]}'s decoder of {args.run_dir} is class-conditional; "
+            "give --label K (or codes of `progvq encode --split`, which keeps the labels)"
+        )
+    return labels
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
