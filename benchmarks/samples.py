@@ -303,8 +303,14 @@ def train_colour_classifier(data: ImageData, epochs: int, seed: int = 0, *, clas
     would cap the classifier's confidence near 0.9, the threshold of the confidence figure.
     """
     model = fit_classifier(
-        data, lambda: ColourClassifier(*data.image_shape, classes), epochs, seed,
-        lr=4e-3, weight_decay=5e-4, batch=128, augment=lambda x, gen: crop_and_flip(x, COLOUR_PAD, gen),
+        data,
+        lambda: ColourClassifier(*data.image_shape, classes),
+        epochs,
+        seed,
+        lr=4e-3,
+        weight_decay=5e-4,
+        batch=128,
+        augment=lambda x, gen: crop_and_flip(x, COLOUR_PAD, gen),
     )
     assert isinstance(model, ColourClassifier)
     return model
@@ -481,8 +487,36 @@ def score_run(
     figures["training_seconds"] = times.get(str(run_dir.resolve()), "not recorded")
     figures["trained_with"] = model.trained_with
     if args.grid_dir:
-        save_png(image_grid(samples[:64], nrow=8), Path(args.grid_dir) / f"samples_{name}.png")
+        grid_dir = Path(args.grid_dir)
+        if model.num_classes:  # ten draws of every class, one class per column
+            grid = image_grid(in_turn[: 10 * model.num_classes], nrow=model.num_classes)
+        else:
+            grid = image_grid(samples[:64], nrow=8)
+        save_png(grid, grid_dir / f"samples_{name}.png")
+        pixel_temperature = temperatures.get("pixel_temperature", model.config.sample.pixel_temperature)
+        shown = None if data.heldout_labels is None or not model.num_classes else data.heldout_labels[:10]
+        levels = through_levels(model, data.heldout[:10], pixel_temperature, args.seed, shown)
+        save_png(levels, grid_dir / f"levels_{name}.png")
     return figures
+
+
+@torch.no_grad()
+def through_levels(
+    model: Hierarchy, images: Tensor, pixel_temperature: float, seed: int, labels: Tensor | None = None
+) -> Tensor:
+    """A grid (C, H', W') of ``images`` (n, C, H, W) uint8, one per column: the originals in the first row, then
+    each image rebuilt from its own codes of level 1, 2, ..., L alone (the codes below drawn at temperature 0,
+    the most likely; the pixels at ``pixel_temperature``, as samples are). ``labels`` (n,): the images' classes,
+    which class-conditional code decoders take."""
+    codes = model.encode(images.to(model.device))
+    rows = [images.cpu()]
+    for k in range(1, model.num_levels + 1):
+        gen = torch.Generator().manual_seed(seed)
+        decoded = model.decode(
+            codes[k - 1], k, code_temperature=0.0, pixel_temperature=pixel_temperature, generator=gen, labels=labels
+        )
+        rows.append(decoded.cpu())
+    return image_grid(torch.cat(rows), nrow=len(images))
 
 
 # --------------------------------------------------------------------------- lossless files
