@@ -134,9 +134,9 @@ def check_refusal(
     monkeypatch: pytest.MonkeyPatch,
 ) -> tuple[dict[str, bytes | str | None], dict[str, bytes | str | None]]:
     """Run a row's command (in ``tmp_path``, under a watchdog) and check its refusal: exit status 2, one
-    ``progvq: error:`` line with every needle, no traceback, no temporary file's name, and every entry
-    present before unchanged after. Returns the snapshots before and after, for the rows' own checks of
-    new files."""
+    ``progvq: error:`` line with every needle, no traceback, no temporary file's name, every entry
+    present before unchanged after, and nothing new unless the row allows it (``new_files_ok``).
+    Returns the snapshots before and after, for the rows' own checks of what is new."""
     monkeypatch.chdir(tmp_path)  # relative defaults (runs/<name>, samples.png) land here too
     argv = case.setup(Ctx(tmp_path, request))
     before = snapshot(tmp_path)
@@ -158,7 +158,23 @@ def check_refusal(
     after = snapshot(tmp_path)
     changed = sorted(k for k, v in before.items() if after.get(k, b"<gone>") != v)
     assert not changed, f"changed or removed by a failed command: {changed}"
+    if not case.new_files_ok:
+        assert sorted(set(after) - set(before)) == [], "a failed command made files"
     return before, after
+
+
+def case_params(cases: list[Case], *, all_train: bool = False) -> list[Any]:
+    """One pytest param per row, named ``KIND-NAME``, with the row's own marks, ``trains`` where its setup
+    trains (every row with ``all_train``), and skipped as root where root would read what a user cannot."""
+    params = []
+    for case in cases:
+        marks = list(case.marks)
+        if case.trains or all_train:
+            marks.append(pytest.mark.trains)
+        if case.skip_if_root:
+            marks.append(pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads any file"))
+        params.append(pytest.param(case, id=f"{case.kind}-{case.name}", marks=marks))
+    return params
 
 
 def train_args(ctx: Ctx, config: Path | str, *sets: str, verb: tuple[str, ...] = ("--all",)) -> list[str]:
@@ -815,24 +831,12 @@ CASES: list[Case] = [
 ]
 
 
-def _params() -> list[Any]:
-    params = []
-    for case in CASES:
-        marks = list(case.marks)
-        if case.trains:
-            marks.append(pytest.mark.trains)
-        if case.skip_if_root:
-            marks.append(pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads any file"))
-        params.append(pytest.param(case, id=f"{case.kind}-{case.name}", marks=marks))
-    return params
-
-
 def test_table_is_big_and_unique() -> None:
     ids = [f"{c.kind}-{c.name}" for c in CASES]
     assert len(ids) == len(set(ids)) and len(ids) >= 45
 
 
-@pytest.mark.parametrize("case", _params())
+@pytest.mark.parametrize("case", case_params(CASES))
 def test_bad_input_is_one_line_status_2_and_keeps_files(
     case: Case,
     tmp_path: Path,
@@ -840,9 +844,7 @@ def test_bad_input_is_one_line_status_2_and_keeps_files(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    before, after = check_refusal(case, tmp_path, request, capsys, monkeypatch)
-    if not case.new_files_ok:
-        assert sorted(set(after) - set(before)) == []
+    check_refusal(case, tmp_path, request, capsys, monkeypatch)
 
 
 # --------------------------------------------------------------------------- a full disk

@@ -318,8 +318,7 @@ def test_a_bad_section_on_the_command_line_is_one_line_status_2(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    before, after = check_refusal(case, tmp_path, request, capsys, monkeypatch)
-    assert sorted(set(after) - set(before)) == []
+    check_refusal(case, tmp_path, request, capsys, monkeypatch)
 
 
 def test_the_installed_command_prints_one_line_for_a_bad_section(tmp_path: Path) -> None:

@@ -34,7 +34,18 @@ from run_stage import main
 
 from .conftest import ROOT, TINY
 from .helpers import idx_bytes, tiny_raw
-from .test_bad_input import WATCHDOG_S, Case, Ctx, check_refusal, images16, png_folder, train_args, trains, watchdog
+from .test_bad_input import (
+    WATCHDOG_S,
+    Case,
+    Ctx,
+    case_params,
+    check_refusal,
+    images16,
+    png_folder,
+    train_args,
+    trains,
+    watchdog,
+)
 from .test_bad_input import snapshot as snap
 
 # --------------------------------------------------------------------------- helpers
@@ -492,21 +503,13 @@ CASES: list[Case] = [
 ]
 
 
-def _params() -> list[Any]:
-    params = []
-    for case in CASES:
-        marks = [pytest.mark.trains] if case.trains else []
-        params.append(pytest.param(case, id=f"{case.kind}-{case.name}", marks=marks))
-    return params
-
-
 def test_table_is_big_unique_and_covers_every_kind() -> None:
     ids = [f"{c.kind}-{c.name}" for c in CASES]
     assert len(ids) == len(set(ids)) and len(ids) >= 75
     assert {c.kind for c in CASES} == {"restart", "nonfinite", "unbounded", "edited", "sizes", "outputs", "cli", "late"}
 
 
-@pytest.mark.parametrize("case", _params())
+@pytest.mark.parametrize("case", case_params(CASES))
 def test_hostile_input_is_one_line_status_2_and_keeps_files(
     case: Case,
     tmp_path: Path,
@@ -514,8 +517,7 @@ def test_hostile_input_is_one_line_status_2_and_keeps_files(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    before, after = check_refusal(case, tmp_path, request, capsys, monkeypatch)
-    assert sorted(set(after) - set(before)) == [], "a failed command made files"
+    check_refusal(case, tmp_path, request, capsys, monkeypatch)
 
 
 # --------------------------------------------------------------------------- temperatures and numbers accepted

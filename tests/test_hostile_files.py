@@ -34,7 +34,7 @@ from progvq.codec import Codec
 from run_stage import main
 
 from .conftest import ROOT
-from .test_bad_input import Case, Ctx, check_refusal, images16, trains, watchdog
+from .test_bad_input import Case, Ctx, case_params, check_refusal, images16, trains, watchdog
 
 GiB = 1 << 30
 
@@ -534,20 +534,13 @@ CASES: list[Case] = [
 ]
 
 
-def _params() -> list[Any]:
-    return [
-        pytest.param(case, id=f"{case.kind}-{case.name}", marks=[pytest.mark.trains] if case.trains else [])
-        for case in CASES
-    ]
-
-
 def test_table_is_big_unique_and_covers_every_kind() -> None:
     ids = [f"{c.kind}-{c.name}" for c in CASES]
     assert len(ids) == len(set(ids)) and len(ids) >= 60
     assert {c.kind for c in CASES} == {"header", "reads", "arrays", "outputs", "verbs", "lines"}
 
 
-@pytest.mark.parametrize("case", _params())
+@pytest.mark.parametrize("case", case_params(CASES))
 def test_hostile_file_is_one_line_status_2_and_keeps_files(
     case: Case,
     tmp_path: Path,
@@ -556,8 +549,7 @@ def test_hostile_file_is_one_line_status_2_and_keeps_files(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     big = tmp_path.parent / (tmp_path.name + "-big")
-    before, after = check_refusal(case, tmp_path, request, capsys, monkeypatch)
-    assert sorted(set(after) - set(before)) == [], "a failed command made files"
+    check_refusal(case, tmp_path, request, capsys, monkeypatch)
     if big.exists():
         for path in big.iterdir():
             assert path.stat().st_size == 100 * GiB

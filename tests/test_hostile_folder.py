@@ -51,6 +51,7 @@ from .test_bad_input import (
     Case,
     Ctx,
     Setup,
+    case_params,
     check_refusal,
     images16,
     png_folder,
@@ -495,23 +496,13 @@ CASES: list[Case] = [
 ]
 
 
-def _params() -> list[Any]:
-    params = []
-    for case in CASES:
-        marks = list(case.marks)
-        if case.trains:
-            marks.append(pytest.mark.trains)
-        params.append(pytest.param(case, id=f"{case.kind}-{case.name}", marks=marks))
-    return params
-
-
 def test_table_is_big_unique_and_covers_every_kind() -> None:
     ids = [f"{c.kind}-{c.name}" for c in CASES]
     assert len(ids) == len(set(ids)) and len(ids) >= 18
     assert {c.kind for c in CASES} == {"manifest", "walk", "names", "sizes"}
 
 
-@pytest.mark.parametrize("case", _params())
+@pytest.mark.parametrize("case", case_params(CASES))
 def test_hostile_folder_is_one_line_status_2_and_keeps_files(
     case: Case,
     tmp_path: Path,
@@ -519,8 +510,7 @@ def test_hostile_folder_is_one_line_status_2_and_keeps_files(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    before, after = check_refusal(case, tmp_path, request, capsys, monkeypatch)
-    assert sorted(set(after) - set(before)) == [], "a failed command made files"
+    check_refusal(case, tmp_path, request, capsys, monkeypatch)
 
 
 # --------------------------------------------------------------------------- a hostile manifest: rebuilt
