@@ -28,7 +28,6 @@ import os
 import shlex
 import signal
 import sys
-import threading
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn, TextIO
@@ -700,18 +699,13 @@ def _one_line_warnings(
 _CONTROL = {i: f"\\x{i:02x}" for i in (*range(32), 127)} | {ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"}
 
 
-def _terminate_cleanly() -> dict[int, object]:
-    """Turn SIGTERM and SIGHUP into :class:`~progvq.errors.Terminated` (raised where the program is), so
-    temporary files are removed on the way out; returns the handlers to put back. Training catches
-    SIGTERM itself for the length of a stage (it finishes the step and writes a checkpoint)."""
+def _terminate(signum: int, frame: object) -> None:
+    """SIGTERM and SIGHUP become :class:`~progvq.errors.Terminated`, raised where the program is, so
+    temporary files are removed on the way out. Training catches SIGTERM itself for the length of a
+    stage (it finishes the step and writes a checkpoint)."""
     from progvq.errors import Terminated
 
-    def stop(signum: int, frame: object) -> None:
-        raise Terminated(signum)
-
-    if threading.current_thread() is not threading.main_thread():
-        return {}  # handlers can only be set from the main thread
-    return {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    raise Terminated(signum)
 
 
 def _one_line(message: str) -> str:
@@ -721,7 +715,7 @@ def _one_line(message: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from progvq.distributed import teardown
-    from progvq.errors import Interrupted, Terminated
+    from progvq.errors import Interrupted, Terminated, signal_handlers
 
     argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
@@ -735,36 +729,34 @@ def main(argv: list[str] | None = None) -> int:
             # a file name may hold a newline or another control character: the message stays one line
             print(_one_line(message), file=sys.stderr)
 
-    handlers = _terminate_cleanly()
-    try:
-        return COMMANDS[args.command](args)
-    except Terminated as stop:
-        say(f"progvq: stopped by {stop.signal_name}; no output was left half-written; to start again: {again}")
-        return 128 + stop.signum
-    except ProgvqError as err:
-        say(f"progvq: error: {err}")
-        return 2
-    except OSError as err:
-        # the environment refused (disk full, permissions): every write is atomic, so what was there is intact
-        where = f"{err.filename}: " if err.filename else ""
-        say(f"progvq: error: {where}{err.strerror or err}")
-        return 2
-    except Interrupted as stop:
-        say(f"progvq: {stop}; to resume, run the same command again: {again}")
-        return 128 + int(getattr(signal, stop.signal_name, signal.SIGTERM))
-    except KeyboardInterrupt:
-        # checkpoints are atomic, so the last one written is intact; a download keeps its .part file;
-        # every other output is written whole or not at all
-        if args.command in ("train", "data"):
-            where = "the download" if args.command == "data" else "from the last checkpoint"
-            say(f"progvq: interrupted; to resume {where}, run the same command again: {again}")
-        else:
-            say(f"progvq: interrupted; no output was left half-written; to start again: {again}")
-        return 130
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-        teardown()
+    with signal_handlers((signal.SIGTERM, signal.SIGHUP), _terminate):
+        try:
+            return COMMANDS[args.command](args)
+        except Terminated as stop:
+            say(f"progvq: stopped by {stop.signal_name}; no output was left half-written; to start again: {again}")
+            return 128 + stop.signum
+        except ProgvqError as err:
+            say(f"progvq: error: {err}")
+            return 2
+        except OSError as err:
+            # the environment refused (disk full, permissions): every write is atomic, so what was there is intact
+            where = f"{err.filename}: " if err.filename else ""
+            say(f"progvq: error: {where}{err.strerror or err}")
+            return 2
+        except Interrupted as stop:
+            say(f"progvq: {stop}; to resume, run the same command again: {again}")
+            return 128 + int(getattr(signal, stop.signal_name, signal.SIGTERM))
+        except KeyboardInterrupt:
+            # checkpoints are atomic, so the last one written is intact; a download keeps its .part file;
+            # every other output is written whole or not at all
+            if args.command in ("train", "data"):
+                where = "the download" if args.command == "data" else "from the last checkpoint"
+                say(f"progvq: interrupted; to resume {where}, run the same command again: {again}")
+            else:
+                say(f"progvq: interrupted; no output was left half-written; to start again: {again}")
+            return 130
+        finally:
+            teardown()
 
 
 if __name__ == "__main__":

@@ -367,7 +367,7 @@ class Codec:
                 head = f.read(_PREFIX.size + _HEADER_LIMIT)
                 # the run and the image size are checked after the file's checksum (in _parse), so a
                 # damaged header is called damaged; here the header only bounds what is read
-                header, header_len = self._header(head, size, where, identity=False)
+                header, header_len = self._header(head, size, where)
                 n, batch_size = header["count"], header["batch"]
                 streams = math.ceil(n / batch_size)
                 least = _PREFIX.size + header_len + 4 * n + 4 * streams + 4
@@ -396,9 +396,9 @@ class Codec:
         )
         return images * symbols + 8
 
-    def _header(self, data: bytes, size: int, where: str, *, identity: bool = True) -> tuple[dict[str, Any], int]:
-        """The checked header of a file of ``size`` bytes whose first bytes are ``data``, and its length;
-        with ``identity``, also refuse another run's file or another image size."""
+    def _header(self, data: bytes, size: int, where: str) -> tuple[dict[str, Any], int]:
+        """The header of a file of ``size`` bytes whose first bytes are ``data``, checked against its schema,
+        and its length (whose run made it is :meth:`_check_run`'s)."""
         if len(data) < _PREFIX.size or not data.startswith(MAGIC):
             raise CodecError(f"{where}: not a progvq compressed file" + (" (empty)" if not data else ""))
         _, version, header_len = _PREFIX.unpack_from(data)
@@ -412,23 +412,25 @@ class Codec:
             header = parse_json(data[_PREFIX.size : _PREFIX.size + header_len], HEADER_SCHEMA, max_bytes=_HEADER_LIMIT)
         except UntrustedError as err:
             raise CodecError(f"{where}: damaged or not a progvq file (unreadable header: {err})") from None
-        if not identity:
-            return header, header_len
+        return header, header_len
+
+    def _check_run(self, header: dict[str, Any], where: str) -> None:
+        """Refuse a (checked) header of another run's file or of images of another size."""
         self._check_identity(header["run"], where)
         if header["shape"] != list(self.image_shape):
             raise CodecError(
                 f"{where}: holds {'x'.join(map(str, header['shape']))} images; this run's are "
                 f"{'x'.join(map(str, self.image_shape))}"
             )
-        return header, header_len
 
     def _parse(self, data: bytes, where: str) -> tuple[dict[str, Any], list[int], list[np.ndarray]]:
         """Check and split a file: (header, image checksums, each batch's words)."""
-        self._header(data, len(data), where, identity=False)  # ours, of this version, a header of bounded size
+        header, header_len = self._header(data, len(data), where)
         body, (crc,) = data[:-4], _U32.unpack_from(data, len(data) - 4)
         if zlib.crc32(body) != crc:
             raise CodecError(f"{where}: damaged or truncated (its checksum does not match its contents)")
-        header, header_len = self._header(data, len(data), where)
+        # whose file it is only after the checksum: a damaged header is called damaged, not another run's
+        self._check_run(header, where)
         n, batch_size = header["count"], header["batch"]
         pos = _PREFIX.size + header_len
         if pos + 4 * n > len(body):

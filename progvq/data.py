@@ -20,7 +20,6 @@ import gzip
 import hashlib
 import json
 import math
-import os
 import zipfile
 import zlib
 from collections.abc import Callable
@@ -35,6 +34,7 @@ from torch import Tensor
 from progvq.canvas import Canvas
 from progvq.datasets import SHIPPED_MNIST, get_command
 from progvq.errors import DataError
+from progvq.fileio import current_umask
 from progvq.folder import (
     IMAGE_SUFFIXES,
     Decoded,
@@ -1222,7 +1222,7 @@ def write_shapes_folder(
         for i, (image, label) in enumerate(zip(images.numpy(), labels.tolist(), strict=True)):
             pixels = image[0] if channels == 1 else image.transpose(1, 2, 0)
             Image.fromarray(pixels).save(work / names[label] / f"{i:0{width}d}{suffix}")
-        work.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; as readable as any folder
+        work.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700; as readable as any folder
         if folder.exists():
             folder.rmdir()  # empty (checked above): the rename needs it gone
         work.rename(folder)
@@ -1230,11 +1230,6 @@ def write_shapes_folder(
         shutil.rmtree(work, ignore_errors=True)
         raise
 
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 if __name__ == "__main__":

@@ -5,6 +5,10 @@ exit status 2; anything else is a bug and keeps its traceback.
 """
 
 import signal
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
 
 class ProgvqError(Exception):
@@ -49,3 +53,21 @@ class Terminated(BaseException):
         self.signum = signum
         self.signal_name = signal.Signals(signum).name
         super().__init__(self.signal_name)
+
+
+@contextmanager
+def signal_handlers(signals: Iterable[int], handler: Callable[[int, Any], Any]) -> Iterator[None]:
+    """``handler`` for each of ``signals`` for the length of the block, the previous handlers put back after.
+
+    Python runs handlers in the main thread only and lets only it set them: from another thread
+    the block runs with the handlers as they are.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, handler) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

@@ -16,17 +16,17 @@ import os
 import signal
 import stat
 import tempfile
-import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import BinaryIO
 
-from .errors import ProgvqError
+from .errors import ProgvqError, signal_handlers
 
 Writer = Callable[[BinaryIO], object]
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process's file mode creation mask (read by setting it and putting it back)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -125,17 +125,12 @@ def _signals_deferred() -> Iterator[None]:
     the signal is enough (a thread's signal mask would not be: the kernel hands a process's signal to
     any thread that does not block it). From another thread the renames go ahead as they are.
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
     caught: list[int] = []
     held = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    previous = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum)) for sig in held}
     try:
-        yield
+        with signal_handlers(held, lambda signum, frame: caught.append(signum)):
+            yield
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
         for sig in caught[:1]:
             signal.raise_signal(sig)  # now, to the handler that was there before
 
@@ -216,7 +211,7 @@ def _write_temporary(path: Path, data: bytes, made: list[str] | None = None) -> 
     if made is not None:
         made.append(tmp)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; give the usual permissions
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

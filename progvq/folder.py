@@ -58,6 +58,7 @@ from tqdm import tqdm
 from progvq.canvas import Canvas
 from progvq.errors import DataError, ProgvqError
 from progvq.fileio import atomic_write as _atomic_write
+from progvq.fileio import current_umask
 from progvq.memory import check_fits, human
 from progvq.untrusted import ANY, Dict, Int, List, Str, UntrustedError, parse_json
 
@@ -894,9 +895,7 @@ def _build(
     h = hashlib.blake2b(digest_size=20)
     try:
         with os.fdopen(fd, "wb") as f:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.fchmod(f.fileno(), 0o666 & ~umask)  # mkstemp makes 0600; as readable as the run's other files
+            os.fchmod(f.fileno(), 0o666 & ~current_umask())  # mkstemp makes 0600; as readable as the run's other files
 
             def write(image: np.ndarray) -> None:
                 data = np.ascontiguousarray(image).tobytes()

@@ -50,7 +50,7 @@ from .checkpoint import (
 from .config import Config, TrainConfig
 from .data import data_change
 from .distributed import Context, any_rank, gather_ranks, gather_to_main, local_slice, mean_across
-from .errors import Interrupted, RunError
+from .errors import Interrupted, RunError, signal_handlers
 from .hardware import describe, resolve_precision
 
 
@@ -147,16 +147,8 @@ class _StopRequest:
 def _stop_requests() -> Iterator[_StopRequest]:
     """Catch SIGINT/SIGTERM for the duration of the block; the previous handlers come back after."""
     stop = _StopRequest()
-    previous: dict[int, Any] = {}
-    # handlers can only be set from the main thread; elsewhere signals keep their defaults
-    if threading.current_thread() is threading.main_thread():
-        for sig in _StopRequest.SIGNALS:
-            previous[sig] = signal.signal(sig, stop)
-    try:
+    with signal_handlers(_StopRequest.SIGNALS, stop):
         yield stop
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 @contextmanager
